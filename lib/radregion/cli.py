@@ -1,0 +1,48 @@
+"""The `radregion` command: one subcommand per module in `radregion.commands`."""
+
+import argparse
+import importlib
+import sys
+
+from radregion import __version__
+from radregion.errors import RadiographError
+
+COMMANDS = ("inspect", "pretrain", "fit_head", "evaluate", "predict", "audit", "apply_corrections")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radregion", description="Anatomical-region labels for radiographs in a hospital archive."
+    )
+    parser.add_argument("--version", action="version", version=f"radregion {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"radregion.commands.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"radregion.commands.{name}":
+                raise
+            continue
+        sub = module.register(subparsers)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (RadiographError, FileNotFoundError, ValueError) as error:
+        print(f"radregion {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"radregion {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `radregion` subcommand: `register(subparsers) -> parser` and `run(args) -> int`."""

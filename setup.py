@@ -1,0 +1,47 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="radregion",
+    version="0.1.0",
+    description="Anatomical-region labels for every radiograph in a hospital archive",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    package_dir={"": "lib"},
+    packages=find_packages("lib"),
+    package_data={"radregion": ["taxonomies/*.json", "report/*.html", "report/*.js", "report/*.css"]},
+    install_requires=[
+        "torch",
+        "numpy<2",
+        "monai>=1.3",
+        "monailabel==0.8.5",
+        "pydicom>=2.4,<3",
+        "pylibjpeg",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-libjpeg",
+        "pylibjpeg-rle",
+        "itk",
+        "pillow",
+        "scikit-learn",
+        "scipy",
+        "cleanlab>=2.8",
+        "safetensors",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "dicomweb-client",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "pytorch-metric-learning",
+            "PySide6-Essentials",
+            "requests",
+        ],
+    },
+    entry_points={"console_scripts": ["radregion = radregion.cli:main"]},
+)
