@@ -28,7 +28,7 @@ dev: $(VENV)/.dev
 serve: install
 	@test -f apps/radregion/main.py || { echo "make serve: the MONAI Label app (apps/radregion) does not exist yet" >&2; exit 2; }
 	mkdir -p $(STUDIES)
-	$(VENV)/bin/monailabel start_server --app apps/radregion --studies $(STUDIES) \
+	MONAILABEL_PYEXE=$(abspath $(PY)) $(VENV)/bin/monailabel start_server --app apps/radregion --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT) --conf model $(MODEL)
 
 test: dev

@@ -1,0 +1,55 @@
+"""The app's `--conf` options, parsed once. Every option is documented in apps/radregion/README.md."""
+
+import hashlib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str = ""                  # shipped bundle (read-only); copied into <state_dir>/model at first start
+    state_dir: str = ""              # writable state; default <studies>/.radregion (DICOMweb: ~/.radregion/<url hash>)
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    batch_size: int = 32             # images per forward pass (scoring, batch run)
+    workers: int = 2                 # decode threads
+    taxonomy: str = ""               # label validation; default: the bundle's taxonomy
+    auto_train_every: int = 0        # retrain after every N new confirmed labels (0 = never)
+    fine_tune: bool = False          # also fine-tune the backbone when training (slow on CPU)
+    fine_tune_epochs: int = 3
+    val_fraction: float = 0.25       # stratified validation split of the confirmed labels
+    min_labels: int = 4              # fewer confirmed labels: training refuses
+    keep_regions: bool = True        # regions without confirmed labels keep the current model's confident images
+    pseudo_confidence: float = 0.9
+    diverse_pool: int = 50           # `diverse` picks among this many most uncertain images
+    skip_served_s: int = 300         # a strategy does not hand out the same image again within this time
+    audit_csv: str = ""              # batch run output; default <state_dir>/audit.csv
+
+    @classmethod
+    def from_conf(cls, conf: dict) -> "AppConfig":
+        values = {}
+        known = {f.name: f for f in fields(cls)}
+        for key, raw in (conf or {}).items():
+            field = known.get(key)
+            if field is None:
+                continue  # MONAI Label's own keys (server_mode, ...) and the PACS options pass through
+            if field.type is bool:
+                values[key] = str(raw).strip().lower() in TRUE
+            elif field.type in (int, float):
+                try:
+                    values[key] = field.type(raw)
+                except ValueError:
+                    raise ValueError(f"--conf {key} {raw!r}: expected a number") from None
+            else:
+                values[key] = str(raw)
+        return cls(**values)
+
+    def state_path(self, studies: str) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser().resolve()
+        if studies.startswith(("http://", "https://")):
+            digest = hashlib.sha1(studies.rstrip("/").encode()).hexdigest()[:12]
+            return Path(os.path.expanduser("~/.radregion")) / digest
+        return Path(studies) / ".radregion"

@@ -1,0 +1,451 @@
+"""A MONAI Label datastore over a DICOMweb PACS (QIDO-RS list, WADO-RS fetch, STOW-RS write-back).
+
+Image id = SOPInstanceUID. Images are fetched on first use and cached as .dcm; class labels stay local,
+keyed by SOPInstanceUID. See docs/pacs.md.
+"""
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from radregion.atomic import atomic_write
+from radregion.errors import RadiographError
+
+from .local import LABEL_SUFFIX, parse_label
+from ..writeback import WRITEBACK_MARKER, WriteBack
+
+logger = logging.getLogger(__name__)
+
+QIDO_FIELDS = (
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "BodyPartExamined",
+    "StudyDescription", "SeriesDescription", "ProtocolName", "ViewPosition", "ImageLaterality",
+    "PhotometricInterpretation", "Rows", "Columns",
+)
+PAGE_SIZE = 500
+ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the stored bytes, never a server-side transcode
+
+
+class PACSError(RadiographError):
+    """The PACS could not be reached or refused a request: `path` is the URL, `problem` what happened."""
+
+    def __init__(self, url, problem, http_status=502):
+        super().__init__(url, problem)
+        self.http_status = http_status  # what the server answers: 502 upstream trouble, 404 no such instance
+
+
+class _TimeoutAdapter(HTTPAdapter):
+    def __init__(self, timeout, **kwargs):
+        self.timeout = timeout
+        super().__init__(**kwargs)
+
+    def send(self, request, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        return super().send(request, **kwargs)
+
+
+def pacs_session(username=None, password=None, token=None, timeout=(3.05, 30.0), retries=2, backoff=0.5):
+    """requests.Session with auth, a default timeout and bounded retries with exponential backoff."""
+    session = requests.Session()
+    retry = Retry(
+        total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
+        status_forcelist=(429, 502, 503, 504), allowed_methods=None, raise_on_status=False,
+    )
+    adapter = _TimeoutAdapter(timeout, max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif username is not None:
+        session.auth = (username, password or "")
+    return session
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        r = exc.response
+        hint = {401: " (check the username/password or token)", 403: " (access denied)", 404: " (not found)"}
+        return f"HTTP {r.status_code} {r.reason}{hint.get(r.status_code, '')}"
+    if isinstance(exc, requests.exceptions.RetryError):
+        return f"gave up after retries: {exc.args[0].reason if exc.args and hasattr(exc.args[0], 'reason') else exc}"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return "cannot connect (is the PACS running and the URL right?)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _value(item: dict, keyword: str):
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    element = item.get(f"{tag:08X}", {})
+    values = element.get("Value")
+    if not values:
+        return None
+    value = values[0]
+    if isinstance(value, dict):  # PN
+        value = value.get("Alphabetic")
+    return value
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tag(tag) -> str:
+    return str(getattr(tag, "value", tag))  # DefaultLabelTag.FINAL -> "final"
+
+
+class LabelFolder:
+    """Class labels as <label_dir>/<tag>/<image id>.json, validated and written as the local datastore does."""
+
+    def __init__(self, root: Path, taxonomy_fn):
+        self.root = Path(root)
+        self.taxonomy_fn = taxonomy_fn
+
+    def path(self, image_id: str, tag: str) -> Path:
+        return self.root / _tag(tag) / f"{image_id}{LABEL_SUFFIX}"
+
+    def save(self, image_id: str, label_filename, tag: str, label_info: dict) -> str:
+        label = parse_label(image_id, Path(label_filename).read_bytes(), self.taxonomy_fn(),
+                            annotator=(label_info or {}).get("user"))
+        with atomic_write(self.path(image_id, tag), "w") as f:
+            json.dump(label, f, indent=2)
+        return image_id
+
+    def read(self, image_id: str, tag: str) -> Optional[dict]:
+        try:
+            return json.loads(self.path(image_id, tag).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            logger.warning("%s: unreadable label, ignored", self.path(image_id, tag))
+            return None
+
+    def info(self, image_id: str, tag: str) -> dict:
+        label = self.read(image_id, tag)
+        if label is None:
+            return {}
+        return {**_read_json(self.root / ".label_info.json").get(f"{_tag(tag)}/{image_id}", {}), **label}
+
+    def update_info(self, image_id: str, tag: str, info: dict):
+        path = self.root / ".label_info.json"
+        notes = _read_json(path)
+        notes.setdefault(f"{_tag(tag)}/{image_id}", {}).update(info or {})
+        with atomic_write(path, "w") as f:
+            json.dump(notes, f, indent=1)
+
+    def uri(self, image_id: str, tag: str) -> str:
+        path = self.path(image_id, tag)
+        return str(path) if path.exists() else ""
+
+    def exists(self, image_id: str, tag: str) -> bool:
+        return self.path(image_id, tag).exists()
+
+    def remove(self, image_id: str, tag: str):
+        self.path(image_id, tag).unlink(missing_ok=True)
+
+    def labelled(self, tag: str) -> List[str]:
+        folder = self.root / _tag(tag)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[: -len(LABEL_SUFFIX)] for p in folder.iterdir()
+                      if p.name.endswith(LABEL_SUFFIX) and not p.name.startswith("."))
+
+    def tags(self, image_id: str) -> Dict[str, str]:
+        if not self.root.is_dir():
+            return {}
+        return {t.name: image_id for t in self.root.iterdir() if t.is_dir() and self.path(image_id, t.name).exists()}
+
+    def tag_counts(self) -> Dict[str, int]:
+        if not self.root.is_dir():
+            return {}
+        return {t.name: len(self.labelled(t.name)) for t in self.root.iterdir() if t.is_dir()}
+
+
+class RadRegionDICOMwebDatastore(Datastore):
+    """Radiographs of a DICOMweb PACS.
+
+    RadRegionDICOMwebDatastore(url, cache_dir, *, label_dir=None, modalities=("CR", "DX"), username=None,
+    password=None, token=None, writeback="off" | "stow" | "csv", taxonomy="unifesp22", timeout=(3.05, 30.0),
+    retries=2, backoff=0.5, list_ttl=60.0)
+
+    `taxonomy`: a name, a path, a Taxonomy or a function returning one (looked up when needed).
+    label_dir defaults to cache_dir/labels. With the PACS down, listing and cached images keep working.
+    """
+
+    def __init__(self, url, cache_dir, *, label_dir=None, modalities=("CR", "DX"), username=None, password=None,
+                 token=None, writeback="off", taxonomy="unifesp22", timeout=(3.05, 30.0), retries=2, backoff=0.5,
+                 list_ttl=60.0):
+        if not str(url).startswith(("http://", "https://")):
+            raise PACSError(url, "a DICOMweb URL must start with http:// or https://")
+        self.url = str(url).rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        self.image_dir = self.cache_dir / "images"
+        self.index_path = self.cache_dir / "index.json"
+        self.notes_path = self.cache_dir / "image_info.json"
+        self.label_dir = Path(label_dir) if label_dir else self.cache_dir / "labels"
+        if isinstance(modalities, str):
+            modalities = [m for m in modalities.replace(",", " ").split() if m]
+        self.modalities = tuple(m.upper() for m in (modalities or ()))
+        self._taxonomy = taxonomy
+        self.list_ttl = float(list_ttl)
+        self.session = pacs_session(username, password, token, timeout, retries, backoff)
+        self.client = DICOMwebClient(self.url, session=self.session)
+        self.client.set_http_retry_params(retry=False)  # retries live in the session (connection errors too)
+        self.labels = LabelFolder(self.label_dir, lambda: self.taxonomy)
+        self.writeback = WriteBack(writeback, self.label_dir, self.client, self.url)
+        self._name = f"PACS {self.url}"
+        self._description = "Radiographs of a DICOMweb PACS"
+        self._lock = threading.RLock()
+        self._index: Dict[str, dict] = self._load_index()
+        self._listed_at = 0.0
+        self.last_error: Optional[str] = None
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def taxonomy(self):
+        from radregion.taxonomy import load_taxonomy
+
+        value = self._taxonomy() if callable(self._taxonomy) else self._taxonomy
+        return load_taxonomy(value)
+
+    # ---- PACS access -------------------------------------------------------------------------------------
+    def _call(self, what: str, url: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (requests.RequestException, ValueError) as exc:
+            error = PACSError(url, f"{what}: {_describe(exc)}")
+            self.last_error = str(error)
+            raise error from exc
+
+    def _query(self) -> Dict[str, dict]:
+        found: Dict[str, dict] = {}
+        for modality in self.modalities or (None,):
+            filters = {"Modality": modality} if modality else {}
+            offset = 0
+            while True:
+                page = self._call(
+                    f"QIDO-RS search for {modality or 'all'} instances", f"{self.url}/instances",
+                    self.client.search_for_instances, search_filters=filters, fields=list(QIDO_FIELDS),
+                    limit=PAGE_SIZE, offset=offset,
+                )
+                for item in page:
+                    meta = {k: _value(item, k) for k in QIDO_FIELDS}
+                    meta = {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
+                    if meta.get("SOPInstanceUID") and not self._is_own(meta):
+                        found[meta["SOPInstanceUID"]] = meta
+                if len(page) < PAGE_SIZE:
+                    break
+                offset += PAGE_SIZE
+        return found
+
+    def _is_own(self, meta: dict) -> bool:
+        """Instances this product wrote back are never listed again."""
+        return (meta.get("SeriesDescription", "").startswith(WRITEBACK_MARKER)
+                or meta["SOPInstanceUID"] in self.writeback.created_uids())
+
+    def refresh(self) -> None:
+        try:
+            found = self._query()
+        except PACSError as error:
+            logger.warning("%s; serving the %d cached instances", error, len(self._index))
+            self._listed_at = time.monotonic()  # do not hammer a PACS that is down
+            return
+        with self._lock:
+            self._index = found
+            self._save_index()
+            self._listed_at = time.monotonic()
+            self.last_error = None
+        self.retry_writebacks()
+
+    def retry_writebacks(self):
+        """Send again the write-backs that failed while the PACS was away (label unchanged since)."""
+        for image_id in sorted({e["image"] for e in self.writeback.pending()}):
+            label = self.labels.read(image_id, DefaultLabelTag.FINAL)
+            if label:
+                self.writeback.submit(image_id, label, self.get_image_info(image_id),
+                                      lambda: self.fetch(image_id), self.taxonomy)
+
+    def _load_index(self) -> Dict[str, dict]:
+        try:
+            return json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            logger.warning("%s: unreadable listing cache, starting empty", self.index_path)
+            return {}
+
+    def _save_index(self):
+        with atomic_write(self.index_path, "w") as handle:
+            json.dump(self._index, handle, indent=1)
+
+    def _listing(self) -> Dict[str, dict]:
+        if time.monotonic() - self._listed_at > self.list_ttl or not self._listed_at:
+            self.refresh()
+        return self._index
+
+    def cached_path(self, image_id: str) -> Path:
+        return self.image_dir / f"{image_id}.dcm"
+
+    def fetch(self, image_id: str) -> Path:
+        """The cached .dcm of an instance; WADO-RS on the first call."""
+        path = self.cached_path(image_id)
+        if path.exists():
+            return path
+        meta = self._index.get(image_id) or self._listing().get(image_id)
+        if meta is None:
+            raise PACSError(self.url, f"no {'/'.join(self.modalities) or 'DICOM'} instance {image_id} in this PACS",
+                            http_status=404)
+        url = f"{self.url}/studies/{meta['StudyInstanceUID']}/series/{meta['SeriesInstanceUID']}/instances/{image_id}"
+        ds = self._call("WADO-RS retrieve", url, self.client.retrieve_instance, meta["StudyInstanceUID"],
+                        meta["SeriesInstanceUID"], image_id, media_types=ANY_TRANSFER_SYNTAX)
+        with atomic_write(path) as handle:
+            ds.save_as(handle, write_like_original=True)
+        return path
+
+    # ---- images ------------------------------------------------------------------------------------------
+    def list_images(self) -> List[str]:
+        return sorted(self._listing())
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.fetch(image_id))
+
+    def get_image(self, image_id: str, params=None) -> Any:
+        return self.fetch(image_id).read_bytes()
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        meta = dict(self._index.get(image_id, {}))
+        notes = _read_json(self.notes_path).get(image_id, {})
+        path = self.cached_path(image_id)
+        if path.exists():
+            from radregion.io import read_metadata
+
+            try:
+                meta.update({k: v for k, v in read_metadata(path).items() if v is not None})
+            except RadiographError as error:
+                meta["error"] = str(error)
+        if not meta:
+            return notes
+        archive = self.taxonomy.archive_label(meta)
+        meta.update(pacs_label=archive.region, pacs_label_field=archive.field, cached=path.exists(),
+                    name=image_id, id=image_id, source=self.url)
+        return {**notes, **meta}
+
+    def archive_region(self, image_id: str) -> Optional[str]:
+        return self.get_image_info(image_id).get("pacs_label")
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        raise PACSError(self.url, "images are added in the PACS, not through RadRegion", http_status=405)
+
+    def remove_image(self, image_id: str) -> None:
+        raise PACSError(self.url, "images are removed in the PACS, not through RadRegion", http_status=405)
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        """Local notes on an image (e.g. MONAI Label's strategy timestamps); the PACS is not touched."""
+        with self._lock:
+            notes = _read_json(self.notes_path)
+            notes.setdefault(image_id, {}).update(info or {})
+            with atomic_write(self.notes_path, "w") as f:
+                json.dump(notes, f, indent=1)
+
+    # ---- labels (local, keyed by SOPInstanceUID) -----------------------------------------------------------
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        if image_id not in self._index and image_id not in self._listing():
+            raise PACSError(self.url, f"no instance {image_id} in this PACS", http_status=404)
+        label_id = self.labels.save(image_id, label_filename, label_tag, label_info)
+        if label_tag == DefaultLabelTag.FINAL:
+            label = self.labels.read(image_id, label_tag)
+            self.writeback.submit(image_id, label, self.get_image_info(image_id),
+                                  lambda: self.fetch(image_id), self.taxonomy)
+        return label_id
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return self.labels.uri(label_id, label_tag)
+
+    def get_label(self, label_id: str, label_tag: str, params=None) -> Any:
+        return self.labels.read(label_id, label_tag)
+
+    def get_labels_by_image_id(self, image_id: str) -> Dict[str, str]:
+        return self.labels.tags(image_id)
+
+    def get_label_by_image_id(self, image_id: str, tag: str) -> str:
+        return image_id if self.labels.exists(image_id, tag) else ""
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        return self.labels.info(label_id, label_tag)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        self.labels.update_info(label_id, label_tag, info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        self.labels.remove(label_id, label_tag)
+
+    def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
+        listed = set(self._listing())
+        return [i for i in self.labels.labelled(label_tag or DefaultLabelTag.FINAL) if i in listed]
+
+    def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
+        labelled = set(self.get_labeled_images(label_tag))
+        return [i for i in self.list_images() if i not in labelled]
+
+    def datalist(self, full_path=True) -> List[Dict[str, Any]]:
+        items = []
+        for image_id in self.get_labeled_images(DefaultLabelTag.FINAL):
+            try:
+                image = self.get_image_uri(image_id)
+            except PACSError as error:
+                logger.warning("%s: left out of training", error)
+                continue
+            items.append({"image": image, "label": self.labels.uri(image_id, DefaultLabelTag.FINAL),
+                          "region": self.labels.read(image_id, DefaultLabelTag.FINAL).get("region")})
+        return items
+
+    def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
+        raise PACSError(self.url, "no dataset archive for a PACS; export from the PACS itself", http_status=405)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+    def name(self) -> str:
+        return self._name
+
+    def set_name(self, name: str):
+        self._name = name
+
+    def description(self) -> str:
+        return self._description
+
+    def set_description(self, description: str):
+        self._description = description
+
+    def status(self) -> Dict[str, Any]:
+        images = self.list_images()
+        tags = self.labels.tag_counts()
+        return {
+            "total": len(images),
+            "completed": len(self.get_labeled_images()),
+            "label_tags": tags,
+            "pacs": {"url": self.url, "reachable": self.last_error is None, "error": self.last_error,
+                     "cached_images": sum(1 for i in images if self.cached_path(i).exists()),
+                     "writeback": self.writeback.mode},
+        }
+
+    def json(self):
+        return {i: {"image": self._index.get(i, {}), "labels": self.labels.tags(i)} for i in self.list_images()}
+
+
+def cache_dir_for(url: str, root) -> Path:
+    """One cache folder per PACS URL under root."""
+    return Path(root) / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:12]

@@ -1,0 +1,131 @@
+"""RadRegion MONAI Label app: predicts the anatomical region of every radiograph, ranks images for review,
+stores confirmed labels and retrains the head from them.
+
+    monailabel start_server --app apps/radregion --studies STUDIES --conf model MODEL_BUNDLE [--conf key value]
+
+Options: apps/radregion/README.md. All model work goes through the engine (lib/radregion).
+"""
+
+import logging
+import os
+import threading
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning.disagreement import Disagreement
+from lib.activelearning.diverse import Diverse
+from lib.activelearning.ood import OutOfDomain
+from lib.activelearning.uncertain import Uncertain
+from lib.config import AppConfig
+from lib.context import RadRegionContext, write_json, read_json
+from lib.errors import install_http_errors
+from lib.infers.audit_batch import AuditBatchInfer
+from lib.infers.radregion import RadRegionInfer
+from lib.scoring.radregion_scores import RadRegionScores
+from lib.trainers.radregion import RadRegionTrainer
+
+logger = logging.getLogger(__name__)
+MODEL = "radregion"
+
+
+class RadRegionApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.app_config = AppConfig.from_conf(conf)
+        try:
+            self.context = RadRegionContext(self.app_config, studies)
+        except Exception as error:
+            logger.error(str(error))
+            print(f"\nERROR: {error}\n", flush=True)
+            raise
+        self._label_lock = threading.Lock()
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="RadRegion",
+                         description="Anatomical region of every radiograph in the archive", version="1.0")
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return self._init_pacs_datastore()
+        from lib.datastore.local import RadRegionDatastore
+
+        return RadRegionDatastore(self.studies, taxonomy_fn=self.context.taxonomy)
+
+    def _init_pacs_datastore(self):
+        from lib.datastore.dicomweb import RadRegionDICOMwebDatastore
+
+        conf = self.conf
+        modalities = tuple(m for m in conf.get("modalities", "CR,DX").split(",") if m.strip())
+        return RadRegionDICOMwebDatastore(
+            self.studies.rstrip("/"), self.context.state_dir / "pacs",
+            modalities=modalities,
+            username=conf.get("username") or os.environ.get("MONAI_LABEL_DATASTORE_USERNAME") or None,
+            password=conf.get("password") or os.environ.get("MONAI_LABEL_DATASTORE_PASSWORD") or None,
+            token=conf.get("token") or None,
+            writeback=conf.get("writeback", "off"),
+            taxonomy=self.context.taxonomy(),
+        )
+
+    def init_infers(self):
+        return {MODEL: RadRegionInfer(self.context)}
+
+    def init_trainers(self):
+        return {MODEL: RadRegionTrainer(self.context)}
+
+    def init_strategies(self):
+        return {
+            "uncertain": Uncertain(self.context),
+            "disagreement": Disagreement(self.context),
+            "ood": OutOfDomain(self.context),
+            "diverse": Diverse(self.context),
+            "random": Random(),
+        }
+
+    def init_scoring_methods(self):
+        return {"radregion_scores": RadRegionScores(self.context)}
+
+    def init_batch_infer(self):
+        return AuditBatchInfer(self.context)
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        if mode:
+            install_http_errors()
+
+    def infer(self, request, datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            datastore = datastore or self.datastore()
+            if not datastore.get_image_uri(image):
+                raise ImageNotFoundException(f"image {image} not found in the datastore")
+            request = {**request, "_image_id": image}
+        return super().infer(request, datastore)
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label rescores after every request; start the (subprocess) scoring only when the current
+        model has images left to score."""
+        if not method and self.scores_complete():
+            return {}
+        return super().async_scoring(method, params)
+
+    def scores_complete(self) -> bool:
+        try:
+            table = self.context.current_scores(fallback=False)
+            return table is not None and all(i in table for i in self.datastore().list_images())
+        except Exception as error:  # a PACS that is down: let the scoring task report it
+            logger.warning(f"cannot check the scores: {error}")
+            return False
+
+    def on_save_label(self, image_id, label_id):
+        """Counts new confirmed labels; retrains after every `auto_train_every` of them."""
+        every = self.app_config.auto_train_every
+        if every <= 0:
+            return {}
+        counter_file = self.context.state_dir / "auto_train.json"
+        with self._label_lock:
+            count = int(read_json(counter_file).get("new_labels", 0)) + 1
+            start = count >= every
+            write_json(counter_file, {"new_labels": 0 if start else count, "every": every})
+        if start:
+            logger.info(f"{count} new confirmed labels: starting training")
+            self.async_training(MODEL, enqueue=True)
+        return {"auto_train": {"new_labels": 0 if start else count, "every": every, "started": start}}

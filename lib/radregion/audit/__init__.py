@@ -1,0 +1,1 @@
+"""Label audit: out-of-fold probabilities, suspected label errors, the HTML report and its CSV files."""

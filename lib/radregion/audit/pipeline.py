@@ -1,0 +1,213 @@
+"""The audit from input to result: which images and given labels, features, out-of-fold probabilities,
+suspected errors, out-of-domain flags; then the files in the output folder."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from radregion.audit import issues as label_issues
+from radregion.audit.oof import (bundle_features, can_fit_out_of_fold, out_of_fold_probabilities,
+                                 patient_fold_ids)
+from radregion.audit.result import AuditResult
+from radregion.errors import RadiographError
+
+
+@dataclass
+class AuditInput:
+    paths: list[Path]
+    images: list[str]               # as written in the CSVs
+    given: list[tuple[str, ...]]    # () = no given label
+    patient_ids: list[str | None]
+    source: str
+    errors: list = field(default_factory=list)
+
+
+def inputs_from_labels_csv(csv_path, images_root=None, taxonomy=None) -> AuditInput:
+    from radregion.datasets import read_labels_csv
+
+    items = read_labels_csv(csv_path, images_root, taxonomy=taxonomy)
+    root = Path(images_root) if images_root else Path(csv_path).parent
+    return AuditInput(paths=[Path(it.path) for it in items], images=[_display(it.path, root) for it in items],
+                      given=[tuple(it.labels) for it in items], patient_ids=[it.patient_id for it in items],
+                      source=str(csv_path))
+
+
+def inputs_from_dicom_folder(folder, taxonomy, progress=True) -> AuditInput:
+    """Every radiograph under `folder`; the given label is the taxonomy's reading of its DICOM header
+    (a conflict between header fields or no mapped field = no given label)."""
+    from radregion.io import find_radiographs, read_metadata
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RadiographError(folder, "not a folder")
+    paths, errors = find_radiographs(folder)
+    kept, given, patients = [], [], []
+    for path in tqdm(paths, desc="headers", unit="file", file=sys.stderr, disable=not progress):
+        try:
+            meta = read_metadata(path)
+        except RadiographError as error:
+            errors.append(error)
+            continue
+        label = taxonomy.archive_label(meta)
+        kept.append(Path(path))
+        given.append((label.regions or (label.region,)) if label.region and not label.conflicts else ())
+        patients.append(meta.get("PatientID") or None)
+    return AuditInput(paths=kept, images=[str(p.resolve()) for p in kept], given=given, patient_ids=patients,
+                      source=str(folder), errors=list(errors))
+
+
+def _display(path, root) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def audit_regions(bundle, taxonomy) -> tuple[list[str], set[str]]:
+    """(classes of the audit, out-of-domain region names): the bundle head's regions, else the taxonomy's."""
+    out_of_domain = {r.name for r in taxonomy.regions if r.out_of_domain}
+    regions = list(bundle.regions) if bundle.has_head else [r for r in taxonomy.names if r not in out_of_domain]
+    return regions, out_of_domain
+
+
+def normalise_labels(inputs: AuditInput, regions, out_of_domain, taxonomy):
+    """Region names as the audit knows them; unknown names are an error naming the source."""
+    known = set(regions) | out_of_domain
+    given = []
+    for image, labels in zip(inputs.images, inputs.given):
+        names = []
+        for label in labels:
+            name = label if label in known else taxonomy.match_text(label)
+            if name is None or name not in known:
+                raise RadiographError(inputs.source, f"image {image}: unknown region {label!r} "
+                                                     f"(known: {', '.join(sorted(known))})")
+            names.append(name)
+        given.append(tuple(names))
+    return given
+
+
+def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD, folds=5, seed=0,
+              workers=2, progress=True) -> AuditResult:
+    """Several bundles average their probabilities."""
+    first = bundles[0]
+    taxonomy = first.taxonomy()
+    regions, ood_regions = audit_regions(first, taxonomy)
+    given = normalise_labels(inputs, regions, ood_regions, taxonomy)
+    for bundle in bundles[1:]:
+        if bundle.has_head and list(bundle.regions) != regions:
+            raise RadiographError(bundle.path, "its regions differ from the first model's: cannot ensemble")
+
+    features_per_bundle, ok, errors = [], np.ones(len(inputs.paths), bool), list(inputs.errors)
+    for n, bundle in enumerate(bundles):
+        feats, bundle_ok, bundle_errors = bundle_features(bundle, inputs.paths, workers=workers, progress=progress)
+        features_per_bundle.append(feats)
+        ok &= bundle_ok
+        if n == 0:
+            errors += bundle_errors
+    rows = np.flatnonzero(ok)
+    if not len(rows):
+        raise RadiographError(inputs.source, "no readable radiograph to audit")
+    paths = [inputs.paths[i] for i in rows]
+    given = [given[i] for i in rows]
+    patients = [inputs.patient_ids[i] for i in rows]
+    in_domain = [tuple(r for r in labels if r in regions) for labels in given]
+
+    use_oof = can_fit_out_of_fold(in_domain)
+    fold_ids = patient_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
+    probs, ood_score, ood_flag = [], [], []
+    for bundle, feats in zip(bundles, features_per_bundle):
+        feats = feats[rows]
+        if use_oof:
+            probs.append(out_of_fold_probabilities(feats, in_domain, regions, fold_ids, progress=progress))
+        elif bundle.has_head:
+            probs.append(bundle.head().probabilities(feats).astype(np.float64))
+        else:
+            raise RadiographError(bundle.path, f"has no head and the input has too few labels "
+                                               f"(fewer than 20, or fewer than two regions) to fit one")
+        detector = bundle.ood_detector()
+        if detector is not None:
+            score = detector.score(feats)
+            ood_score.append(score / max(detector.threshold, 1e-12))  # 1 = at the bundle's threshold
+            ood_flag.append(detector.is_out_of_domain(score))
+    pred_probs = np.mean(probs, axis=0)
+    ood_score = np.mean(ood_score, axis=0) if ood_score else np.full(len(rows), np.nan)
+    out_of_domain = np.mean(ood_flag, axis=0) > 0.5 if ood_flag else np.zeros(len(rows), bool)
+
+    given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain],
+                                              pred_probs)
+    result = AuditResult(
+        images=[inputs.images[i] for i in rows], paths=paths, patient_ids=patients, regions=regions, given=given,
+        given_index=given_index, pred_probs=pred_probs,
+        issue_score=label_issues.issue_scores(given_index, pred_probs, method),
+        is_issue=label_issues.find_label_issues(given_index, pred_probs, method, out_of_domain=out_of_domain),
+        ood_score=ood_score, out_of_domain=out_of_domain,
+        features=np.concatenate([f[rows] for f in features_per_bundle], axis=1),
+        method=method, models=[f"{b.path.name} ({b.version})" for b in bundles], errors=errors,
+        source=inputs.source,
+        probabilities_from=(f"{len(np.unique(fold_ids[fold_ids >= 0]))}-fold out-of-fold linear heads, "
+                            "grouped by patient" if use_oof else "the model's own head (too few labels to fit "
+                                                                 "out-of-fold heads)")
+        + (f", averaged over {len(bundles)} models" if len(bundles) > 1 else ""),
+    )
+    return result
+
+
+def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
+    """Grad-CAM of the suggested region for `indices`: the first bundle's backbone + a head fitted on all
+    labelled images (the bundle's own head when there are too few labels)."""
+    from radregion.audit.gradcam import Classifier, grad_cams
+    from radregion.head import fit_head
+
+    indices = [i for i in indices if i in images]
+    if not indices:
+        return {}
+    head = bundle.head() if bundle.has_head else None
+    labelled = np.flatnonzero(result.given_index >= 0)
+    dim = int(bundle.meta["architecture"]["feature_dim"])
+    feats = result.features[:, :dim] if features is None else features
+    names = [result.regions[k] for k in result.given_index[labelled]]
+    if can_fit_out_of_fold([(n,) for n in names]):
+        head = fit_head(feats[labelled], names, [r for r in result.regions if r in set(names)])
+    if head is None:
+        return {}
+    columns = {r: k for k, r in enumerate(head.regions)}
+    targets = [columns.get(result.regions[result.suggested_index[i]]) for i in indices]
+    keep = [(i, t) for i, t in zip(indices, targets) if t is not None]
+    if not keep:
+        return {}
+    classifier = Classifier(bundle.backbone(), head.weight, head.bias, head.feature_mean, head.feature_std)
+    stack = np.stack([images[i] for i, _ in keep])
+    maps = grad_cams(classifier, stack, [t for _, t in keep])
+    return {i: m for (i, _), m in zip(keep, maps)}
+
+
+def write_outputs(result, output, bundle, *, max_rows=200, gradcam=True, progress=True) -> dict:
+    """label_issues.csv, corrections.csv and index.html in `output`; returns their paths."""
+    from radregion.audit.report import shown_indices, tsne_coordinates, write_report
+    from radregion.audit.writer import write_audit_csv, write_corrections_csv
+
+    from radregion.cache import load_clean
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    files = {"label_issues": write_audit_csv(result.rows(), output / "label_issues.csv"),
+             "corrections": write_corrections_csv(result.corrections(), output / "corrections.csv")}
+    shown = shown_indices(result, max_rows)
+    needed = sorted(set().union(*shown.values()))
+    steps = tqdm(total=len(needed) + 2, desc="report", unit="step", file=sys.stderr, disable=not progress)
+    images = {}
+    for i in needed:
+        images[i] = load_clean(result.paths[i], bundle.settings)
+        steps.update()
+    cams = gradcam_maps(bundle, result, images, shown["issues"]) if gradcam else {}
+    steps.update()
+    xy = tsne_coordinates(result.features, seed=0)
+    steps.update()
+    steps.close()
+    files["report"] = write_report(output / "index.html", result, images, cams, xy, max_rows=max_rows)
+    return files

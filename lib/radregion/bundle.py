@@ -1,0 +1,270 @@
+"""Model bundle: a folder with `model.safetensors` (all tensors) and `bundle.json` (everything else).
+
+Tensors: "backbone.*" (fp16 or fp32, loaded as fp32), "head.weight" (C, D), "head.bias" (C,),
+"head.feature_mean" (D,), "head.feature_std" (D,), "ood.*" (the out-of-domain statistics).
+Loading never unpickles anything: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from radregion.errors import RadiographError
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "bundle.json"
+LICENCE_UNIFESP = (
+    "Trained on the UNIFESP X-ray Body Part Classification dataset (CC BY-NC-SA 4.0 as reported): "
+    "non-commercial use only, credit UNIFESP, share alike."
+)
+
+
+def default_model_path() -> Path:
+    """$RADREGION_MODEL, else the model shipped in the repository (apps/radregion/model)."""
+    import radregion
+
+    env = os.environ.get("RADREGION_MODEL")
+    return Path(env) if env else Path(radregion.__file__).resolve().parents[2] / "apps" / "radregion" / "model"
+
+
+def resolve_model(path=None) -> Path:
+    """The bundle to use: `path`, or the default model; RadiographError when there is none."""
+    if path is not None:
+        return Path(path)
+    default = default_model_path()
+    if not (default / META).is_file():
+        raise RadiographError(default, "no default model here (set RADREGION_MODEL or pass --model BUNDLE)")
+    return default
+
+
+class Bundle:
+    """A loaded bundle. Tensors are read once; the backbone is built on request."""
+
+    def __init__(self, path, meta: dict, tensors: dict[str, torch.Tensor], version: str):
+        self.path = Path(path)
+        self.meta = meta
+        self._tensors = tensors
+        self.version = version  # short content hash of the weights file: the model_version the server reports
+
+    # --- description -------------------------------------------------------------------------------------
+    @property
+    def regions(self) -> list[str]:
+        return list(self.meta.get("taxonomy", {}).get("regions", []))
+
+    @property
+    def settings(self):
+        from radregion.cleaning import CleaningSettings
+
+        return CleaningSettings.from_dict(self.meta["cleaning"])
+
+    @property
+    def has_head(self) -> bool:
+        return "head.weight" in self._tensors
+
+    def taxonomy(self):
+        """The taxonomy stored in the bundle (falls back to the named one shipped with the package)."""
+        from radregion.taxonomy import Taxonomy, load_taxonomy
+
+        info = self.meta.get("taxonomy", {})
+        if info.get("definition"):
+            return Taxonomy.from_dict(info["definition"])
+        return load_taxonomy(info.get("name", "unifesp22"))
+
+    # --- tensors -------------------------------------------------------------------------------------------
+    def backbone_state(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        prefix = "backbone."
+        return {k[len(prefix):]: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                for k, v in self._tensors.items() if k.startswith(prefix)}
+
+    def backbone(self) -> torch.nn.Module:
+        """The backbone network with its weights (fp32), in eval mode."""
+        from radregion.networks import build_backbone
+
+        arch = self.meta["architecture"]
+        net = build_backbone(arch["name"])
+        missing, unexpected = net.load_state_dict(self.backbone_state(), strict=False)
+        if missing or unexpected:
+            raise RadiographError(self.path / WEIGHTS, f"weights do not fit architecture {arch['name']!r} "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return net.eval()
+
+    def _array(self, key) -> np.ndarray | None:
+        tensor = self._tensors.get(key)
+        return None if tensor is None else tensor.float().numpy()
+
+    @property
+    def head_weight(self):
+        return self._array("head.weight")
+
+    @property
+    def head_bias(self):
+        return self._array("head.bias")
+
+    @property
+    def feature_mean(self):
+        return self._array("head.feature_mean")
+
+    @property
+    def feature_std(self):
+        return self._array("head.feature_std")
+
+    def head(self):
+        """The fitted `LinearHead`, or None for a bundle without head (e.g. straight after pretraining)."""
+        from radregion.head import LinearHead
+
+        if not self.has_head:
+            return None
+        return LinearHead(self.head_weight, self.head_bias, self.feature_mean, self.feature_std, self.regions)
+
+    @property
+    def ood(self) -> dict:
+        """{"method", "threshold", ...} from bundle.json plus the fitted arrays ("ood.X" tensors as key X)."""
+        info = dict(self.meta.get("ood") or {})
+        for key in self._tensors:
+            if key.startswith("ood."):
+                info[key[4:]] = self._array(key)
+        return info
+
+    def ood_detector(self):
+        from radregion.ood import OODDetector
+
+        return OODDetector.from_dict(self.ood) if self.meta.get("ood") else None
+
+    def with_head(self, path, head, ood=None, meta_updates: dict | None = None) -> "Bundle":
+        """Save a new bundle at `path` with this backbone (same dtype) and a new head / OOD detector."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("ood", "metrics")}
+        meta.update(meta_updates or {})
+        save_bundle(path, self.backbone_state(dtype=None), head, meta, ood=ood)
+        return load_bundle(path)
+
+    def __repr__(self):
+        arch = self.meta.get("architecture", {}).get("name")
+        return f"Bundle({str(self.path)!r}, {arch}, {len(self.regions)} regions, version {self.version})"
+
+
+def load_bundle(path) -> Bundle:
+    """Read a bundle folder; RadiographError naming the file when it is not a usable bundle."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RadiographError(path, "no model bundle here (expected a folder with bundle.json and model.safetensors)")
+    meta_file, weights_file = path / META, path / WEIGHTS
+    for required in (meta_file, weights_file):
+        if not required.is_file():
+            raise RadiographError(required, "missing: not a complete model bundle")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RadiographError(meta_file, f"unreadable bundle description ({error})") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RadiographError(meta_file, f"unsupported bundle format version {version!r} "
+                                         f"(this RadRegion reads up to {FORMAT_VERSION})")
+    for key in ("architecture", "cleaning"):
+        if key not in meta:
+            raise RadiographError(meta_file, f"missing {key!r}")
+    try:
+        data = weights_file.read_bytes()  # one snapshot: the hash and the tensors come from the same bytes
+        tensors = load_safetensors(data)
+    except Exception as error:  # safetensors raises its own types for truncated/corrupt files
+        raise RadiographError(weights_file, f"unreadable weights ({error})") from None
+    bundle = Bundle(path, meta, tensors, hashlib.sha256(data).hexdigest()[:12])
+    if bundle.has_head:
+        c, d = tensors["head.weight"].shape
+        if c != len(bundle.regions) or d != meta["architecture"].get("feature_dim", d):
+            raise RadiographError(weights_file, f"head has shape ({c}, {d}) but bundle.json lists "
+                                                f"{len(bundle.regions)} regions")
+    return bundle
+
+
+def git_commit(cwd=None) -> str | None:
+    """The commit of the source tree the code runs from (None outside git)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(data, command, **extra) -> dict:
+    """The "training" block of bundle.json."""
+    return {"data": data, "command": command, "git_commit": git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
+def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None, ood=None,
+                half_backbone: bool = False) -> Path:
+    """Write a bundle folder atomically (temp folder next to it, then rename; an old bundle is replaced whole).
+
+    `meta` needs "architecture" ({name, feature_dim, in_channels}) and "cleaning" (CleaningSettings.to_dict());
+    taxonomy (name, out_of_domain), training (see `provenance`), metrics, licence are recorded as given.
+    `head` is a LinearHead or None; `ood` an OODDetector or None. `half_backbone` stores the backbone in fp16.
+    """
+    path = Path(path)
+    meta = json.loads(json.dumps(meta or {}))  # deep copy, and proof that it is JSON
+    for key in ("architecture", "cleaning"):
+        if key not in meta:
+            raise ValueError(f"bundle meta needs {key!r}")
+    tensors = {}
+    for key, value in backbone_state.items():
+        value = torch.as_tensor(value).detach().cpu()
+        if half_backbone and value.is_floating_point():
+            value = value.half()
+        tensors[f"backbone.{key}"] = value.contiguous()
+    taxonomy = meta.setdefault("taxonomy", {})
+    taxonomy["regions"] = list(head.regions) if head is not None else []
+    if head is not None:
+        tensors.update({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in head.tensors().items()})
+    meta.pop("ood", None)
+    if ood is not None:
+        info, arrays = ood.to_dict()
+        meta["ood"] = info
+        tensors.update({f"ood.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()})
+    meta["format_version"] = FORMAT_VERSION
+    meta["input_size"] = meta["cleaning"].get("size")
+    meta.setdefault("licence", LICENCE_UNIFESP)
+    meta["weights_dtype"] = "float16" if half_backbone else str(
+        next((v.dtype for k, v in tensors.items() if k.startswith("backbone.") and v.is_floating_point()),
+             torch.float32)).replace("torch.", "")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_folder(new: Path, target: Path):
+    """Rename `new` to `target`; an existing target is renamed away first and deleted after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not (target / META).exists() and any(target.iterdir()):
+        raise RadiographError(target, "exists and is not a model bundle: refusing to replace it")
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

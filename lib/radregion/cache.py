@@ -1,0 +1,84 @@
+"""Content-addressed cache of cleaned images, so epochs and repeated predictions decode each file once."""
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from radregion.atomic import atomic_write
+from radregion.cleaning import CleaningSettings, clean
+from radregion.io import read_radiograph
+
+READ_OVERSAMPLE = 4  # decode at up to 4x the target size: room for the crop, area-shrunk afterwards
+_hash_memo: dict[tuple, str] = {}
+_hash_lock = threading.Lock()
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("RADREGION_CACHE") or Path.home() / ".cache" / "radregion")
+
+
+def file_sha256(path) -> str:
+    """sha256 of the file bytes, streamed; remembered per (path, mtime, size) within this process."""
+    path = Path(path)
+    stat = path.stat()
+    memo_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _hash_lock:
+        if memo_key in _hash_memo:
+            return _hash_memo[memo_key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    with _hash_lock:
+        _hash_memo[memo_key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def decode_clean(path, settings: CleaningSettings) -> np.ndarray:
+    """Decode and clean without any cache: uint8 (size, size)."""
+    image = read_radiograph(path, max_size=READ_OVERSAMPLE * settings.size).image
+    return np.rint(clean(image, settings) * 255.0).astype(np.uint8)
+
+
+class ImageCache:
+    """Cleaned uint8 images stored as <root>/<settings key>/<hash[:2]>/<file sha256>.npy."""
+
+    def __init__(self, root=None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def entry(self, path, settings: CleaningSettings) -> Path:
+        digest = file_sha256(path)
+        return self.root / settings.key() / digest[:2] / f"{digest}.npy"
+
+    def load(self, path, settings: CleaningSettings) -> np.ndarray:
+        """uint8 (size, size); decodes and cleans on a miss (RadiographError for bad files, never cached)."""
+        entry = self.entry(path, settings)
+        cached = self._read(entry, settings.size)
+        if cached is not None:
+            return cached
+        image = decode_clean(path, settings)
+        with atomic_write(entry) as handle:
+            np.save(handle, image, allow_pickle=False)
+        return image
+
+    @staticmethod
+    def _read(entry: Path, size: int) -> np.ndarray | None:
+        try:
+            image = np.load(entry, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # missing or damaged: rebuilt and replaced by the caller
+        return image if image.dtype == np.uint8 and image.shape == (size, size) else None
+
+
+_default_caches: dict[Path, ImageCache] = {}
+
+
+def load_clean(path, settings: CleaningSettings, cache: ImageCache | None = None) -> np.ndarray:
+    """uint8 (size, size) cleaned image through `cache` (None: the default cache at default_root())."""
+    if cache is None:
+        root = default_root()
+        cache = _default_caches.setdefault(root, ImageCache(root))
+    return cache.load(path, settings)

@@ -1,0 +1,128 @@
+"""The study's targeted image cleaning: crop borders and shutters, normalise, resize, pad to a square."""
+
+import dataclasses
+import hashlib
+import json
+from functools import lru_cache
+
+import numpy as np
+
+from radregion.pixels import block_mean, shrink_factors
+
+CLEANING_VERSION = 1  # bump when clean() changes its output, so cached images are rebuilt
+FIELD_SEARCH_SIZE = 256  # the exposed field is searched on a copy shrunk to this long side
+FLAT_SPREAD = 0.08  # a line is uniform when its 10th..90th percentile range is below this
+LEVEL_TOLERANCE = 0.12  # ... and its median stays this close to the outermost line's
+MAX_CROP_PER_SIDE = 0.45
+MIN_FIELD_FRACTION = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class CleaningSettings:
+    size: int = 224
+    crop_borders: bool = True
+    low_percentile: float = 0.5
+    high_percentile: float = 99.5
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 8:
+            raise ValueError(f"cleaning size must be an integer >= 8, got {self.size!r}")
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ValueError(
+                f"cleaning percentiles need 0 <= low < high <= 100, got {self.low_percentile}, {self.high_percentile}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "CleaningSettings":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown cleaning settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def key(self) -> str:
+        """Stable short hash of the settings and the cleaning version (part of the cache key)."""
+        text = json.dumps({**self.to_dict(), "version": CLEANING_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def find_field(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), half-open: the image without uniform borders and collimator shutters.
+
+    From each edge, lines (rows or columns) are dropped while they are near-constant and at the level of
+    the outermost line: a shutter or padding band, not the exposed field next to it.
+    """
+    height, width = image.shape
+    factors = shrink_factors(image.shape, FIELD_SEARCH_SIZE)
+    small = block_mean(np.asarray(image, dtype=np.float32), factors)
+    low, high = np.percentile(small, [1, 99])
+    if high - low < 1e-6:
+        return 0, height, 0, width
+    small = np.clip((small - low) / (high - low), 0.0, 1.0)
+    row_stats = np.percentile(small, [10, 50, 90], axis=1)
+    col_stats = np.percentile(small, [10, 50, 90], axis=0)
+    top, bottom = _uniform_run(row_stats), small.shape[0] - _uniform_run(row_stats[:, ::-1])
+    left, right = _uniform_run(col_stats), small.shape[1] - _uniform_run(col_stats[:, ::-1])
+    fy, fx = factors
+    top, bottom = _to_full(top, bottom, small.shape[0], fy, height)
+    left, right = _to_full(left, right, small.shape[1], fx, width)
+    return top, bottom, left, right
+
+
+def _uniform_run(stats: np.ndarray) -> int:
+    """How many lines from the start are uniform and at the outermost line's level."""
+    p10, median, p90 = stats
+    limit = int(len(median) * MAX_CROP_PER_SIDE)
+    count = 0
+    while count < limit and p90[count] - p10[count] < FLAT_SPREAD and abs(median[count] - median[0]) < LEVEL_TOLERANCE:
+        count += 1
+    return count
+
+
+def _to_full(start: int, stop: int, small_length: int, factor: int, full_length: int) -> tuple[int, int]:
+    full_start = start * factor
+    full_stop = full_length if stop >= small_length else stop * factor
+    if full_stop - full_start < MIN_FIELD_FRACTION * full_length:
+        return 0, full_length
+    return full_start, full_stop
+
+
+def clean(image: np.ndarray, settings: CleaningSettings = CleaningSettings()) -> np.ndarray:
+    """float32 (size, size) in [0, 1]: field cropped, long side resized to `size`, percentiles stretched, padded."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"clean needs a non-empty 2-D image, got shape {image.shape}")
+    if settings.crop_borders:
+        top, bottom, left, right = find_field(image)
+        image = image[top:bottom, left:right]
+    image = _resize_longest(image, settings.size)
+    low, high = np.percentile(image, [settings.low_percentile, settings.high_percentile])
+    if high - low > 1e-6:
+        image = np.clip((image - low) / (high - low), 0.0, 1.0)
+    else:
+        image = np.zeros_like(image)
+    return _pad_square(image.astype(np.float32, copy=False), settings.size)
+
+
+def _resize_longest(image: np.ndarray, size: int) -> np.ndarray:
+    if max(image.shape) == size:
+        return image
+    resize = _resizer(size, "area" if max(image.shape) > size else "bilinear")
+    return np.asarray(resize(image[None]))[0]
+
+
+@lru_cache(maxsize=8)
+def _resizer(size: int, mode: str):
+    from monai.transforms import Resize  # heavy import, only needed when resizing
+
+    return Resize(spatial_size=size, size_mode="longest", mode=mode, anti_aliasing=False)
+
+
+def _pad_square(image: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - image.shape[0]) // 2, (size - image.shape[1]) // 2
+    out[top : top + image.shape[0], left : left + image.shape[1]] = image
+    return out

@@ -1,0 +1,184 @@
+"""DICOM side of reading: parse, check for every known bad case, decode, apply the LUTs."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.config
+from pydicom.dataelem import RawDataElement
+from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
+
+from radregion.errors import RadiographError
+from radregion.pixels import CHUNK_PIXELS, block_mean, shrink_factors, to_unit_range
+
+PREAMBLE_MAGIC_OFFSET = 128
+# First element tag of a preamble-less file: group 0x0002 (file meta) or 0x0008 (identifying), either byte order.
+HEADER_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+CINE_MODALITIES = {"XA", "RF", "US", "ES", "XC"}
+COLOUR_PHOTOMETRICS = ("RGB", "YBR", "PALETTE", "HSV", "ARGB", "CMYK")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def looks_like_dicom(path) -> bool:
+    """True when the file has the DICM marker, or starts like a preamble-less DICOM data set."""
+    with open(path, "rb") as handle:
+        head = handle.read(PREAMBLE_MAGIC_OFFSET + 4)
+    if head[PREAMBLE_MAGIC_OFFSET:] == b"DICM":
+        return True
+    if len(head) < 8 or head[:2] not in HEADER_STARTS:
+        return False
+    try:
+        read_header(path)
+    except RadiographError:
+        return False
+    return True
+
+
+def read_header(path, *, pixels: bool = False) -> pydicom.Dataset:
+    """Parse the file (header only unless `pixels`); truncated files and non-DICOM content raise."""
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+        except (EOFError, OSError) as error:
+            raise RadiographError(path, f"truncated file: the DICOM data ends early ({error})") from None
+        except Exception as error:  # pydicom raises many types on garbage input
+            raise RadiographError(path, f"not a DICOM file ({type(error).__name__}: {error})") from None
+    if any("End of file" in str(w.message) for w in caught):
+        raise RadiographError(path, "truncated file: the data ends inside an element")
+    if len(ds) == 0 or not any(tag.group in (0x0008, 0x0010, 0x0020, 0x0028) for tag in ds.keys()):
+        raise RadiographError(path, "not a DICOM file (no DICOM attributes found)")
+    _check_last_element(ds, path, pixels)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if ds.is_implicit_VR
+            else pydicom.uid.ExplicitVRLittleEndian if ds.is_little_endian else pydicom.uid.ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _check_last_element(ds, path: Path, whole_file: bool) -> None:
+    """pydicom keeps a short final value without complaint: compare it with its declared length."""
+    last = ds._dict[max(ds._dict)]
+    if not isinstance(last, RawDataElement) or last.length == UNDEFINED_LENGTH or last.value is None:
+        return
+    if len(last.value) < last.length:
+        raise RadiographError(
+            path, f"truncated file: {ds[last.tag].name} has {len(last.value)} of {last.length} bytes"
+        )
+    if whole_file:
+        leftover = path.stat().st_size - (last.value_tell + last.length)
+        if 0 < leftover < 8:
+            raise RadiographError(path, "truncated file: it ends inside an element tag")
+
+
+def check_image(ds, path) -> None:
+    """Every problem the header alone reveals: no pixels, unsupported syntax, cine, colour, zero size."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS) and "Rows" not in ds:
+        kind = UID(sop_class).name if sop_class else "no SOP class"
+        raise RadiographError(path, f"no pixel data: not an image ({kind})")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows == 0 or columns == 0:
+        raise RadiographError(path, f"zero-size image (Rows {rows}, Columns {columns})")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not any(h.is_available() and h.supports_transfer_syntax(syntax) for h in pydicom.config.pixel_data_handlers):
+        raise RadiographError(path, f"unsupported transfer syntax {syntax.name} ({syntax})")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    modality = str(ds.get("Modality", "")).upper()
+    if frames > 1:
+        what = "multi-frame cine" if modality in CINE_MODALITIES else "multi-frame image"
+        raise RadiographError(
+            path, f"{what} ({frames} frames, Modality {modality or 'unknown'}): expected one radiograph"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples > 1 or photometric.startswith(COLOUR_PHOTOMETRICS):
+        kind = "colour secondary capture" if sop_class.startswith("1.2.840.10008.5.1.4.1.1.7") else "colour image"
+        raise RadiographError(
+            path, f"{kind} (PhotometricInterpretation {photometric or '?'}, {samples} samples): not a radiograph"
+        )
+
+
+def check_pixel_length(ds, path) -> None:
+    """For native (uncompressed) syntaxes the pixel data length is known in advance."""
+    if "PixelData" not in ds:
+        raise RadiographError(path, "no pixel data: the image attributes are there but Pixel Data is missing")
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    expected = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel") or 1) * ds.BitsAllocated // 8
+    expected *= int(ds.get("NumberOfFrames") or 1)
+    if len(ds.PixelData) < expected:
+        raise RadiographError(path, f"truncated file: Pixel Data has {len(ds.PixelData)} of {expected} bytes")
+
+
+def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndarray, dict]:
+    """Decoded image, float32 [0, 1], bone bright; and the metadata `fields` the file has."""
+    ds = read_header(path, pixels=True)
+    check_image(ds, path)
+    check_pixel_length(ds, path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = ds.pixel_array
+    except Exception as error:
+        raise RadiographError(path, f"cannot decode pixel data ({syntax.name}): {error}") from None
+    del ds.PixelData  # free the encoded bytes and pydicom's cached array; `stored` holds the pixels
+    ds._pixel_array = None
+    stored = _honour_bits_stored(stored, ds)
+    stored = block_mean(stored, shrink_factors(stored.shape, max_size))
+    image = to_unit_range(_apply_luts(stored, ds))
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if (photometric == "MONOCHROME1") != (str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"):
+        np.subtract(1.0, image, out=image)
+    return image, {**dicom_meta(ds, fields), "transfer_syntax": syntax.name}
+
+
+def _honour_bits_stored(array: np.ndarray, ds) -> np.ndarray:
+    """Drop bits above BitsStored (overlays, garbage); sign-extend signed data."""
+    bits = int(ds.get("BitsStored") or 0)
+    if array.dtype.kind not in "iu" or not 0 < bits < array.dtype.itemsize * 8:
+        return array
+    if array.dtype.kind == "u":
+        mask = (1 << bits) - 1
+        return array & array.dtype.type(mask) if int(array.max()) > mask else array
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if int(array.min()) >= low and int(array.max()) <= high:
+        return array
+    shift = array.dtype.itemsize * 8 - bits
+    return (array << shift) >> shift
+
+
+def _apply_luts(stored: np.ndarray, ds) -> np.ndarray:
+    """Modality LUT then VOI LUT (pydicom), row chunk by row chunk into one float32 array."""
+    out = np.empty(stored.shape, dtype=np.float32)
+    step = max(1, CHUNK_PIXELS // max(1, stored.shape[1]))
+    for start in range(0, stored.shape[0], step):
+        chunk = apply_modality_lut(stored[start : start + step], ds)
+        out[start : start + step] = apply_voi_lut(chunk, ds)
+    return out
+
+
+def dicom_meta(ds, fields) -> dict:
+    """The requested attributes the data set has: text as str, PixelSpacing as floats, sizes as int."""
+    meta = {}
+    for keyword in fields:
+        value = ds.get(keyword)
+        if keyword == "PixelSpacing" and not value:
+            value = ds.get("ImagerPixelSpacing")
+        if value is None or value == "":
+            continue
+        if keyword == "PixelSpacing":
+            meta[keyword] = [float(v) for v in value]
+        elif keyword in ("Rows", "Columns", "BitsStored"):
+            meta[keyword] = int(value)
+        else:
+            meta[keyword] = str(value).strip()
+    return meta

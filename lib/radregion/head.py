@@ -1,0 +1,249 @@
+"""Linear heads: frozen-backbone features -> multinomial logistic regression; few-label fitting of a bundle."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from radregion.ood import auroc, fit_ood, METHODS
+
+OOD_PERCENTILE = 95.0
+DEFAULT_C = 0.5
+
+
+@dataclass
+class LinearHead:
+    weight: np.ndarray        # (C, D), acts on standardised features
+    bias: np.ndarray          # (C,)
+    feature_mean: np.ndarray  # (D,)
+    feature_std: np.ndarray   # (D,)
+    regions: list
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, np.float32) - self.feature_mean) / self.feature_std
+        return z @ self.weight.T + self.bias
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        logits = self.logits(features)
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+    def predict(self, features) -> list[str]:
+        return [self.regions[i] for i in self.probabilities(features).argmax(1)]
+
+    def tensors(self) -> dict:
+        return {"head.weight": self.weight, "head.bias": self.bias,
+                "head.feature_mean": self.feature_mean, "head.feature_std": self.feature_std}
+
+
+def first_labels(labels) -> list[str]:
+    """A multi-label image is fitted with its first label."""
+    return [lab if isinstance(lab, str) else lab[0] for lab in labels]
+
+
+def fit_head(features: np.ndarray, labels, regions=None, class_balanced: bool = True, C: float = DEFAULT_C,
+             max_iter: int = 1000, tol: float = 1e-3) -> LinearHead:
+    """Multinomial logistic regression (lbfgs) on standardised features.
+
+    `labels`: one region name (or tuple of names, first used) per row. `regions`: the head's classes in order
+    (default: those present, sorted); each must have at least one example.
+    """
+    features = np.asarray(features, np.float32)
+    names = first_labels(labels)
+    regions = list(regions) if regions is not None else sorted(set(names))
+    missing = sorted(set(regions) - set(names))
+    if missing:
+        raise ValueError(f"no labelled image for region(s) {', '.join(missing)}")
+    unknown = sorted(set(names) - set(regions))
+    if unknown:
+        raise ValueError(f"labels not among the head's regions: {', '.join(unknown)}")
+    if len(regions) < 2:
+        raise ValueError(f"a head needs at least two regions, got {regions}")
+    y = np.array([regions.index(n) for n in names])
+    mean = features.mean(0)
+    std = features.std(0) + 1e-6
+    z = (features - mean) / std
+    model = LogisticRegression(C=C, class_weight="balanced" if class_balanced else None, max_iter=max_iter, tol=tol)
+    model.fit(z, y)
+    weight, bias = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
+    if len(regions) == 2:  # sklearn keeps one row for two classes
+        weight, bias = np.stack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2], np.float32)
+    return LinearHead(weight, bias, mean.astype(np.float32), std.astype(np.float32), regions)
+
+
+def _folds(items, k, seed) -> np.ndarray:
+    """Patient-grouped fold id per item (datasets.patient_folds when it can stratify, else GroupKFold)."""
+    from sklearn.model_selection import GroupKFold
+
+    try:
+        from radregion.datasets import patient_folds
+
+        return np.asarray(patient_folds(items, k=k, seed=seed))
+    except (ImportError, ValueError):
+        groups = [it.group for it in items]
+        k = max(2, min(k, len(set(groups))))
+        folds = np.zeros(len(items), int)
+        for fold, (_, test) in enumerate(GroupKFold(n_splits=k).split(np.zeros(len(items)), groups=groups)):
+            folds[test] = fold
+        return folds
+
+
+def out_of_domain_regions(taxonomy, extra=()) -> set[str]:
+    regions = {r.name for r in taxonomy.regions if r.out_of_domain} if taxonomy is not None else set()
+    return regions | set(extra)
+
+
+def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
+               folds=5, seed=0, fine_tune_epochs=0, data=None, command=None, workers=2, progress=False):
+    """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
+
+    Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
+    never go in the head; they measure the OOD AUROC. Patient-grouped out-of-fold predictions give the
+    cross-validated metrics and the OOD threshold (its `OOD_PERCENTILE` on held-out in-domain images).
+    """
+    from radregion.bundle import provenance
+    from radregion.evaluate import summarise
+    from radregion.features import extract_features, load_clean_images
+
+    taxonomy = _taxonomy(bundle)
+    ood_regions = out_of_domain_regions(taxonomy, exclude_regions)
+    in_items, in_labels, ood_items = [], [], []
+    for item in items:
+        labels = tuple(lab for lab in item.labels if lab not in ood_regions)
+        if labels:
+            in_items.append(item)
+            in_labels.append(labels)
+        else:
+            ood_items.append(item)
+    if not in_items:
+        raise ValueError("no labelled in-domain images to fit a head on")
+    order = taxonomy.names if taxonomy is not None else sorted({lab for labs in in_labels for lab in labs})
+    present = set(first_labels(in_labels))
+    regions = [r for r in order if r in present] + sorted(present - set(order))
+
+    if fine_tune_epochs:
+        backbone = fine_tune(bundle, in_items, in_labels, regions, epochs=fine_tune_epochs, seed=seed,
+                             workers=workers, progress=progress)
+    else:
+        backbone = bundle.backbone()
+    settings = bundle.settings
+    feats = extract_features(backbone, load_clean_images([it.path for it in in_items], settings, workers))
+    ood_feats = (extract_features(backbone, load_clean_images([it.path for it in ood_items], settings, workers))
+                 if ood_items else np.zeros((0, feats.shape[1]), np.float32))
+
+    fold_of = _folds(in_items, folds, seed)
+    names = first_labels(in_labels)
+    y = np.array([regions.index(n) for n in names])
+    oof_pred = [None] * len(in_items)
+    oof_scores = {m: np.zeros(len(in_items), np.float32) for m in METHODS}
+    for fold in np.unique(fold_of):
+        train, test = fold_of != fold, fold_of == fold
+        train_regions = sorted(set(y[train]))
+        if len(train_regions) >= 2:
+            fold_head = fit_head(feats[train], [regions[i] for i in y[train]],
+                                 [regions[i] for i in train_regions], class_balanced, C)
+            for i, region in zip(np.flatnonzero(test), fold_head.predict(feats[test])):
+                oof_pred[i] = region
+        for method in METHODS:
+            oof_scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
+
+    head = fit_head(feats, names, regions, class_balanced, C)
+    aurocs, detectors = {}, {}
+    for method in METHODS:
+        detector = fit_ood(feats, y, method)
+        detector.threshold = float(np.percentile(oof_scores[method], OOD_PERCENTILE))
+        detectors[method] = detector
+        aurocs[method] = auroc(oof_scores[method], detector.score(ood_feats))
+    best = max(METHODS, key=lambda m: aurocs[m] or 0.0) if ood_items else "mahalanobis"
+    detector = detectors[best]
+    detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
+
+    known = [i for i, p in enumerate(oof_pred) if p is not None]
+    metrics = {
+        "cross_validated": {"folds": int(len(np.unique(fold_of))), **summarise(
+            [oof_pred[i] for i in known], [in_labels[i] for i in known], regions,
+            groups=[in_items[i].patient_id for i in known], n_boot=200, seed=seed)},
+        "ood": {"method": best, "auroc_others": aurocs, "n_out_of_domain_images": len(ood_items),
+                "in_domain_flagged_fraction": float(np.mean(oof_scores[best] > detector.threshold))},
+        "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
+    }
+    meta_updates = {
+        "taxonomy": {**bundle.meta.get("taxonomy", {}),
+                     "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),
+                     "definition": taxonomy.to_dict() if taxonomy is not None else None,
+                     "out_of_domain": {"regions": sorted(ood_regions),
+                                       "handling": "not in the head; flagged by the OOD score above threshold"}},
+        "training": provenance(data, command or " ".join(shlex.quote(a) for a in sys.argv),
+                               head={"C": C, "class_balanced": class_balanced, "seed": seed,
+                                     "fine_tune_epochs": fine_tune_epochs},
+                               backbone=bundle.meta.get("training")),
+        "metrics": metrics,
+    }
+    if fine_tune_epochs:
+        from radregion.bundle import save_bundle
+
+        meta = {k: v for k, v in bundle.meta.items() if k not in ("ood", "metrics")}
+        meta.update(meta_updates)
+        half = bundle.meta.get("weights_dtype") == "float16"
+        save_bundle(output, backbone.state_dict(), head, meta, ood=detector, half_backbone=half)
+        from radregion.bundle import load_bundle
+
+        return load_bundle(output)
+    return bundle.with_head(output, head, detector, meta_updates)
+
+
+def _taxonomy(bundle):
+    try:
+        return bundle.taxonomy()
+    except (ImportError, KeyError, ValueError, FileNotFoundError):
+        return None
+
+
+def fine_tune(bundle, items, labels, regions, epochs=5, lr=1e-4, batch_size=32, seed=0, workers=2, progress=False):
+    """Full fine-tuning: backbone + a linear layer with cross-entropy, mild augmentation; returns the backbone."""
+    import torch
+
+    from radregion.features import images_to_tensor, load_clean_images
+
+    torch.manual_seed(seed)
+    backbone = bundle.backbone().train()
+    dim = bundle.meta["architecture"]["feature_dim"]
+    linear = torch.nn.Linear(dim, len(regions))
+    y = torch.tensor([regions.index(n) for n in first_labels(labels)])
+    images = images_to_tensor(load_clean_images([it.path for it in items], bundle.settings, workers))
+    augment = _head_transform(bundle.settings.size, seed)
+    counts = torch.bincount(y, minlength=len(regions)).clamp(min=1).float()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / (len(regions) * counts))
+    params = list(backbone.parameters()) + list(linear.parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    steps = range(epochs)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="fine-tune", unit="epoch", file=sys.stderr)
+    for _ in steps:
+        for batch in torch.randperm(len(y), generator=generator).split(batch_size):
+            x = images[batch]
+            if augment is not None:
+                x = torch.stack([augment(img) for img in x])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(linear(backbone(x)).float(), y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return backbone.eval()
+
+
+def _head_transform(size, seed):
+    """The mild augmentation of the augmentation module when it exists (issue 3), else none."""
+    try:
+        from radregion.augment import head_transform
+    except ImportError:
+        return None
+    return head_transform(size).set_random_state(seed)

@@ -1,0 +1,242 @@
+"""Read any radiograph an archive holds (DICOM, PNG/JPEG, NRRD/MHA/NIfTI) as float32 [0, 1], bone bright."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from radregion.dicomread import MEDIA_DIRECTORY, check_image, dicom_meta, looks_like_dicom, read_dicom_image, read_header
+from radregion.errors import RadiographError
+from radregion.pixels import block_mean, shrink_factors, to_unit_range
+
+META_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+               "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "ViewPosition",
+               "ImageLaterality", "PixelSpacing", "PhotometricInterpretation", "Manufacturer",
+               "Rows", "Columns", "BitsStored")  # fmt: skip
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+PILLOW_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+ITK_SUFFIXES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
+                ".nii": "NIfTI", ".nii.gz": "NIfTI"}  # fmt: skip
+PILLOW_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+NOT_IMAGES = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html", ".htm", ".md", ".rst", ".log",
+              ".py", ".ipynb", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".zip", ".tar", ".gz", ".7z", ".npy",
+              ".npz", ".pt", ".pth", ".safetensors", ".db", ".sqlite", ".ini", ".cfg", ".sh", ".bat", ".exe"}  # fmt: skip
+SKIPPED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass
+class Radiograph:
+    image: np.ndarray  # float32, 2-D, [0, 1], bone bright
+    meta: dict  # META_FIELDS the file has, plus "path" and "format" (and "transfer_syntax" for DICOM)
+
+
+def is_dicom(path) -> bool:
+    """Decided by content (DICM marker or a parseable preamble-less header), never by the name."""
+    try:
+        return Path(path).is_file() and looks_like_dicom(path)
+    except OSError:
+        return False
+
+
+def read_radiograph(path, max_size: int | None = None) -> Radiograph:
+    """Decode one file. `max_size` shrinks by an integer block mean while reading (long side <= max_size)."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "dicom":
+        image, meta = read_dicom_image(path, META_FIELDS, max_size)
+    elif kind == "pillow":
+        image, meta = _read_pillow(path, max_size)
+    else:
+        image, meta = _read_itk(path, max_size)
+    return Radiograph(image=image, meta={**meta, "path": str(path), "format": _format_name(path, kind, meta)})
+
+
+def read_metadata(path) -> dict:
+    """The metadata record alone (DICOM header only, image files' size), with "path" and "format"."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "dicom":
+        ds = read_header(path)
+        meta = {**dicom_meta(ds, META_FIELDS), "transfer_syntax": ds.file_meta.TransferSyntaxUID.name}
+    elif kind == "pillow":
+        with _open_pillow(path) as img:
+            meta = {"Rows": img.height, "Columns": img.width}
+    else:
+        meta = _read_itk(path, None)[1]
+    return {**meta, "path": str(path), "format": _format_name(path, kind, meta)}
+
+
+def find_radiographs(folder) -> tuple[list[Path], list[RadiographError]]:
+    """Every usable radiograph under `folder` (recursive, sorted) and an error for each unusable one.
+
+    Hidden files, DICOMDIRs and obvious non-images are skipped; files without an image extension are
+    kept only when their content is DICOM.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RadiographError(folder, "not a folder")
+    paths, errors = [], []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or path.name in SKIPPED_NAMES:
+            continue
+        if not path.is_file() or _suffix(path) in NOT_IMAGES:
+            continue
+        try:
+            if _scan(path):
+                paths.append(path)
+        except RadiographError as error:
+            errors.append(error)
+        except OSError as error:
+            errors.append(RadiographError(path, f"cannot read: {error.strerror or error}"))
+    return paths, errors
+
+
+def _scan(path: Path) -> bool:
+    """True for a usable radiograph, False for a file that is not one; raises for a broken one."""
+    known = _suffix(path) in DICOM_SUFFIXES or _suffix(path) in PILLOW_SUFFIXES or _suffix(path) in ITK_SUFFIXES
+    try:
+        kind = _kind(path)
+    except RadiographError:
+        if known:
+            raise
+        return False
+    if kind == "dicom":
+        ds = read_header(path)
+        if str(ds.get("SOPClassUID", "")) == MEDIA_DIRECTORY:
+            return False
+        check_image(ds, path)
+        _check_native_size(ds, path)
+    elif kind == "pillow":
+        with _open_pillow(path) as img:
+            try:
+                img.verify()
+            except Exception as error:
+                raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
+    return True
+
+
+def _check_native_size(ds, path: Path) -> None:
+    """Header-only truncation check: an uncompressed image needs at least its pixel bytes on disk."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    needed = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel") or 1) * int(ds.get("BitsAllocated") or 8) // 8
+    size = path.stat().st_size
+    if size < needed:
+        raise RadiographError(path, f"truncated file: {size} bytes on disk, the pixel data alone needs {needed}")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _kind(path: Path) -> str:
+    """'dicom', 'pillow' or 'itk', by content first; RadiographError when nothing fits."""
+    if not path.exists():
+        raise RadiographError(path, "file not found")
+    if path.is_dir():
+        raise RadiographError(path, "is a folder, not a file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        raise RadiographError(path, f"cannot read: {error.strerror or error}") from None
+    if not head:
+        raise RadiographError(path, "empty file (0 bytes)")
+    suffix = _suffix(path)
+    if looks_like_dicom(path):
+        return "dicom"
+    if head.startswith(tuple(PILLOW_MAGIC)):
+        return "pillow"
+    if suffix in ITK_SUFFIXES:
+        return "itk"
+    if suffix in PILLOW_SUFFIXES:
+        raise RadiographError(path, f"unreadable {PILLOW_SUFFIXES[suffix]} image: the content is not {PILLOW_SUFFIXES[suffix]}")
+    if suffix in DICOM_SUFFIXES:
+        _raise_dicom_problem(path)
+    raise RadiographError(path, "unknown format: not DICOM, PNG, JPEG, TIFF, NRRD, MetaImage or NIfTI")
+
+
+def _raise_dicom_problem(path: Path) -> None:
+    """A *.dcm whose content failed the DICOM check: report the parser's reason when it has one."""
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if len(head) >= 8 and (head[128:] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")):
+        read_header(path)  # raises the specific problem
+    raise RadiographError(path, "not a DICOM file (no DICM marker and no DICOM header at the start)")
+
+
+def _format_name(path: Path, kind: str, meta: dict) -> str:
+    if kind == "dicom":
+        return "dicom"
+    if kind == "pillow":
+        return _pillow_name(path).lower()
+    return ITK_SUFFIXES[_suffix(path)].lower()
+
+
+def _pillow_name(path: Path) -> str:
+    """PNG, JPEG, TIFF or BMP: by content when it says, else by the name."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        head = b""
+    by_content = next((name for magic, name in PILLOW_MAGIC.items() if head.startswith(magic)), None)
+    return by_content or PILLOW_SUFFIXES.get(_suffix(path), "image")
+
+
+def _open_pillow(path: Path):
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
+
+
+def _read_pillow(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
+    with _open_pillow(path) as img:
+        meta = {"Rows": img.height, "Columns": img.width}
+        try:
+            if max_size and img.format == "JPEG":
+                img.draft("L", (max_size, max_size))  # the JPEG decoder shrinks by 1/2..1/8 for free
+            img.load()
+            if img.mode.startswith("I;16"):
+                array, bits = np.asarray(img, dtype=np.uint16), 16
+            elif img.mode in ("I", "F"):
+                array, bits = np.asarray(img), 32
+            else:
+                array, bits = np.asarray(img if img.mode == "L" else img.convert("L")), 8
+        except Exception as error:
+            raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
+    if array.size == 0:
+        raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
+    meta["BitsStored"] = bits
+    array = block_mean(array, shrink_factors(array.shape, max_size))
+    image = array.astype(np.float32) / 255.0 if bits == 8 else to_unit_range(array)
+    return image, meta
+
+
+def _read_itk(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
+    import itk  # slow to import; only ITK formats need it
+
+    name = ITK_SUFFIXES[_suffix(path)]
+    try:
+        itk_image = itk.imread(str(path))
+        array = itk.array_from_image(itk_image)
+        spacing = [float(s) for s in itk_image.GetSpacing()]
+        components = itk_image.GetNumberOfComponentsPerPixel()
+    except Exception as error:
+        raise RadiographError(path, f"unreadable {name} file ({str(error).strip().splitlines()[-1]})") from None
+    if components > 1:
+        array = array.mean(axis=-1)
+    if array.ndim == 3:
+        array = array[array.shape[0] // 2]  # ITK arrays are (slice, row, column): take the middle slice
+    if array.ndim != 2:
+        raise RadiographError(path, f"{name} file has {array.ndim} dimensions; expected a 2-D or 3-D image")
+    if array.size == 0:
+        raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
+    meta = {"Rows": int(array.shape[0]), "Columns": int(array.shape[1]), "PixelSpacing": [spacing[1], spacing[0]]}
+    array = block_mean(np.ascontiguousarray(array), shrink_factors(array.shape, max_size))
+    return to_unit_range(array.astype(np.float32)), meta

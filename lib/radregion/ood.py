@@ -1,0 +1,99 @@
+"""Out-of-domain score from backbone features: higher = less like any region the head was trained on.
+
+Two methods, both on standardised features:
+- "mahalanobis": min over regions of the Mahalanobis distance to the region mean, one shared covariance
+  estimated with Ledoit-Wolf shrinkage (Lee et al., NeurIPS 2018, "A simple unified framework for detecting
+  out-of-distribution samples").
+- "knn": 1 - mean cosine similarity to the k nearest training images (Sun et al., ICML 2022).
+The threshold is a percentile of the scores of held-out in-domain images (out-of-fold, see head.train_head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+METHODS = ("mahalanobis", "knn")
+
+
+@dataclass
+class OODDetector:
+    method: str
+    arrays: dict  # str -> np.ndarray: "feature_mean", "feature_std", then the method's statistics
+    threshold: float = float("inf")
+    params: dict = field(default_factory=dict)  # JSON-able: k, percentile, measured AUROCs
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = _standardise(features, self.arrays["feature_mean"], self.arrays["feature_std"])
+        if self.method == "mahalanobis":
+            return _mahalanobis_min(z, self.arrays["class_means"], self.arrays["precision"])
+        if self.method == "knn":
+            return _knn_distance(z, self.arrays["bank"], int(self.params.get("k", 5)))
+        raise ValueError(f"unknown OOD method {self.method!r} (known: {', '.join(METHODS)})")
+
+    def is_out_of_domain(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) > self.threshold
+
+    def to_dict(self) -> tuple[dict, dict]:
+        """(bundle.json "ood" block, arrays for the "ood.*" tensors)."""
+        return {"method": self.method, "threshold": float(self.threshold), **self.params}, dict(self.arrays)
+
+    @classmethod
+    def from_dict(cls, info: dict) -> "OODDetector":
+        """From `Bundle.ood`: the JSON block with the arrays merged in."""
+        arrays = {k: np.asarray(v, np.float32) for k, v in info.items() if isinstance(v, np.ndarray)}
+        params = {k: v for k, v in info.items() if k not in arrays and k not in ("method", "threshold")}
+        return cls(info["method"], arrays, float(info["threshold"]), params)
+
+
+def fit_ood(features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis", k: int = 5) -> OODDetector:
+    """Fit the statistics of `method` on in-domain features with integer region labels (threshold unset)."""
+    features = np.asarray(features, np.float32)
+    mean = features.mean(0)
+    std = features.std(0) + 1e-6
+    z = _standardise(features, mean, std)
+    arrays = {"feature_mean": mean, "feature_std": std}
+    if method == "mahalanobis":
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        means = np.stack([z[labels == c].mean(0) for c in classes])
+        centred = z - means[np.searchsorted(classes, labels)]
+        arrays["class_means"] = means.astype(np.float32)
+        arrays["precision"] = LedoitWolf(assume_centered=True).fit(centred).precision_.astype(np.float32)
+        return OODDetector(method, arrays)
+    if method == "knn":
+        arrays["bank"] = _normalise(z)
+        return OODDetector(method, arrays, params={"k": int(k)})
+    raise ValueError(f"unknown OOD method {method!r} (known: {', '.join(METHODS)})")
+
+
+def auroc(in_domain_scores, out_of_domain_scores) -> float | None:
+    """AUROC of telling out-of-domain from in-domain images by score (None without both kinds)."""
+    if len(in_domain_scores) == 0 or len(out_of_domain_scores) == 0:
+        return None
+    y = np.r_[np.zeros(len(in_domain_scores)), np.ones(len(out_of_domain_scores))]
+    return float(roc_auc_score(y, np.r_[in_domain_scores, out_of_domain_scores]))
+
+
+def _standardise(features, mean, std):
+    return (np.asarray(features, np.float32) - mean) / std
+
+
+def _normalise(z):
+    return (z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+
+
+def _mahalanobis_min(z, means, precision):
+    zp = z @ precision
+    d2 = (zp * z).sum(1)[:, None] - 2 * zp @ means.T + ((means @ precision) * means).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2.min(1), 0)).astype(np.float32)
+
+
+def _knn_distance(z, bank, k):
+    sims = _normalise(z) @ bank.T
+    k = max(1, min(k, bank.shape[0]))
+    top = np.partition(sims, -k, axis=1)[:, -k:]
+    return (1.0 - top.mean(1)).astype(np.float32)

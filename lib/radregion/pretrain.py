@@ -1,0 +1,522 @@
+"""Self-supervised pretraining of a backbone: SimCLR, BYOL or SupCon.
+
+One process, or one per device under torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPU). bf16
+autocast + channels_last on CPU, AMP on GPU; AdamW with linear warm-up then cosine decay per step; every epoch
+(and on SIGINT/SIGTERM) an atomic checkpoint next to the output, from which `resume=True` continues on the
+identical schedule; TensorBoard logs and a progress bar on rank 0; the result is a bundle without head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from radregion.atomic import atomic_write
+from radregion.augment import pretrain_views
+from radregion.errors import RadiographError
+from radregion.losses import byol_loss, ntxent_loss, supcon_loss
+from radregion.networks import (BYOLPredictor, ProjectionHead, build_backbone, feature_dim, momentum_copy,
+                                update_momentum)
+
+METHODS = ("simclr", "byol", "supcon")
+TEMPERATURE = {"simclr": 0.2, "supcon": 0.1}
+BYOL_BASE_MOMENTUM = 0.99
+CROP_MARGIN = 1.25  # images are cached this much larger than the input size, so random crops keep detail
+CHECKPOINT_FORMAT = 1
+RANK_STATE_ENV = "RADREGION_RANK_STATE_DIR"  # if set, every rank writes its final parameters there (DDP test)
+
+
+def checkpoint_path(output) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".checkpoint.pt")
+
+
+# --- data --------------------------------------------------------------------------------------------------
+def collect_images(inputs) -> tuple[list[Path], list[str | None], list[RadiographError]]:
+    """Folders (recursive), labels CSVs and single files -> sorted unique paths, their label (None if
+    unlabelled; several regions joined with "|") and the files skipped while searching."""
+    from radregion.datasets import read_labels_csv
+    from radregion.io import find_radiographs
+
+    labels: dict[Path, str | None] = {}
+    errors: list[RadiographError] = []
+    for entry in inputs:
+        entry = Path(entry)
+        if entry.is_dir():
+            paths, skipped = find_radiographs(entry)
+            errors.extend(skipped)
+            for path in paths:
+                labels.setdefault(path.resolve(), None)
+        elif entry.is_file() and entry.suffix.lower() == ".csv":
+            for item in read_labels_csv(entry):
+                labels[Path(item.path).resolve()] = "|".join(sorted(item.labels)) or None
+        elif entry.is_file():
+            labels.setdefault(entry.resolve(), None)
+        else:
+            raise RadiographError(entry, "not found: --images takes folders of radiographs and labels CSVs")
+    paths = sorted(labels)
+    return paths, [labels[p] for p in paths], errors
+
+
+def class_ids(labels: list[str | None]) -> list[int]:
+    """Labelled images share an id per label; every unlabelled image gets a (negative) id of its own."""
+    names = sorted({label for label in labels if label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[label] if label is not None else -(i + 1) for i, label in enumerate(labels)]
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch: the same whatever the workers, ranks or resumes."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ViewsDataset(Dataset):
+    """Cleaned images from the image cache -> (view1, view2, class id)."""
+
+    def __init__(self, paths, classes, settings, size: int, gauge: bool, seed: int):
+        self.paths, self.classes, self.settings, self.seed = list(paths), list(classes), settings, seed
+        self.views = pretrain_views(size, gauge=gauge)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        from radregion.cache import load_clean
+
+        image = load_clean(self.paths[index], self.settings)
+        self.views.set_random_state(seed=item_seed(self.seed, self.epoch, index))
+        first, second = self.views(image)
+        return first, second, self.classes[index]
+
+
+def usable_images(paths, classes, settings, workers: int, progress: bool):
+    """Decode and clean every image once (fills the cache); drop and report the ones that cannot be used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from radregion.cache import load_clean
+
+    def check(path):
+        try:
+            load_clean(path, settings)
+            return None
+        except RadiographError as error:
+            return error
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(tqdm(pool.map(check, paths), total=len(paths), desc="caching", unit="img",
+                            disable=not progress, leave=False))
+    kept = [(p, c) for p, c, error in zip(paths, classes, results) if error is None]
+    return [p for p, _ in kept], [c for _, c in kept], [e for e in results if e is not None]
+
+
+# --- model -------------------------------------------------------------------------------------------------
+class SSLModel(nn.Module):
+    """Backbone + projector (+ BYOL predictor). forward: images -> projections (BYOL: predictions)."""
+
+    def __init__(self, method: str, arch: str):
+        super().__init__()
+        self.backbone = build_backbone(arch)
+        dim = feature_dim(arch)
+        if method == "byol":
+            self.projector = ProjectionHead(dim, 4096, 256)
+            self.predictor = BYOLPredictor(256, 4096)
+        else:
+            self.projector = ProjectionHead(dim, 2048, 128)
+            self.predictor = None
+
+    def encoder(self) -> nn.Sequential:
+        """backbone + projector as one module (shares their parameters): what the BYOL target copies."""
+        return nn.Sequential(self.backbone, self.projector)
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return self.predictor(z) if self.predictor is not None else z
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0, per optimisation step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def byol_momentum(step: int, total_steps: int, base: float = BYOL_BASE_MOMENTUM) -> float:
+    """BYOL's schedule: from `base` up to 1 with a cosine over training."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)  # no decay on norms and biases
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- distributed -------------------------------------------------------------------------------------------
+class _Distributed:
+    """World size / rank from torchrun's environment; a single process otherwise."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate x from all ranks, keeping the gradient path to this rank's part."""
+        if not self.enabled:
+            return x
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()))
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT/SIGTERM set a flag instead of killing, so the loop can checkpoint first."""
+    requested = {"stop": False}
+    if sys.platform == "win32" or not _in_main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested["stop"] = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _precision(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision not in ("auto", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    if device.type == "cuda":
+        if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+    if precision == "fp16":
+        raise ValueError("fp16 autocast is for GPUs; use bf16 or fp32 on CPU")
+    return torch.bfloat16
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int = 128, epochs: int = 100,
+             batch_size: int = 64, lr: float | None = None, weight_decay: float = 1e-4, warmup_epochs: int = 5,
+             seed: int = 0, gauge: bool = True, clean: bool = True, workers: int | None = None,
+             resume: bool = False, log_dir=None, device: str = "auto", precision: str = "auto",
+             temperature: float | None = None, stop_after: int | None = None, progress: bool = True,
+             command: list[str] | None = None) -> Path | None:
+    """Pretrain a backbone and write it as a bundle at `output` (returns its path).
+
+    images: folders and/or labels CSVs (SupCon uses their labels; unlabelled images are their own class).
+    batch_size is per process (the global batch is batch_size x world size); lr defaults to
+    1e-3 x global batch / 256. `stop_after=k` stops after epoch k leaving a checkpoint (for time-sliced jobs;
+    returns None). Distributed when started by torchrun.
+    """
+    from radregion.cleaning import CleaningSettings
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if epochs < 1 or batch_size < 2 or size < 32:
+        raise ValueError("need epochs >= 1, batch size >= 2 and size >= 32")
+    output = Path(output)
+    ckpt_file = checkpoint_path(output)
+    world = _Distributed(device)
+    try:
+        if world.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world))
+        else:
+            torch.backends.cudnn.benchmark = True
+        if workers is None:
+            workers = min(8, max(1, (os.cpu_count() or 1) // world.local_world - 1))
+        show = progress and world.main
+
+        if ckpt_file.exists() and not resume:
+            raise RadiographError(ckpt_file, "a checkpoint of an unfinished run exists: add --resume to continue "
+                                             "it, or delete it to start again")
+        paths, labels, search_errors = collect_images(images)
+        classes = class_ids(labels)
+        crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
+        settings = CleaningSettings(size=size, **crop_settings)
+        load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
+        if world.main:
+            paths, classes, bad = usable_images(paths, classes, load_settings, workers, show)
+        world.barrier()
+        if not world.main:
+            paths, classes, bad = usable_images(paths, classes, load_settings, workers, False)
+        skipped = search_errors + bad
+        if world.main and skipped:
+            print(f"pretrain: skipped {len(skipped)} unusable file(s):", file=sys.stderr)
+            for error in skipped[:10]:
+                print(f"  {error}", file=sys.stderr)
+        if len(paths) < 2:
+            raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
+                             "need at least 2")
+        n_labelled = sum(1 for c in classes if c >= 0)
+        if method == "supcon" and n_labelled == 0 and world.main:
+            print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature",
+                  file=sys.stderr)
+
+        per_rank = len(paths) // world.world
+        if batch_size > per_rank:
+            if world.main:
+                print(f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}",
+                      file=sys.stderr)
+            batch_size = per_rank
+        if batch_size < 2:
+            raise ValueError(f"pretrain: {len(paths)} images are too few for {world.world} processes")
+        steps_per_epoch = per_rank // batch_size
+        total_steps = steps_per_epoch * epochs
+        warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
+        global_batch = batch_size * world.world
+        lr = lr if lr is not None else 1e-3 * global_batch / 256
+        temperature = temperature if temperature is not None else TEMPERATURE.get(method)
+        config = dict(method=method, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge, clean=clean,
+                      images=len(paths), world_size=world.world, temperature=temperature)
+
+        torch.manual_seed(seed)
+        model = SSLModel(method, arch).to(world.device).to(memory_format=torch.channels_last)
+        target = momentum_copy(model.encoder()) if method == "byol" else None
+        optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr)
+        autocast_dtype = _precision(world.device, precision)
+        scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+
+        start_epoch, start_step, global_step = 0, 0, 0
+        if resume and ckpt_file.exists():
+            state = torch.load(ckpt_file, map_location=world.device, weights_only=True)
+            if state.get("format") != CHECKPOINT_FORMAT or state["config"] != config:
+                different = {k: (state["config"].get(k), v) for k, v in config.items()
+                             if state["config"].get(k) != v}
+                raise RadiographError(ckpt_file, f"checkpoint is of a different run (saved, now: {different})")
+            model.load_state_dict(state["model"])
+            if target is not None:
+                target.load_state_dict(state["target"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+            if world.main:
+                print(f"pretrain: resuming {ckpt_file} at epoch {start_epoch + 1}, step {start_step + 1}",
+                      file=sys.stderr)
+        elif resume and world.main:
+            print(f"pretrain: no checkpoint at {ckpt_file}: starting from the beginning", file=sys.stderr)
+
+        train_model = model
+        if world.enabled:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        dataset = ViewsDataset(paths, classes, load_settings, size, gauge, seed)
+        sampler = DistributedSampler(dataset, num_replicas=world.world, rank=world.rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+
+        def save_checkpoint(epoch, step_in_epoch):
+            if not world.main:
+                return
+            state = {"format": CHECKPOINT_FORMAT, "config": config, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                     "global_step": global_step, "model": model.state_dict(),
+                     "target": target.state_dict() if target is not None else {},
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            with atomic_write(ckpt_file) as handle:
+                torch.save(state, handle)
+
+        writer = None
+        if world.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps * global_batch * 2, initial=global_step * global_batch * 2, unit="view",
+                   unit_scale=True, desc=f"{method} {arch} {size}px", disable=not show, dynamic_ncols=True,
+                   smoothing=0.1)
+        loss_value = float("nan")
+        autocast = (torch.autocast(world.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with _stop_on_signals() as signals:
+            for epoch in range(start_epoch, epochs):
+                if stop_after is not None and epoch >= stop_after:
+                    bar.close()
+                    if writer is not None:
+                        writer.close()
+                    return None
+                sampler.set_epoch(epoch)
+                dataset.epoch = epoch
+                skip = start_step if epoch == start_epoch else 0
+                order = list(sampler)[skip * batch_size:]
+                loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                                    drop_last=True, pin_memory=world.device.type == "cuda")
+                model.train()
+                epoch_start, epoch_views = time.perf_counter(), 0
+                step_in_epoch = skip
+                stopped = False
+                batches = iter(loader)
+                while True:
+                    try:
+                        first, second, batch_classes = next(batches)
+                    except StopIteration:
+                        break
+                    except RuntimeError:
+                        if not signals["stop"]:
+                            raise
+                        stopped = True  # Ctrl-C reached the loader workers too
+                        break
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * lr_factor(global_step, warmup_steps, total_steps)
+                    x = torch.cat([first, second]).to(world.device, non_blocking=True)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        out = train_model(x)
+                        if target is not None:
+                            with torch.no_grad():
+                                target_out = target(x)
+                    loss = _loss(method, out.float(), None if target is None else target_out.float(),
+                                 batch_classes.to(world.device), world, temperature)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if target is not None:
+                        momentum = byol_momentum(global_step, total_steps)
+                        update_momentum(model.encoder(), target, momentum)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise ValueError(f"pretrain: the loss became {loss_value} at step {global_step + 1}; "
+                                         "try a lower --lr")
+                    global_step += 1
+                    step_in_epoch += 1
+                    epoch_views += 2 * global_batch
+                    bar.update(2 * global_batch)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.3f}", refresh=False)
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss_value, global_step)
+                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                        if target is not None:
+                            writer.add_scalar("train/byol_momentum", momentum, global_step)
+                        if global_step == 1:
+                            writer.add_images("views/first", first[:8], global_step)
+                            writer.add_images("views/second", second[:8], global_step)
+                    if world.any(signals["stop"]):
+                        stopped = True
+                        break
+                if stopped:
+                    save_checkpoint(epoch, step_in_epoch)
+                    world.barrier()
+                    bar.close()
+                    if world.main:
+                        print(f"\npretrain: stopped; checkpoint {ckpt_file} (epoch {epoch + 1}, step "
+                              f"{step_in_epoch}); continue with --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+                seconds = time.perf_counter() - epoch_start
+                if writer is not None:
+                    writer.add_scalar("train/views_per_second", epoch_views / max(seconds, 1e-9), global_step)
+                    writer.add_scalar("train/epoch_loss_last", loss_value, epoch + 1)
+                    writer.flush()
+                save_checkpoint(epoch + 1, 0)
+                world.barrier()
+        bar.close()
+        _dump_rank_state(model, world)
+
+        if not world.main:
+            return output
+        writer.close()
+        from radregion.bundle import provenance, save_bundle
+
+        meta = {
+            "architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
+            "cleaning": settings.to_dict(),
+            "training": provenance(
+                data=[str(Path(i).resolve()) for i in images],
+                command=command if command is not None else sys.argv,
+                stage="pretrain", method=method, epochs=epochs, batch_size=batch_size, global_batch=global_batch,
+                lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge,
+                cleaning=clean, images=len(paths), labelled_images=n_labelled, skipped_files=len(skipped),
+                temperature=temperature, world_size=world.world, device=world.device.type,
+                precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "float32",
+                final_loss=loss_value),
+        }
+        backbone_state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                          for k, v in model.backbone.state_dict().items()}
+        save_bundle(output, backbone_state, None, meta)
+        ckpt_file.unlink(missing_ok=True)
+        return output
+    finally:
+        world.close()
+
+
+def _loss(method, out, target_out, classes, world: _Distributed, temperature):
+    first, second = out.chunk(2)
+    if method == "byol":
+        target_first, target_second = target_out.chunk(2)
+        return byol_loss(first, target_second) + byol_loss(second, target_first)
+    first, second = world.gather(first), world.gather(second)
+    if method == "simclr":
+        return ntxent_loss(first, second, temperature)
+    classes = world.gather(classes)
+    return supcon_loss(torch.cat([first, second]), torch.cat([classes, classes]), temperature)
+
+
+def _dump_rank_state(model: nn.Module, world: _Distributed) -> None:
+    folder = os.environ.get(RANK_STATE_ENV)
+    if not folder:
+        return
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.named_parameters()},
+              str(Path(folder) / f"rank{world.rank}.safetensors"))

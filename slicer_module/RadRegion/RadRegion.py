@@ -1,0 +1,293 @@
+"""RadRegion: review the anatomical-region predictions of a RadRegion server in 3D Slicer.
+
+The widget only wires Qt to RadRegionLib (pure Python, tested outside Slicer) and shows the images.
+"""
+
+import logging
+import os
+import tempfile
+
+import ctk  # noqa: F401  (Slicer's module loader expects the usual imports)
+import qt
+import slicer
+import vtk  # noqa: F401
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+from RadRegionLib import RadRegionClient, ReviewSession, ServerError, ServerUnreachable
+from RadRegionLib.panel import PanelView
+
+SERVER_URL_ENV = "RADREGION_SERVER_URL"  # used by the self-test
+SETTINGS_PREFIX = "RadRegion/"
+TRAIN_POLL_MS = 5000
+
+
+class RadRegion(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "RadRegion"
+        self.parent.categories = ["Active Learning"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["RadRegion team"]
+        self.parent.helpText = (
+            "Confirm or correct the anatomical region that the RadRegion server predicts for each radiograph. "
+            "Keys: 1-9 pick a region, Enter submits, O marks out of domain, Ctrl+Z undoes, N loads the next case."
+        )
+        self.parent.acknowledgementText = (
+            "Based on Langer et al., Self-Supervised Radiograph Anatomical Region Classification. "
+            "Talks to a MONAI Label server running the RadRegion app."
+        )
+
+
+class RadRegionWidget(ScriptedLoadableModuleWidget):
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        panel = slicer.util.loadUI(self.resourcePath("UI/RadRegion.ui"))
+        self.layout.addWidget(panel)
+        self.ui = slicer.util.childWidgetVariables(panel)
+        self.view = PanelView(self.ui)
+        self.view.fill_queues()
+        self.logic = RadRegionLogic()
+        self.shortcuts = []
+
+        settings = qt.QSettings()
+        self.ui.serverUrlEdit.setText(settings.value(SETTINGS_PREFIX + "url", "http://127.0.0.1:8000"))
+        self.ui.annotatorEdit.setText(settings.value(SETTINGS_PREFIX + "annotator", ""))
+
+        self.ui.connectButton.connect("clicked()", self.onConnect)
+        self.ui.nextButton.connect("clicked()", self.onNext)
+        self.ui.openButton.connect("clicked()", self.onOpen)
+        self.ui.imageIdEdit.connect("returnPressed()", self.onOpen)
+        self.ui.submitButton.connect("clicked()", self.onSubmit)
+        self.ui.commentEdit.connect("returnPressed()", self.onSubmit)
+        self.ui.outOfDomainButton.connect("clicked()", self.onOutOfDomain)
+        self.ui.undoButton.connect("clicked()", self.onUndo)
+        self.ui.regionListWidget.connect("itemClicked(QListWidgetItem*)", self.onRegionClicked)
+        self.ui.trainButton.connect("clicked()", self.onTrain)
+        self.ui.trainRefreshButton.connect("clicked()", self.onTrainRefresh)
+
+        self.trainTimer = qt.QTimer()
+        self.trainTimer.setInterval(TRAIN_POLL_MS)
+        self.trainTimer.connect("timeout()", self.onTrainRefresh)
+        self.refresh()
+
+    def enter(self):
+        self._installShortcuts()
+
+    def exit(self):
+        self._removeShortcuts()
+
+    def cleanup(self):
+        self._removeShortcuts()
+        self.trainTimer.stop()
+
+    # -- keyboard: only while the module is shown, so Slicer's own keys work elsewhere --------------------------
+
+    def _installShortcuts(self):
+        if self.shortcuts:
+            return
+        keys = [(str(n), lambda n=n: self.onNumber(n)) for n in range(1, 10)]
+        keys += [("Return", self.onSubmit), ("Enter", self.onSubmit), ("O", self.onOutOfDomain),
+                 ("Ctrl+Z", self.onUndo), ("N", self.onNext)]
+        for key, handler in keys:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.connect("activated()", handler)
+            self.shortcuts.append(shortcut)
+
+    def _removeShortcuts(self):
+        for shortcut in self.shortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self.shortcuts = []
+
+    # -- actions -------------------------------------------------------------------------------------------------
+
+    def onConnect(self):
+        url, token = self.ui.serverUrlEdit.text.strip(), self.ui.tokenEdit.text.strip()
+        annotator = self.ui.annotatorEdit.text.strip()
+        settings = qt.QSettings()
+        settings.setValue(SETTINGS_PREFIX + "url", url)
+        settings.setValue(SETTINGS_PREFIX + "annotator", annotator)
+        if self._run(lambda: self.logic.connect(url, token, annotator), needs_session=False):
+            self.view.show_summary(self.logic.session.summary)
+            self.onTrainRefresh()
+
+    def onNext(self):
+        queue = self.ui.queueComboBox.currentData
+        self._run(lambda: self.logic.session.next_case(queue), show_image=True)
+
+    def onOpen(self):
+        image = self.ui.imageIdEdit.text.strip()
+        if image:
+            self._run(lambda: self.logic.session.open_case(image), show_image=True)
+
+    def onNumber(self, number):
+        self._run(lambda: self.logic.session.choose_number(number))
+
+    def onRegionClicked(self, item):
+        row = self.ui.regionListWidget.row(item)
+        self._run(lambda: self.logic.session.choose(self.logic.session.ranked_regions()[row]))
+
+    def onOutOfDomain(self):
+        self._run(lambda: self.logic.session.mark_out_of_domain())
+
+    def onSubmit(self):
+        comment = self.ui.commentEdit.text.strip()
+        if self._run(lambda: self.logic.session.submit(comment=comment), show_image=True):
+            self.ui.commentEdit.clear()
+
+    def onUndo(self):
+        self._run(lambda: self.logic.session.undo(), show_image=True)
+
+    def onTrain(self):
+        if self._run(lambda: self.logic.session.train()):
+            self.trainTimer.start()
+            self.onTrainRefresh()
+
+    def onTrainRefresh(self):
+        if not self.logic.session:
+            return
+        try:
+            text = self.logic.session.train_status()
+        except ServerError as error:
+            text = str(error)
+        self.view.show_train_status(text)
+        if not text.startswith("Training"):
+            self.trainTimer.stop()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+
+    def _run(self, action, show_image=False, needs_session=True):
+        """Run a Lib call; errors become words in the panel, never a traceback."""
+        if needs_session and self.logic.session is None:
+            self.view.show_status("Connect to a server first")
+            return False
+        ok = True
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            action()
+        except ServerUnreachable as error:
+            ok = False
+            self.view.show_status(f"{error}. Decisions are kept on this computer and sent when it is back.")
+        except (ServerError, ValueError) as error:
+            ok = False
+            self.view.show_status(str(error))
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        if show_image:
+            self.logic.show_current_image()
+        self.refresh(keep_status=not ok)
+        return ok
+
+    def refresh(self, keep_status=False):
+        session = self.logic.session
+        for name in ("nextButton", "openButton", "trainButton", "trainRefreshButton"):
+            getattr(self.ui, name).setEnabled(session is not None)
+        self.view.show_case(session)
+        if session is None:
+            return
+        confirmed, total = session.progress()
+        self.view.show_progress(confirmed, total, len(session.outbox))
+        if not keep_status:
+            self.view.show_status(session.status_message)
+
+
+class RadRegionLogic(ScriptedLoadableModuleLogic):
+    """Owns the review session and the volume shown in the slice view."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.session = None
+        self.volume = None
+
+    def connect(self, url, token="", annotator="", work_dir=None):
+        client = RadRegionClient(url, token=token or None)
+        work_dir = work_dir or os.path.join(slicer.app.cachePath, "RadRegion")
+        session = ReviewSession(client, work_dir, annotator=annotator or None)
+        self.session = session
+        return session.connect()
+
+    def show_current_image(self):
+        """Load the current case's file into the red slice view; drop the previous one."""
+        case = self.session.current if self.session else None
+        if case is None or not case.image_path:
+            return None
+        if self.volume is not None and self.volume.GetAttribute("RadRegion.path") == case.image_path:
+            return self.volume
+        if self.volume is not None and slicer.mrmlScene.IsNodePresent(self.volume):
+            slicer.mrmlScene.RemoveNode(self.volume)
+        try:
+            self.volume = slicer.util.loadVolume(case.image_path, {"singleFile": True, "show": True,
+                                                                   "name": case.image})
+        except RuntimeError as error:  # loadVolume raises when the reader fails
+            self.session.status_message = f"{case.image_path}: Slicer cannot load this image ({error})"
+            self.volume = None
+            return None
+        self.volume.SetAttribute("RadRegion.path", case.image_path)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+            slicer.util.resetSliceViews()
+        return self.volume
+
+
+class RadRegionTest(ScriptedLoadableModuleTest):
+    """The annotation run inside Slicer, against the server at $RADREGION_SERVER_URL (e.g. one from make serve).
+
+    It writes labels: point it at a test server. Outage and recovery are simulated by switching the client to a
+    closed port and back.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_annotation_run()
+
+    def test_annotation_run(self):
+        url = os.environ.get(SERVER_URL_ENV)
+        if not url:
+            self.delayDisplay(f"Set {SERVER_URL_ENV} to a RadRegion test server to run the annotation test")
+            return
+        logic = RadRegionLogic()
+        summary = logic.connect(url, annotator="slicer-selftest", work_dir=tempfile.mkdtemp(prefix="radregion-"))
+        self.assertTrue(summary.regions, "the server lists no regions")
+        session, client = logic.session, logic.session.client
+
+        for queue in ("disagreement", "uncertain", "ood", "random"):
+            case = session.next_case(queue)
+            if case is None and queue == "disagreement":
+                self.delayDisplay("No disagreement with the archive to review")  # a legitimate empty queue
+                continue
+            self.assertIsNotNone(case, f"queue {queue} gave no case: {session.status_message}")
+            self.assertIsNotNone(logic.show_current_image(), f"{case.image_path} did not load")
+        self.delayDisplay("A case from each queue loaded")
+
+        confirmed = session.current
+        session.submit()
+        self.assertEqual(client.get_label(confirmed.image)["region"], confirmed.result.region)
+
+        corrected = session.current
+        other = [r for r in session.ranked_regions() if r != corrected.result.region][0]
+        session.choose(other)
+        session.submit(comment="self-test correction")
+        self.assertEqual(client.get_label(corrected.image)["region"], other)
+
+        session.undo()
+        self.assertIsNone(client.get_label(corrected.image))
+        self.assertEqual(session.current.image, corrected.image)
+
+        session.mark_out_of_domain()
+        real_url = client.url
+        client.url = "http://127.0.0.1:9"  # nothing listens there: the server is "down"
+        session.submit()
+        self.assertEqual(len(session.outbox), 1)
+        client.url = real_url
+        self.assertEqual(session.flush(), 1)
+        self.assertTrue(client.get_label(corrected.image)["out_of_domain"])
+        self.delayDisplay("Annotation run passed")

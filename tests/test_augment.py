@@ -1,0 +1,85 @@
+"""Two-view and head augmentations (MONAI) and the gauge augmentation on real radiographs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radregion.augment import head_transform, pretrain_views
+from radregion.gauge import GaugeAugment
+
+
+@pytest.fixture(scope="module")
+def radiograph(unifesp) -> np.ndarray:
+    path = sorted((unifesp / "images").glob("*.png"))[0]
+    return np.asarray(Image.open(path).convert("L"))  # uint8, long side 320
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_pretrain_views_shapes_and_range(radiograph, as_float):
+    image = radiograph.astype(np.float32) / 255 if as_float else radiograph
+    first, second = pretrain_views(64).set_random_state(0)(image)
+    for view in (first, second):
+        assert type(view) is torch.Tensor and view.dtype == torch.float32 and view.shape == (1, 64, 64)
+        assert view.min() >= 0 and view.max() <= 1 and view.std() > 0.02
+    assert not torch.equal(first, second)
+
+
+def test_pretrain_views_are_deterministic_under_a_seed(radiograph):
+    a = pretrain_views(64).set_random_state(7)
+    b = pretrain_views(64).set_random_state(7)
+    runs_a = [a(radiograph) for _ in range(3)]
+    runs_b = [b(radiograph) for _ in range(3)]
+    for (a1, a2), (b1, b2) in zip(runs_a, runs_b):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    other = pretrain_views(64).set_random_state(8)(radiograph)
+    assert not torch.equal(other[0], runs_a[0][0])
+
+
+def test_head_transform_is_mild(radiograph):
+    view = head_transform(64, gauge=False).set_random_state(0)(radiograph)
+    assert view.shape == (1, 64, 64) and 0 <= view.min() and view.max() <= 1
+    plain = torch.nn.functional.interpolate(torch.as_tensor(radiograph / 255.0, dtype=torch.float32)[None, None],
+                                            size=(64, 64), mode="area")[0]
+    strong = pretrain_views(64, gauge=False).set_random_state(0)(radiograph)[0]
+    assert (view - plain).abs().mean() < (strong - plain).abs().mean()
+
+
+def test_rejects_colour_images():
+    with pytest.raises(ValueError, match="grayscale"):
+        pretrain_views(32)(np.zeros((3, 40, 40), np.uint8))
+
+
+def test_gauge_pastes_something_and_stays_in_range(radiograph):
+    image = radiograph.astype(np.float32) / 255
+    gauge = GaugeAugment(prob=1.0)
+    changed = []
+    for seed in range(20):
+        out = gauge.set_random_state(seed)(image)
+        assert out.shape == image.shape and out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 1
+        changed.append(np.count_nonzero(np.abs(out - image) > 0.05))
+    # (a bright metal gauge on an over-exposed corner may hide, but not often)
+    assert sum(count > 10 for count in changed) >= 18
+    assert np.count_nonzero(image != radiograph.astype(np.float32) / 255) == 0  # input untouched
+
+
+def test_gauge_kinds_each_draw(radiograph):
+    gauge = GaugeAugment().set_random_state(0)
+    for kind in GaugeAugment.KINDS:
+        mask = getattr(gauge, f"_{kind}")(256)
+        assert mask.ndim == 2 and mask.max() > 0.5 and 0 <= mask.min() and mask.max() <= 1
+
+
+def test_gauge_probability_zero_is_identity_and_tensors_work(radiograph):
+    image = torch.as_tensor(radiograph.astype(np.float32) / 255)[None]
+    assert torch.equal(GaugeAugment(prob=0.0)(image), image)
+    out = GaugeAugment(prob=1.0).set_random_state(3)(image)
+    assert isinstance(out, torch.Tensor) and out.shape == image.shape and not torch.equal(out, image)
+
+
+def test_gauge_is_deterministic_under_a_seed(radiograph):
+    image = radiograph.astype(np.float32) / 255
+    a = GaugeAugment(prob=1.0).set_random_state(5)(image)
+    b = GaugeAugment(prob=1.0).set_random_state(5)(image)
+    assert np.array_equal(a, b)

@@ -1,0 +1,99 @@
+"""Linear heads and the OOD detector on real features; `radregion fit-head` end to end."""
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import mahalanobis
+
+from radregion.bundle import load_bundle
+from radregion.cli import main
+from radregion.datasets import read_labels_csv, sample_per_class
+from radregion.features import extract_features, load_clean_images
+from radregion.head import fit_head
+from radregion.ood import auroc, fit_ood
+
+
+@pytest.fixture(scope="module")
+def real_features(tiny_bundle, unifesp):
+    bundle = load_bundle(tiny_bundle)
+    items = [it for it in sample_per_class(read_labels_csv(unifesp / "labels.csv"), 5, seed=1)
+             if it.label != "Others"]
+    images = load_clean_images([it.path for it in items], bundle.settings)
+    return extract_features(bundle.backbone(), images), [it.labels for it in items]
+
+
+def test_head_learns_real_features(real_features):
+    features, labels = real_features
+    head = fit_head(features, labels)
+    firsts = [lab[0] for lab in labels]
+    accuracy = np.mean(np.array(head.predict(features)) == np.array(firsts))
+    chance = 1 / len(head.regions)
+    assert len(head.regions) == 21
+    assert accuracy > 0.8 > 5 * chance
+    probs = head.probabilities(features)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+def test_fit_head_input_errors(real_features):
+    features, labels = real_features
+    with pytest.raises(ValueError, match="at least two regions"):
+        fit_head(features[:2], ["Chest", "Chest"])
+    with pytest.raises(ValueError, match="no labelled image for region"):
+        fit_head(features[:2], ["Chest", "Hand"], regions=["Chest", "Hand", "Knee"])
+
+
+def test_two_region_head_matches_sklearn_decision(real_features):
+    features, labels = real_features
+    names = [lab[0] for lab in labels]
+    keep = [i for i, n in enumerate(names) if n in ("Chest", "Knee")]
+    head = fit_head(features[keep], [names[i] for i in keep])
+    assert head.weight.shape == (2, features.shape[1])
+    assert head.predict(features[keep]) == [names[i] for i in keep]
+
+
+def test_mahalanobis_score_matches_scipy(real_features):
+    features, labels = real_features
+    y = np.array([hash(lab[0]) % 3 for lab in labels])
+    detector = fit_ood(features, y, "mahalanobis")
+    a = detector.arrays
+    z = (features[:5] - a["feature_mean"]) / a["feature_std"]
+    expected = [min(mahalanobis(zi, mu, a["precision"].astype(np.float64)) for mu in a["class_means"]) for zi in z]
+    np.testing.assert_allclose(detector.score(features[:5]), expected, rtol=1e-3)
+
+
+def test_knn_score_is_zero_on_the_bank_and_grows_away_from_it(real_features):
+    features, _ = real_features
+    detector = fit_ood(features, None, "knn", k=1)
+    assert np.allclose(detector.score(features[:5]), 0, atol=1e-5)
+    far = features[:5] + 50 * features.std(0) * np.random.default_rng(0).standard_normal(features[:5].shape)
+    assert (detector.score(far) > 0.3).all()
+
+
+def test_auroc():
+    assert auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and auroc([0.3], [0.1]) == 0.0 and auroc([], [1.0]) is None
+
+
+def test_tiny_bundle_ood_threshold_is_calibrated(tiny_bundle):
+    metrics = load_bundle(tiny_bundle).meta["metrics"]
+    assert metrics["ood"]["in_domain_flagged_fraction"] <= 0.07
+    assert set(metrics["ood"]["auroc_others"]) == {"mahalanobis", "knn"}
+    assert 0 <= metrics["cross_validated"]["top1"] <= 1 and metrics["cross_validated"]["folds"] == 5
+
+
+def test_fit_head_cli_is_seeded(tiny_bundle, unifesp, tmp_path, capsys):
+    out_a, out_b, out_c = (tmp_path / n for n in ("a", "b", "c"))
+    args = ["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--per-class", "2"]
+    assert main(args + ["--seed", "3", "--output", str(out_a)]) == 0
+    assert main(args + ["--seed", "3", "--output", str(out_b)]) == 0
+    assert main(args + ["--seed", "4", "--output", str(out_c)]) == 0
+    a, b, c = load_bundle(out_a), load_bundle(out_b), load_bundle(out_c)
+    assert a.version == b.version != c.version
+    assert len(a.regions) == 21 and "Others" not in a.regions
+    assert a.meta["metrics"]["n_images"]["out_of_domain"] > 10  # all Others images measure the OOD AUROC
+    assert "--per-class 2" in a.meta["training"]["command"]
+    assert "cross-validated top-1" in capsys.readouterr().err
+
+
+def test_fit_head_cli_without_default_model(unifesp, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "nowhere"))
+    code = main(["fit-head", "--labels", str(unifesp / "labels.csv"), "--output", str(tmp_path / "out")])
+    assert code == 2 and "no default model" in capsys.readouterr().err
