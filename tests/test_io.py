@@ -1,9 +1,11 @@
 """Reading radiographs: real DICOMs and PNGs, pydicom's test files, synthetic DICOMs of every kind and fault."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -104,7 +106,9 @@ def test_pydicom_files_read(name):
         ("SC_rgb_rle.dcm", "colour"),
         ("ExplVR_BigEnd.dcm", "colour image (PhotometricInterpretation RGB"),
         ("SC_rgb_rle_2frame.dcm", "multi-frame image (2 frames"),
-        ("rtplan.dcm", "no pixel data: not an image (RT Plan Storage)"),
+        ("rtplan.dcm", "no pixel data (RT Plan Storage)"),
+        ("rtplan_truncated.dcm", "truncated file: Beam Sequence has 711 of 976 bytes"),
+        ("badVR.dcm", "invalid header: NumberOfFrames is '1A', not a number"),
         ("test-SR.dcm", "no pixel data"),
         ("MR_truncated.dcm", "truncated file: Pixel Data has 8130 of 8192 bytes"),
         ("JPEG-lossy.dcm", "cannot decode pixel data (JPEG Extended (Process 2 and 4)): libjpeg error"),
@@ -133,9 +137,10 @@ def test_pydicom_bad_files_name_their_cause(name, cause):
         lambda p: factory.jpeg2000_lossless(p, factory.phantom()),
         lambda p: factory.rle(p, factory.phantom()),
         lambda p: factory.write(p, modality="DX"),
+        lambda p: factory.write(p, 4095 - factory.phantom(), bits_stored=12, PresentationLUTShape="INVERSE"),
     ],
     ids=["mono2-12bit", "mono2-16bit", "mono2-8bit", "mono1-12bit", "mono1-16bit", "high-bits", "jpeg-baseline",
-         "jpeg2000", "rle", "dx"],  # fmt: skip
+         "jpeg2000", "rle", "dx", "presentation-lut-inverse"],  # fmt: skip
 )
 def test_synthetic_dicoms_are_bone_bright(tmp_path, make):
     image = read_radiograph(make(tmp_path / "image.dcm")).image
@@ -301,3 +306,16 @@ def test_missing_file_and_folder(tmp_path):
         read_radiograph(tmp_path / "nothing.dcm")
     with pytest.raises(RadiographError, match="not a folder"):
         find_radiographs(tmp_path / "nothing")
+
+
+def test_pydicom_corpus_never_gives_a_traceback():
+    """Every file of pydicom's test corpus is either usable or a RadiographError, scanning and reading."""
+    folder = pydicom.data.get_testdata_file("CT_small.dcm")
+    paths, errors = find_radiographs(Path(folder).parent)
+    assert len(paths) > 30 and len(errors) > 30
+    assert all(isinstance(e, RadiographError) and e.problem for e in errors)
+    for path in paths:
+        try:
+            assert read_radiograph(path, max_size=64).image.dtype == np.float32
+        except RadiographError as error:
+            assert error.path == str(path) and error.problem

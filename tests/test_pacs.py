@@ -126,10 +126,13 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
     assert before == {sop: h for sop, (_, h) in pacs.stored.items()}
     store.save_label(wrong_knee, label_file(tmp_path, "Knee", comment="header says chest"), "final", {})
     store.save_label(missing_chest, label_file(tmp_path, "Chest"), "final", {})  # agrees: nothing sent
+    store.writeback.wait(60)
     store.save_label(wrong_knee, label_file(tmp_path, "Knee", comment="header says chest"), "final", {})  # again
     assert store.get_label(wrong_knee, "final")["region"] == "Knee"
     log = [json.loads(line) for line in (tmp_path / "labels" / "writeback.jsonl").read_text().splitlines()]
-    assert [(e["image"], e["status"], e["body_part"]) for e in log] == [(wrong_knee, "stored", "KNEE")]
+    assert [(e["image"], e["status"], e["body_part"]) for e in log] == [
+        (wrong_knee, "queued", "KNEE"), (wrong_knee, "stored", "KNEE")]
+    log = log[1:]
     copies = find_instances(pacs, SOPInstanceUID=log[0]["new_sop"])
     assert len(copies) == 1 and pacs.instance_count() == len(pacs.stored) + 1
     copy = pydicom.dcmread(__import__("io").BytesIO(requests.get(
@@ -197,10 +200,13 @@ def test_pacs_down_serves_the_cache_and_says_why(pacs, tmp_path):
     # a correction made while the PACS is away is kept, logged as failed, and sent once it is back
     store.save_label(wrong_knee, label_file(tmp_path, "Knee"), "final", {})
     assert store.get_label(wrong_knee, "final")["region"] == "Knee"
-    assert [e["status"] for e in store.writeback.entries()] == ["failed"]
+    assert store.writeback.wait(60)
+    assert [e["status"] for e in store.writeback.entries()] == ["queued", "failed"]
+    assert "cannot connect" in store.writeback.entries()[-1]["error"]
     pacs.start()
     store.refresh()
-    assert [e["status"] for e in store.writeback.entries()] == ["failed", "stored"]
+    assert store.writeback.wait(60)
+    assert [e["status"] for e in store.writeback.entries()] == ["queued", "failed", "queued", "stored"]
     assert pacs.instance_count() == len(pacs.stored) + 1
     assert store.status()["pacs"]["reachable"] is True
 
@@ -252,6 +258,7 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
         assert stats["total"] == len(images), "written-back copies are not listed"
         log = [json.loads(line) for line in next(state.rglob("writeback.jsonl")).read_text().splitlines()]
+        log = [e for e in log if e["status"] != "queued"]
         assert sorted((e["image"], e["status"], e["body_part"]) for e in log) == sorted(
             [(wrong_knee, "stored", "KNEE"), (abdomen, "stored", "ABDOMEN")])
         for entry in log:

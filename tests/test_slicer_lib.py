@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
 
 from RadRegionLib import (  # noqa: E402
-    QUEUES, RadRegionClient, RequestRejected, ReviewSession, ServerUnreachable, parse_infer,
+    QUEUES, RadRegionClient, RequestRejected, ReviewSession, ServerUnreachable, parse_infer, parse_summary,
+    train_status_text,
 )
+from RadRegionLib.review import Case  # noqa: E402
 
 SCORING_WAIT_S = 240  # the scored queues answer once the server has scored its images
 
@@ -33,6 +35,60 @@ def wait_for_case(session, queue):
         if case is not None or time.monotonic() > deadline:
             return case
         time.sleep(2)
+
+
+# -- without a server (a closed port is a real unreachable server) ------------------------------------------------
+
+CLOSED = "http://127.0.0.1:9"
+
+
+def offline_session(work):
+    session = ReviewSession(RadRegionClient(CLOSED, timeout=5), str(work), annotator="pytest")
+    session.summary = parse_summary(CLOSED, {"models": {"radregion": {"labels": ["Chest", "Hand", "Knee"]}}},
+                                    {"total": 10, "completed": 4})
+    answer = {"prediction": [{"idx": 0, "label": "Hand", "score": 0.2}, {"idx": 1, "label": "Chest", "score": 0.7},
+                             {"idx": 2, "label": "Knee", "score": 0.1}], "pacs_label": "Knee", "agrees_with_pacs": False}
+    session.current = session._cases["img1"] = Case("img1", parse_infer(answer, "img1"))
+    return session
+
+
+def test_parse_infer_ranks_and_explains():
+    result = parse_infer({"prediction": [{"label": r, "score": s} for r, s in
+                                         [("A", 0.1), ("B", 0.5), ("C", 0.05), ("D", 0.2), ("E", 0.1), ("F", 0.05)]],
+                          "ood_score": 3.2, "out_of_domain": True, "pacs_label": None}, "x")
+    assert result.region == "B" and result.confidence == 0.5 and len(result.top) == 5
+    assert [r for r, _ in result.top][:2] == ["B", "D"]
+    assert result.agreement_text == "The archive has no region label for this image"
+    assert result.ood_warning.startswith("Out of domain (score 3.20)")
+    assert parse_infer({"prediction": [], "region": None}).prediction_text == "No prediction"
+    assert train_status_text(None).startswith("Not trained")
+    assert train_status_text({"status": "RUNNING", "start_ts": "t0"}) == "Training running since t0"
+    assert train_status_text({"status": "ERROR", "end_ts": "t1", "details": ["x", "CUDA out of memory", ""]}) == \
+        "Last training error at t1: CUDA out of memory"
+
+
+def test_offline_decisions_wait_on_disk_and_undo_takes_them_back(tmp_path):
+    session = offline_session(tmp_path)
+    assert session.ranked_regions() == ["Chest", "Hand", "Knee"]
+    session.choose_number(3)
+    assert session.pending_text == "Correct to Knee"
+    assert session.submit(comment="archive was right") is None
+    assert "Server unreachable: 1 decision(s) saved on this computer" in session.status_message
+    assert session.progress() == (5, 10)
+    lines = (tmp_path / "outbox.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["region"] == "Knee"
+
+    reopened = offline_session(tmp_path)  # Slicer restarted: the decision is still waiting
+    assert [(d.image, d.region, d.comment) for d in reopened.outbox.items()] == [("img1", "Knee", "archive was right")]
+
+    session.undo()  # not sent yet: it just leaves the outbox
+    assert len(session.outbox) == 0 and session.current.image == "img1" and session.pending.region == "Knee"
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+    with pytest.raises(ValueError, match="no region for key 4"):
+        session.choose_number(4)
+    with pytest.raises(ServerUnreachable, match=r"cannot reach the RadRegion server at http://127\.0\.0\.1:9"):
+        session.next_case("uncertain")
 
 
 @pytest.fixture
@@ -68,6 +124,7 @@ def test_next_case_from_each_queue_loads_prediction_and_image(session, radregion
 
     # the disagreement queue holds only archive-labelled images whose prediction contradicts the archive
     case = wait_for_case(session, "disagreement")
+    print(f"disagreement queue: {case.image if case else 'empty'}")
     dicoms = ["RG1_J2KI", "RG3_J2KI", "RG3_J2KR"]
     if case is None:
         answers = [parse_infer(session.client.infer(image), image) for image in dicoms]
@@ -90,8 +147,8 @@ def test_confirm_correct_out_of_domain_and_undo(session, radregion_server):
     assert label["annotator"] == "pytest" and label["comment"] == "looks right"
     assert session.progress() == (1, 15)
 
-    truth = radregion_server.truth.get(corrected.image, "Others")
-    wrong = truth if truth != corrected.result.region else session.ranked_regions()[1]
+    truth = radregion_server.truth.get(corrected.image)  # None for the DICOMs
+    wrong = truth if truth and truth != corrected.result.region else session.ranked_regions()[1]
     number = session.ranked_regions().index(wrong) + 1
     if number <= 9:
         session.choose_number(number)

@@ -130,3 +130,16 @@ def test_radregion_lib_imports_without_slicer_or_qt():
 def test_slicer_code_parses_as_python_3_9(path):
     """Slicer 5.x ships Python 3.9: no match statements, no parenthesised context managers."""
     ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui_file():
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    names = {w.get("name") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "RadRegion.py").read_text()))
+    used |= set(re.findall(r'"(\w+(?:Button|Edit|Widget|Label|Bar|ComboBox))"', (MODULE_DIR / "RadRegion.py").read_text()))
+    assert used, "found no widget use in RadRegion.py"
+    assert used <= names, f"RadRegion.py uses widgets missing from RadRegion.ui: {sorted(used - names)}"
+    classes = {w.get("class") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
+    assert not {c for c in classes if c.startswith(("ctk", "qMRML"))}, "keep the .ui buildable by QUiLoader"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+from PySide6 import QtWidgets  # noqa: E402  (a dev dependency: a broken install must fail, not skip)
 from PySide6.QtCore import QFile  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 

@@ -62,10 +62,16 @@ def find_field(image: np.ndarray) -> tuple[int, int, int, int]:
     if high - low < 1e-6:
         return 0, height, 0, width
     small = np.clip((small - low) / (high - low), 0.0, 1.0)
-    row_stats = np.percentile(small, [10, 50, 90], axis=1)
-    col_stats = np.percentile(small, [10, 50, 90], axis=0)
-    top, bottom = _uniform_run(row_stats), small.shape[0] - _uniform_run(row_stats[:, ::-1])
-    left, right = _uniform_run(col_stats), small.shape[1] - _uniform_run(col_stats[:, ::-1])
+    top, bottom, left, right = 0, small.shape[0], 0, small.shape[1]
+    for _ in range(4):  # nested bands (padding around shutters): peel one layer per round
+        region = small[top:bottom, left:right]
+        row_stats = np.percentile(region, [10, 50, 90], axis=1)
+        col_stats = np.percentile(region, [10, 50, 90], axis=0)
+        peel = (_uniform_run(row_stats), _uniform_run(row_stats[:, ::-1]),
+                _uniform_run(col_stats), _uniform_run(col_stats[:, ::-1]))  # fmt: skip
+        if not any(peel):
+            break
+        top, bottom, left, right = top + peel[0], bottom - peel[1], left + peel[2], right - peel[3]
     fy, fx = factors
     top, bottom = _to_full(top, bottom, small.shape[0], fy, height)
     left, right = _to_full(left, right, small.shape[1], fx, width)
@@ -75,7 +81,7 @@ def find_field(image: np.ndarray) -> tuple[int, int, int, int]:
 def _uniform_run(stats: np.ndarray) -> int:
     """How many lines from the start are uniform and at the outermost line's level."""
     p10, median, p90 = stats
-    limit = int(len(median) * MAX_CROP_PER_SIDE)
+    limit = int(len(median) * MAX_CROP_PER_SIDE)  # of the current region; _to_full rejects a too-small field
     count = 0
     while count < limit and p90[count] - p10[count] < FLAT_SPREAD and abs(median[count] - median[0]) < LEVEL_TOLERANCE:
         count += 1

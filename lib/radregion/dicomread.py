@@ -83,14 +83,14 @@ def check_image(ds, path) -> None:
     sop_class = str(ds.get("SOPClassUID", ""))
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS) and "Rows" not in ds:
         kind = UID(sop_class).name if sop_class else "no SOP class"
-        raise RadiographError(path, f"no pixel data: not an image ({kind})")
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        raise RadiographError(path, f"no pixel data ({kind})")
+    rows, columns = header_int(ds, "Rows", 0, path), header_int(ds, "Columns", 0, path)
     if rows == 0 or columns == 0:
         raise RadiographError(path, f"zero-size image (Rows {rows}, Columns {columns})")
     syntax = ds.file_meta.TransferSyntaxUID
     if not any(h.is_available() and h.supports_transfer_syntax(syntax) for h in pydicom.config.pixel_data_handlers):
         raise RadiographError(path, f"unsupported transfer syntax {syntax.name} ({syntax})")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = header_int(ds, "NumberOfFrames", 1, path)
     modality = str(ds.get("Modality", "")).upper()
     if frames > 1:
         what = "multi-frame cine" if modality in CINE_MODALITIES else "multi-frame image"
@@ -98,12 +98,23 @@ def check_image(ds, path) -> None:
             path, f"{what} ({frames} frames, Modality {modality or 'unknown'}): expected one radiograph"
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    samples = header_int(ds, "SamplesPerPixel", 1, path)
     if samples > 1 or photometric.startswith(COLOUR_PHOTOMETRICS):
         kind = "colour secondary capture" if sop_class.startswith("1.2.840.10008.5.1.4.1.1.7") else "colour image"
         raise RadiographError(
             path, f"{kind} (PhotometricInterpretation {photometric or '?'}, {samples} samples): not a radiograph"
         )
+
+
+def header_int(ds, keyword: str, default: int, path) -> int:
+    """An integer attribute, or RadiographError naming the attribute and its bad value."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RadiographError(path, f"invalid header: {keyword} is {str(value)!r}, not a number") from None
 
 
 def check_pixel_length(ds, path) -> None:

@@ -1,12 +1,21 @@
 """Read any radiograph an archive holds (DICOM, PNG/JPEG, NRRD/MHA/NIfTI) as float32 [0, 1], bone bright."""
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from radregion.dicomread import MEDIA_DIRECTORY, check_image, dicom_meta, looks_like_dicom, read_dicom_image, read_header
+from radregion.dicomread import (
+    MEDIA_DIRECTORY,
+    check_image,
+    dicom_meta,
+    looks_like_dicom,
+    read_dicom_image,
+    read_header,
+)
 from radregion.errors import RadiographError
 from radregion.pixels import block_mean, shrink_factors, to_unit_range
 
@@ -19,10 +28,12 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 PILLOW_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 ITK_SUFFIXES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
                 ".nii": "NIfTI", ".nii.gz": "NIfTI"}  # fmt: skip
-PILLOW_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+PILLOW_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+                b"BM": "BMP"}  # fmt: skip
 NOT_IMAGES = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html", ".htm", ".md", ".rst", ".log",
               ".py", ".ipynb", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".zip", ".tar", ".gz", ".7z", ".npy",
-              ".npz", ".pt", ".pth", ".safetensors", ".db", ".sqlite", ".ini", ".cfg", ".sh", ".bat", ".exe"}  # fmt: skip
+              ".npz", ".pt", ".pth", ".safetensors", ".db", ".sqlite", ".ini", ".cfg", ".sh", ".bat",
+              ".exe"}  # fmt: skip
 SKIPPED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
 
 
@@ -45,12 +56,13 @@ def read_radiograph(path, max_size: int | None = None) -> Radiograph:
     path = Path(path)
     kind = _kind(path)
     if kind == "dicom":
-        image, meta = read_dicom_image(path, META_FIELDS, max_size)
+        with _bad_header_is_an_error(path):
+            image, meta = read_dicom_image(path, META_FIELDS, max_size)
     elif kind == "pillow":
         image, meta = _read_pillow(path, max_size)
     else:
         image, meta = _read_itk(path, max_size)
-    return Radiograph(image=image, meta={**meta, "path": str(path), "format": _format_name(path, kind, meta)})
+    return Radiograph(image=image, meta={**meta, "path": str(path), "format": _format_name(path, kind)})
 
 
 def read_metadata(path) -> dict:
@@ -58,21 +70,22 @@ def read_metadata(path) -> dict:
     path = Path(path)
     kind = _kind(path)
     if kind == "dicom":
-        ds = read_header(path)
-        meta = {**dicom_meta(ds, META_FIELDS), "transfer_syntax": ds.file_meta.TransferSyntaxUID.name}
+        with _bad_header_is_an_error(path):
+            ds = read_header(path)
+            meta = {**dicom_meta(ds, META_FIELDS), "transfer_syntax": ds.file_meta.TransferSyntaxUID.name}
     elif kind == "pillow":
         with _open_pillow(path) as img:
             meta = {"Rows": img.height, "Columns": img.width}
     else:
         meta = _read_itk(path, None)[1]
-    return {**meta, "path": str(path), "format": _format_name(path, kind, meta)}
+    return {**meta, "path": str(path), "format": _format_name(path, kind)}
 
 
 def find_radiographs(folder) -> tuple[list[Path], list[RadiographError]]:
     """Every usable radiograph under `folder` (recursive, sorted) and an error for each unusable one.
 
-    Hidden files, DICOMDIRs and obvious non-images are skipped; files without an image extension are
-    kept only when their content is DICOM.
+    Hidden files, DICOMDIRs and obvious non-images are skipped silently; a file without an image extension
+    is kept when its content is DICOM (or PNG/JPEG/TIFF/BMP) and skipped otherwise.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -104,11 +117,12 @@ def _scan(path: Path) -> bool:
             raise
         return False
     if kind == "dicom":
-        ds = read_header(path)
-        if str(ds.get("SOPClassUID", "")) == MEDIA_DIRECTORY:
-            return False
-        check_image(ds, path)
-        _check_native_size(ds, path)
+        with _bad_header_is_an_error(path):
+            ds = read_header(path)
+            if str(ds.get("SOPClassUID", "")) == MEDIA_DIRECTORY:
+                return False
+            check_image(ds, path)
+            _check_native_size(ds, path)
     elif kind == "pillow":
         with _open_pillow(path) as img:
             try:
@@ -116,6 +130,19 @@ def _scan(path: Path) -> bool:
             except Exception as error:
                 raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
     return True
+
+
+@contextlib.contextmanager
+def _bad_header_is_an_error(path: Path):
+    """Malformed values surface lazily in pydicom as assorted exceptions: report them as bad input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns per odd value; the error below says what matters
+        try:
+            yield
+        except RadiographError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as error:
+            raise RadiographError(path, f"invalid DICOM header ({type(error).__name__}: {error})") from None
 
 
 def _check_native_size(ds, path: Path) -> None:
@@ -154,7 +181,8 @@ def _kind(path: Path) -> str:
     if suffix in ITK_SUFFIXES:
         return "itk"
     if suffix in PILLOW_SUFFIXES:
-        raise RadiographError(path, f"unreadable {PILLOW_SUFFIXES[suffix]} image: the content is not {PILLOW_SUFFIXES[suffix]}")
+        name = PILLOW_SUFFIXES[suffix]
+        raise RadiographError(path, f"unreadable {name} image: the content is not {name}")
     if suffix in DICOM_SUFFIXES:
         _raise_dicom_problem(path)
     raise RadiographError(path, "unknown format: not DICOM, PNG, JPEG, TIFF, NRRD, MetaImage or NIfTI")
@@ -169,7 +197,7 @@ def _raise_dicom_problem(path: Path) -> None:
     raise RadiographError(path, "not a DICOM file (no DICM marker and no DICOM header at the start)")
 
 
-def _format_name(path: Path, kind: str, meta: dict) -> str:
+def _format_name(path: Path, kind: str) -> str:
     if kind == "dicom":
         return "dicom"
     if kind == "pillow":

@@ -266,8 +266,8 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
 
     images: folders and/or labels CSVs (SupCon uses their labels; unlabelled images are their own class).
     batch_size is per process (the global batch is batch_size x world size); lr defaults to
-    1e-3 x global batch / 256. `stop_after=k` stops after epoch k leaving a checkpoint (for time-sliced jobs;
-    returns None). Distributed when started by torchrun.
+    1e-3 x sqrt(global batch / 256) (square-root scaling, as suits Adam). `stop_after=k` stops after epoch k
+    leaving a checkpoint (for time-sliced jobs; returns None). Distributed when started by torchrun.
     """
     from radregion.cleaning import CleaningSettings
 
@@ -325,7 +325,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         total_steps = steps_per_epoch * epochs
         warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
         global_batch = batch_size * world.world
-        lr = lr if lr is not None else 1e-3 * global_batch / 256
+        lr = lr if lr is not None else 1e-3 * math.sqrt(global_batch / 256)
         temperature = temperature if temperature is not None else TEMPERATURE.get(method)
         config = dict(method=method, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge, clean=clean,

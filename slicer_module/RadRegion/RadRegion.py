@@ -3,7 +3,6 @@
 The widget only wires Qt to RadRegionLib (pure Python, tested outside Slicer) and shows the images.
 """
 
-import logging
 import os
 import tempfile
 
@@ -61,9 +60,10 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         self.ui.connectButton.connect("clicked()", self.onConnect)
         self.ui.nextButton.connect("clicked()", self.onNext)
         self.ui.openButton.connect("clicked()", self.onOpen)
+        # Enter in a text field reaches returnPressed only when the module's Enter shortcut is not installed
         self.ui.imageIdEdit.connect("returnPressed()", self.onOpen)
-        self.ui.submitButton.connect("clicked()", self.onSubmit)
         self.ui.commentEdit.connect("returnPressed()", self.onSubmit)
+        self.ui.submitButton.connect("clicked()", self.onSubmit)
         self.ui.outOfDomainButton.connect("clicked()", self.onOutOfDomain)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.regionListWidget.connect("itemClicked(QListWidgetItem*)", self.onRegionClicked)
@@ -95,8 +95,20 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
                  ("Ctrl+Z", self.onUndo), ("N", self.onNext)]
         for key, handler in keys:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            shortcut.connect("activated()", handler)
+            shortcut.connect("activated()", lambda handler=handler: self._onKey(handler))
             self.shortcuts.append(shortcut)
+
+    def _onKey(self, handler):
+        """Keys typed into a text field (the Python console, a search box) are not review commands."""
+        focus = qt.QApplication.focusWidget()
+        typing = isinstance(focus, (qt.QLineEdit, qt.QTextEdit, qt.QPlainTextEdit, qt.QAbstractSpinBox))
+        if not typing or focus == self.ui.commentEdit:
+            handler()
+        elif handler == self.onSubmit:  # Enter in one of the panel's fields does what that field is for
+            if focus == self.ui.imageIdEdit:
+                self.onOpen()
+            elif focus in (self.ui.serverUrlEdit, self.ui.tokenEdit, self.ui.annotatorEdit):
+                self.onConnect()
 
     def _removeShortcuts(self):
         for shortcut in self.shortcuts:

@@ -2,8 +2,8 @@
 
 The original instance is never touched. The copy goes into a new series of the same study (one derived series
 per original series, SeriesDescription starting with WRITEBACK_MARKER) with a new SOPInstanceUID derived from
-(original SOPInstanceUID, region), so sending the same correction twice stores nothing new. Every attempt is
-one line of <label_dir>/writeback.jsonl.
+(original SOPInstanceUID, region), so sending the same correction twice stores nothing new. Every step is one
+line of <label_dir>/writeback.jsonl (queued, then stored or failed); queued or failed ones are sent again.
 """
 
 import csv
@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -24,9 +25,14 @@ from radregion.atomic import atomic_write
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "stow", "csv")
+DONE = ("stored", "exported", "skipped")
 WRITEBACK_MARKER = "RADREGION CORRECTED"
 CSV_FIELDS = ("time", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
               "archive_BodyPartExamined", "archive_region", "region", "BodyPartExamined", "annotator", "comment")
+
+
+def _now(seconds=None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class WriteBack:
@@ -42,6 +48,9 @@ class WriteBack:
         self.log_path = self.label_dir / "writeback.jsonl"
         self.csv_path = self.label_dir / "writeback.csv"
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._in_flight = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radregion-writeback")
 
     # ---- the log -----------------------------------------------------------------------------------------
     def entries(self) -> list:
@@ -55,8 +64,23 @@ class WriteBack:
                 logger.warning("%s: skipping a damaged line", self.log_path)
         return out
 
+    def latest(self) -> dict:
+        """{(image, region): its latest log entry}."""
+        return {(e["image"], e["region"]): e for e in self.entries()}
+
+    def pending(self, queued_for_s: float = 120.0) -> list:
+        """Write-backs that failed, or stayed queued (server stopped mid-way) for `queued_for_s`: to send again."""
+        oldest = _now(time.time() - queued_for_s)
+        return [e for e in self.latest().values()
+                if e["status"] == "failed" or (e["status"] == "queued" and e["time"] <= oldest)]
+
     def created_uids(self) -> set:
         return {e["new_sop"] for e in self.entries() if e.get("new_sop") and e.get("status") == "stored"}
+
+    def wait(self, timeout=None) -> bool:
+        """Block until every queued write-back has been tried; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def _log(self, entry: dict):
         self.label_dir.mkdir(parents=True, exist_ok=True)
@@ -65,13 +89,12 @@ class WriteBack:
             f.flush()
             os.fsync(f.fileno())
 
-    def _done(self, image_id, region) -> bool:
-        return any(e["image"] == image_id and e["region"] == region and e["status"] in ("stored", "exported")
-                   for e in self.entries())
-
     # ---- the decision --------------------------------------------------------------------------------------
     def submit(self, image_id: str, label: dict, info: dict, fetch, taxonomy):
-        """Write back a `final` label if it corrects the archive; returns the log entry or None."""
+        """Write back a `final` label if it corrects the archive; returns the log entry or None.
+
+        CSV rows are written at once; STOW-RS runs in a background thread so a slow PACS never holds up a save.
+        """
         if self.mode == "off":
             return None
         region = label.get("region")
@@ -79,38 +102,43 @@ class WriteBack:
         if not region or region == archive:
             return None
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": self.mode, "image": image_id,
+            "time": _now(), "mode": self.mode, "image": image_id,
             "study": info.get("StudyInstanceUID"), "series": info.get("SeriesInstanceUID"),
             "patient": info.get("PatientID"), "archive_region": archive,
             "archive_body_part": info.get("BodyPartExamined"), "region": region,
+            "body_part": taxonomy.body_part_term(region),
             "annotator": label.get("annotator"), "comment": label.get("comment"),
         }
         with self._lock:
-            if self._done(image_id, region):
+            previous = self.latest().get((image_id, region))
+            if (image_id, region) in self._in_flight or (previous and previous["status"] in DONE):
                 return None
-            term = taxonomy.body_part_term(region)
-            entry["body_part"] = term
-            if not term:
+            if not entry["body_part"]:
                 entry.update(status="skipped", error=f"region {region} has no BodyPartExamined term")
             elif self.mode == "csv":
                 self._export_csv(entry)
                 entry["status"] = "exported"
             else:
-                try:
-                    entry.update(self._stow(image_id, entry, fetch))
-                    entry["status"] = "stored"
-                except Exception as error:  # the label is saved; the write-back is logged and retried later
-                    logger.warning("write-back of %s failed: %s", image_id, error)
-                    entry.update(status="failed", error=str(error))
+                entry["status"] = "queued"
+                with self._idle:
+                    self._in_flight.add((image_id, region))
             self._log(entry)
+        if entry["status"] == "queued":
+            self._executor.submit(self._send, dict(entry), fetch)
         return entry
 
-    def pending(self) -> list:
-        """The latest entry of each (image, region) whose write-back failed: to retry when the PACS is back."""
-        latest = {}
-        for e in self.entries():
-            latest[(e["image"], e["region"])] = e
-        return [e for e in latest.values() if e["status"] == "failed"]
+    def _send(self, entry, fetch):
+        try:
+            entry.update(self._stow(entry["image"], entry, fetch), status="stored", error=None)
+        except Exception as error:  # the label is saved; the write-back is logged and tried again later
+            logger.warning("write-back of %s to %s failed: %s", entry["image"], self.url, error)
+            entry.update(status="failed", error=str(error))
+        entry["time"] = _now()
+        with self._lock:
+            self._log(entry)
+        with self._idle:
+            self._in_flight.discard((entry["image"], entry["region"]))
+            self._idle.notify_all()
 
     # ---- the two ways out ----------------------------------------------------------------------------------
     def _stow(self, image_id, entry, fetch) -> dict:
@@ -132,6 +160,10 @@ class WriteBack:
         ds.BodyPartExamined = entry["body_part"]
         ds.DerivationDescription = (f"RadRegion: BodyPartExamined corrected to {entry['body_part']} "
                                     f"({entry['region']}) from {image_id}")[:1024]
+        source = pydicom.Dataset()
+        source.ReferencedSOPClassUID = ds.SOPClassUID
+        source.ReferencedSOPInstanceUID = image_id
+        ds.SourceImageSequence = [source]
         response = self.client.store_instances([ds])
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:

@@ -37,20 +37,28 @@ def last_conv_layer(backbone: nn.Module) -> str:
     return last
 
 
-def grad_cams(classifier: Classifier, images_uint8: np.ndarray, class_indices, batch_size: int = 16) -> np.ndarray:
+def grad_cams(classifier: Classifier, images_uint8: np.ndarray, class_indices, batch_size: int = 32) -> np.ndarray:
     """(N, S, S) uint8 images and one class per image -> (N, S, S) float32 maps in [0, 1]."""
     classifier = classifier.float().eval()
-    cam = GradCAM(nn_module=classifier, target_layers=f"backbone.{last_conv_layer(classifier.backbone)}")
+    cam = GradCAM(nn_module=classifier, target_layers=f"backbone.{last_conv_layer(classifier.backbone)}",
+                  postprocessing=_scale_each)
     class_indices = np.asarray(class_indices)
-    out = []
-    for start in range(0, len(images_uint8), batch_size):
-        batch = images_to_tensor(images_uint8[start:start + batch_size])
-        for i in range(len(batch)):  # one class per image: GradCAM takes a single class_idx per call
-            maps = cam(batch[i:i + 1], class_idx=int(class_indices[start + i]))
-            out.append(maps[0, 0].detach().cpu().numpy().astype(np.float32))
-    if not out:
-        return np.zeros((0,) + images_uint8.shape[1:], np.float32)
-    return np.nan_to_num(np.stack(out))
+    out = np.zeros(images_uint8.shape, np.float32)
+    for target in np.unique(class_indices):  # GradCAM takes one class per call: batch the images of each class
+        rows = np.flatnonzero(class_indices == target)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            maps = cam(images_to_tensor(images_uint8[chunk]), class_idx=int(target))
+            out[chunk] = maps[:, 0].detach().cpu().numpy()
+    return np.nan_to_num(out)
+
+
+def _scale_each(maps: torch.Tensor) -> torch.Tensor:
+    """Each map to [0, 1], strongest evidence = 1 (MONAI's default normaliser maps max to 0)."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    scaled = (flat - low[:, None]) / (high - low).clamp_min(1e-12)[:, None]
+    return scaled.view_as(maps)
 
 
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -31,12 +31,14 @@ def png_uri(array: np.ndarray, size: int | None = THUMB) -> str:
 def tsne_coordinates(features: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """2-D t-SNE of standardised features (None for fewer than 5 images)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     if features is None or len(features) < 5:
         return None
     x = (features - features.mean(0)) / (features.std(0) + 1e-6)
     perplexity = float(min(30, (len(x) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    with threadpool_limits(1):  # small problem: OpenMP threads only contend (25x slower on a busy machine)
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
 def tsne_plot(xy: np.ndarray, result) -> str:

@@ -40,7 +40,7 @@ def run(args) -> int:
     from radregion.inference import Predictor
 
     models = [resolve_model(m) for m in args.model] if args.model else [resolve_model()]
-    items = read_labels_csv(args.labels, args.images_root)
+    items = read_labels_csv(args.labels, args.images_root, check_files=False)  # missing files count as unreadable
     if not items:
         raise ValueError(f"{args.labels}: no labelled images")
     predictor = Predictor(models if len(models) > 1 else models[0], workers=args.workers, precision=args.precision)

@@ -23,7 +23,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 x global batch / 256)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-3 x sqrt(global batch / 256))")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--temperature", type=float, default=None, help="SimCLR 0.2, SupCon 0.1 by default")

@@ -69,10 +69,8 @@ class RadRegionClient:
 
     def download_image(self, image: str, dest_dir: str) -> str:
         """Save the image file into dest_dir (atomically) and return its path."""
-        response = self._open("GET", "/datastore/image", {"image": image})
-        with response:
-            name = _attachment_name(response.headers.get("Content-Disposition")) or image
-            data = response.read()
+        headers, data = self._request("GET", "/datastore/image", {"image": image})
+        name = _attachment_name(headers.get("Content-Disposition")) or image
         os.makedirs(dest_dir, exist_ok=True)
         name = _safe_name(name)
         if data[128:132] == b"DICM" and not name.lower().endswith((".dcm", ".dicom")):
@@ -122,8 +120,7 @@ class RadRegionClient:
     # -- plumbing ---------------------------------------------------------------------------------------------
 
     def _json(self, method, path, query=None, body=None, content_type=None, timeout=None):
-        with self._open(method, path, query, body, content_type, timeout) as response:
-            data = response.read()
+        _, data = self._request(method, path, query, body, content_type, timeout)
         if not data:
             return None
         try:
@@ -132,7 +129,8 @@ class RadRegionClient:
             raise ServerError(f"{method} {path}: the server at {self.url} did not answer JSON "
                               f"(is this a RadRegion server?)") from None
 
-    def _open(self, method, path, query=None, body=None, content_type=None, timeout=None):
+    def _request(self, method, path, query=None, body=None, content_type=None, timeout=None):
+        """(headers, body bytes); every failure becomes a ServerError that says what happened."""
         url = self.url + path + ("?" + urlencode(query) if query else "")
         request = Request(url, data=body, method=method)
         request.add_header("Accept", "application/json")
@@ -141,7 +139,8 @@ class RadRegionClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urlopen(request, timeout=timeout or self.timeout)
+            with urlopen(request, timeout=timeout or self.timeout) as response:
+                return response.headers, response.read()
         except HTTPError as error:
             detail = _error_detail(error)
             raise RequestRejected(_rejection_text(method, path, error.code, detail), error.code, detail) from None

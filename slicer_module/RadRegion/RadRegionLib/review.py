@@ -106,7 +106,7 @@ class ReviewSession:
         self.pending: Optional[Decision] = None
         self.submitted: List[Decision] = []  # this session's label decisions, for undo
         self._cases: Dict[str, Case] = {}
-        self._refused: Dict[str, str] = {}  # decision id -> why the server refused it
+        self._refused: Dict[str, RequestRejected] = {}  # decision id -> the server's refusal
         self.status_message = "Not connected"
 
     # -- server ------------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class ReviewSession:
                 if error.status >= 500:
                     self.status_message = f"Server error, {len(self.outbox)} decision(s) kept for later: {error}"
                     return delivered
-                self._reject(decision, str(error))
+                self._reject(decision, error)
             else:
                 delivered += 1
             self.outbox.remove(decision.id)
@@ -258,10 +258,10 @@ class ReviewSession:
         self.outbox.append(decision)
         self.submitted.append(decision)
         self.flush()
-        if decision.id in self._refused:
+        if decision.id in self._refused:  # the annotator is here: hand the decision back to fix it
             self.submitted.pop()
             self.pending = decision
-            raise RequestRejected(self._refused[decision.id], 422, self._refused[decision.id])
+            raise self._refused.pop(decision.id)
         if len(self.outbox):
             self.current = None
             return None
@@ -303,12 +303,12 @@ class ReviewSession:
         self.client.submit_label(decision.image, decision.region, decision.out_of_domain, decision.annotator,
                                  decision.comment)
 
-    def _reject(self, decision: Decision, reason: str) -> None:
-        self._refused[decision.id] = f"The server refused {decision.text}: {reason}"
-        record = dict(asdict(decision), reason=reason, rejected=time.time())
+    def _reject(self, decision: Decision, error: RequestRejected) -> None:
+        self._refused[decision.id] = error
+        record = dict(asdict(decision), reason=str(error), rejected=time.time())
         old = open(self.rejected_path, "rb").read() if os.path.exists(self.rejected_path) else b""
         atomic_write(self.rejected_path, old + (json.dumps(record) + "\n").encode("utf-8"))
-        self.status_message = f"The server refused {decision.text}: {reason} (kept in {self.rejected_path})"
+        self.status_message = f"The server refused {decision.text}: {error} (kept in {self.rejected_path})"
 
 
 def _user() -> str:

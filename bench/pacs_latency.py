@@ -1,0 +1,121 @@
+"""Infer latency through DICOMweb: first request (WADO-RS fetch + decode + model) and cached (second request).
+
+Starts a local Orthanc with the DICOMweb plugin and a real MONAI Label server on its DICOMweb URL, uploads the
+real JPEG 2000 CR files and DICOM copies of shared PNGs, and times POST /infer/radregion from the client side.
+Also times the bare WADO-RS fetch (datastore only, no model).
+
+    .venv/bin/python bench/pacs_latency.py [--pngs 12] [--model BUNDLE]   (default model: apps/radregion/model,
+                                                                             else the tests' tiny bundle)
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "apps" / "radregion")]
+
+from fixtures.pacs import OrthancServer  # noqa: E402
+from fixtures.server import RadRegionServer  # noqa: E402
+
+from radregion.dicomwrite import array_to_dicom  # noqa: E402
+
+
+def make_dicoms(folder: Path, count: int) -> list:
+    rows = list(csv.DictReader(open(DATA / "unifesp" / "labels.csv", newline="")))[:count]
+    paths = []
+    for i, row in enumerate(rows):
+        pixels = np.asarray(Image.open(DATA / "unifesp" / row["image"]).convert("L"))
+        paths.append(array_to_dicom(pixels, folder / f"png{i}.dcm", modality="CR", patient_id=f"B{i}"))
+    return paths
+
+
+def model_path(arg, root: Path) -> Path:
+    if arg:
+        return Path(arg)
+    shipped = REPO / "apps" / "radregion" / "model"
+    if (shipped / "bundle.json").exists():
+        return shipped
+    from fixtures.bundle import build_tiny_bundle
+
+    print("no shipped model: using the tests' tiny bundle (resnet10, 64 px)")
+    return build_tiny_bundle(DATA / "unifesp", root / "bundle")
+
+
+def summary(name, seconds):
+    ms = sorted(1000 * s for s in seconds)
+    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+    print(f"{name:<56} n={len(ms):3d}  median {statistics.median(ms):8.1f} ms  p90 {p90:8.1f} ms  "
+          f"max {ms[-1]:8.1f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pngs", type=int, default=12, help="DICOM copies of shared PNGs to upload")
+    parser.add_argument("--model", help="bundle folder")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
+        root = Path(tmp)
+        model = model_path(args.model, root)
+        pacs = OrthancServer(root / "orthanc").start()
+        server = None
+        try:
+            files = sorted(DATA.joinpath("dicom").glob("*.dcm")) + make_dicoms(root / "made", args.pngs)
+            kind = {}
+            for path in files:
+                pacs.upload(path)
+                sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+                kind[sop] = "JPEG 2000 CR ~1900 px" if path.parent.name == "dicom" else "PNG copy 320 px"
+
+            from lib.datastore.dicomweb import RadRegionDICOMwebDatastore
+
+            store = RadRegionDICOMwebDatastore(pacs.dicomweb_url, root / "fetch-only", username=pacs.username,
+                                               password=pacs.password)
+            fetch = {}
+            for sop in store.list_images():
+                start = time.perf_counter()
+                store.get_image_uri(sop)
+                fetch.setdefault(kind[sop], []).append(time.perf_counter() - start)
+
+            os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"  # no background prefetch: first = first
+            state = root / "state"
+            server = RadRegionServer(pacs.dicomweb_url, model, log_path=root / "server.log", extra_conf={
+                "state_dir": state, "username": pacs.username, "password": pacs.password}).start()
+            first, cached, prefetched = {}, {}, 0
+            for sop in sorted(kind):
+                prefetched += any(state.rglob(f"{sop}.dcm"))
+                for bucket in (first, cached):
+                    start = time.perf_counter()
+                    answer = requests.post(f"{server.url}/infer/radregion", params={"image": sop, "output": "json"},
+                                           timeout=600)
+                    answer.raise_for_status()
+                    bucket.setdefault(kind[sop], []).append(time.perf_counter() - start)
+
+            print(f"Orthanc {pacs.url} (DICOMweb plugin), {len(kind)} CR instances; model {model}")
+            for name in sorted(fetch):
+                summary(f"WADO-RS fetch only, {name}", fetch[name])
+            for name in sorted(first):
+                summary(f"infer, first (fetch+decode+model), {name}", first[name])
+                summary(f"infer, cached, {name}", cached[name])
+            if prefetched:
+                print(f"note: {prefetched} images were already cached before their first request")
+        finally:
+            if server is not None:
+                server.stop()
+            pacs.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Inference speed of RadRegion (issue 4 "Bench and targets"), printed in one run.
+
+1. end-to-end img/s of `radregion predict` (a subprocess: start-up, decoding, cleaning, model, CSV) over the
+   unlabelled UNIFESP images;
+2. model-only img/s of the engine's path (bf16 autocast + channels_last on CPU, fp16 on GPU);
+3. a naive eager fp32 forward of the same architecture (NCHW, no autocast);
+4. the bound: measured GEMM GFLOP/s (bf16 and fp32) / the model's FLOPs per image;
+5. peak memory (RSS of the predict process; CUDA max allocated on GPU).
+
+    .venv/bin/python bench/predict_speed.py [--model BUNDLE] [--limit N] [--batch-size 32] [--device cpu]
+
+Without --model (and no shipped default model) it builds a random-weight resnet18 bundle at --size px.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from radregion.bundle import default_model_path, load_bundle, save_bundle  # noqa: E402
+from radregion.features import autocast, prepare_backbone, resolve_device  # noqa: E402
+
+
+def random_bundle(folder: Path, arch: str, size: int) -> Path:
+    from radregion.cleaning import CleaningSettings
+    from radregion.head import LinearHead
+    from radregion.networks import build_backbone, feature_dim
+    from radregion.ood import fit_ood
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    dim = feature_dim(arch)
+    regions = [f"region{i}" for i in range(21)]
+    head = LinearHead(rng.normal(size=(21, dim)).astype(np.float32), np.zeros(21, np.float32),
+                      np.zeros(dim, np.float32), np.ones(dim, np.float32), regions)
+    ood = fit_ood(rng.normal(size=(200, dim)).astype(np.float32), rng.integers(0, 21, 200))
+    ood.threshold = 30.0
+    meta = {"architecture": {"name": arch, "feature_dim": dim, "in_channels": 1},
+            "cleaning": CleaningSettings(size=size).to_dict(), "taxonomy": {"name": "unifesp22"}}
+    return save_bundle(folder / "random", build_backbone(arch).state_dict(), head, meta, ood=ood, half_backbone=True)
+
+
+def rate(fn, n_images, warmup=2, min_seconds=3.0):
+    for _ in range(warmup):
+        fn()
+    runs, start = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return runs * n_images / elapsed
+
+
+def gemm_gflops(dtype, device, n=2048, seconds=2.0):
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def step():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return rate(step, 1, min_seconds=seconds) * 2 * n**3 / 1e9
+
+
+def flops_per_image(net, size, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 1, size, size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="bundle (default: the shipped model, else a random resnet18 bundle)")
+    parser.add_argument("--arch", default="resnet18", help="architecture of the random bundle")
+    parser.add_argument("--size", type=int, default=224, help="input size of the random bundle")
+    parser.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "unifesp" / "unlabelled"))
+    parser.add_argument("--limit", type=int, help="use only the first N images for the end-to-end run")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
+    model = Path(args.model) if args.model else default_model_path()
+    if not (model / "bundle.json").is_file():
+        model = random_bundle(tmp, args.arch, args.size)
+        print(f"model: random-weight {args.arch} bundle at {args.size} px (no default model yet)")
+    bundle = load_bundle(model)
+    size, arch = bundle.settings.size, bundle.meta["architecture"]["name"]
+    device = resolve_device(args.device)
+    print(f"model: {model} ({arch}, {size} px, version {bundle.version}); device {device}; "
+          f"torch threads {torch.get_num_threads()}; batch {args.batch_size}")
+
+    images = sorted(p for p in Path(args.images).rglob("*") if p.is_file())[: args.limit]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "RADREGION_CACHE": str(tmp / "cache")}
+    cmd = [sys.executable, "-m", "radregion.cli", "predict", "--model", str(model), "--output", str(tmp / "p.csv"),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
+           "--no-progress", *map(str, images)]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    e2e_seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"radregion predict failed:\n{result.stderr}")
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    e2e = len(images) / e2e_seconds
+    print(f"end-to-end `radregion predict`: {len(images)} images in {e2e_seconds:.1f} s = {e2e:.1f} img/s "
+          f"(start-up, decoding, cleaning, model, CSV; cold image cache; {result.stderr.strip().splitlines()[-1]})")
+
+    batch = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8).float().div(255)
+    net = prepare_backbone(bundle.backbone(), device)
+    x = batch.to(device).contiguous(memory_format=torch.channels_last)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fast():
+        with torch.inference_mode(), autocast(device):
+            net(x)
+        sync()
+
+    naive_net = bundle.backbone().to(device).eval()
+    x_naive = batch.to(device)
+
+    def naive():
+        with torch.no_grad():
+            naive_net(x_naive)
+        sync()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model_only = rate(fast, args.batch_size)
+    naive_rate = rate(naive, args.batch_size)
+    flops = flops_per_image(naive_net, size, device)
+    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    gemm_low, gemm_fp32 = gemm_gflops(low, device), gemm_gflops(torch.float32, device)
+    bound_low, bound_fp32 = gemm_low * 1e9 / flops, gemm_fp32 * 1e9 / flops
+    low_name = str(low).replace("torch.", "")
+    print(f"model-only ({low_name} autocast + channels_last): {model_only:.1f} img/s")
+    print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
+    print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")
+    print(f"GEMM: {gemm_low:.0f} GFLOP/s {low_name}, {gemm_fp32:.0f} GFLOP/s fp32 -> bound "
+          f"{bound_low:.1f} img/s {low_name}, {bound_fp32:.1f} img/s fp32")
+    print(f"targets: end-to-end / naive fp32 = {e2e / naive_rate:.2f} (>= 2.5); "
+          f"model-only / {low_name} bound = {model_only / bound_low:.0%} (>= 60%)")
+    memory = f"peak RSS of `radregion predict`: {peak_rss:.0f} MiB"
+    if device.type == "cuda":
+        memory += f"; CUDA max allocated (this process) {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    print(memory)
+
+
+if __name__ == "__main__":
+    main()

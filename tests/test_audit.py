@@ -1,0 +1,227 @@
+"""The label audit on real images: flipped labels are found, DICOM-folder mode, the CSV files, bad input."""
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radregion.audit import issues
+from radregion.audit.writer import AUDIT_COLUMNS, write_audit_csv
+from radregion.cli import main
+
+# Visually distinct regions, so that even the tiny random-backbone bundle separates them.
+REGIONS = ("Chest", "Knee", "Feet", "Pelvis", "Cervical Spine")
+PER_REGION = 30
+FLIP_RATE = 0.10
+
+
+def flipped_labels_csv(unifesp: Path, path: Path, seed: int = 0) -> set:
+    """A labels CSV of PER_REGION images per region with FLIP_RATE of them relabelled; returns the flipped images."""
+    rng = random.Random(seed)
+    with open(unifesp / "labels.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["labels"] in REGIONS]
+    chosen = []
+    for region in REGIONS:
+        these = sorted((r for r in rows if r["labels"] == region), key=lambda r: r["image"])
+        chosen += rng.sample(these, PER_REGION)
+    flipped = set(rng.sample(range(len(chosen)), round(FLIP_RATE * len(chosen))))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "labels", "PatientID"])
+        for i, row in enumerate(chosen):
+            label = rng.choice([r for r in REGIONS if r != row["labels"]]) if i in flipped else row["labels"]
+            writer.writerow([str(unifesp / row["image"]), label, row["PatientID"]])
+    return {str(unifesp / chosen[i]["image"]) for i in flipped}
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- issues.py: arrays in, arrays out ---------------------------------------------------------------------
+
+def noisy_probabilities(n=600, classes=6, flip_rate=0.1, seed=0):
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, classes, n)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), true] += 4.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels, flipped = true.copy(), rng.random(n) < flip_rate
+    labels[flipped] = (true[flipped] + rng.integers(1, classes, flipped.sum())) % classes
+    return labels, probs, flipped
+
+
+@pytest.mark.parametrize("method", issues.METHODS)
+def test_find_label_issues_finds_flips(method):
+    labels, probs, flipped = noisy_probabilities()
+    flagged = issues.find_label_issues(labels, probs, method)
+    assert (flagged & flipped).sum() / flagged.sum() >= 0.8
+    assert (flagged & flipped).sum() / flipped.sum() >= 0.7
+    scores = issues.issue_scores(labels, probs, method)
+    assert scores[flipped].mean() > scores[~flipped].mean() + 0.3
+
+
+def test_unlabelled_and_out_of_domain_never_flagged():
+    labels, probs, flipped = noisy_probabilities()
+    labels[:10] = -1
+    ood = np.zeros(len(labels), bool)
+    ood[np.flatnonzero(flipped)[:5]] = True
+    for method in issues.METHODS:
+        flagged = issues.find_label_issues(labels, probs, method, out_of_domain=ood)
+        assert not flagged[:10].any() and not flagged[ood].any()
+        assert np.isnan(issues.issue_scores(labels, probs, method)[:10]).all()
+
+
+def test_issues_with_absent_classes_and_bad_input():
+    labels, probs, _ = noisy_probabilities(classes=4)
+    wide = np.concatenate([probs, np.zeros((len(probs), 3))], axis=1)  # classes nobody was given
+    assert issues.find_label_issues(labels, wide).sum() == issues.find_label_issues(labels, probs).sum()
+    with pytest.raises(ValueError, match="unknown label-issue method"):
+        issues.find_label_issues(labels, probs, "magic")
+    with pytest.raises(ValueError, match="class indices"):
+        issues.find_label_issues(labels + 10, probs)
+
+
+def test_primary_label_of_a_multi_region_image_is_the_likeliest():
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    assert issues.primary_labels([(0, 1), ()], probs).tolist() == [1, -1]
+
+
+def test_write_audit_csv_orders_most_suspicious_first(tmp_path):
+    rows = [{"image": "a", "given_label": "Chest", "suggested_label": "Chest", "issue_score": 0.1,
+             "is_issue": False, "ood_score": 0.2, "out_of_domain": False},
+            {"image": "b", "given_label": "", "suggested_label": "Knee", "issue_score": float("nan"),
+             "is_issue": False, "ood_score": 0.3, "out_of_domain": False},
+            {"image": "c", "given_label": "Knee", "suggested_label": "Chest", "issue_score": 0.9,
+             "is_issue": True, "ood_score": 0.1, "out_of_domain": False},
+            {"image": "d", "given_label": "Knee", "suggested_label": "Knee", "issue_score": 0.2,
+             "is_issue": False, "ood_score": 3.0, "out_of_domain": True}]
+    path = write_audit_csv(rows, tmp_path / "label_issues.csv")
+    written = read_csv(path)
+    assert list(written[0]) == list(AUDIT_COLUMNS)
+    assert [r["image"] for r in written] == ["c", "d", "a", "b"]
+    assert written[0]["is_issue"] == "true" and written[3]["issue_score"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["label_issues.csv"]  # no temp file left
+
+
+# --- the command on real images ---------------------------------------------------------------------------
+
+def test_audit_finds_flipped_labels(tiny_bundle, unifesp, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    flipped = flipped_labels_csv(unifesp, labels)
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(out)]) == 0
+
+    rows = read_csv(out / "label_issues.csv")
+    assert list(rows[0]) == list(AUDIT_COLUMNS)
+    assert len(rows) == PER_REGION * len(REGIONS)
+    flagged = {r["image"] for r in rows if r["is_issue"] == "true"}
+    found = flagged & flipped
+    assert len(found) / len(flipped) >= 0.5, f"found {len(found)} of {len(flipped)} flips"
+    assert len(found) / len(flagged) >= 2.5 * FLIP_RATE, f"{len(found)} of {len(flagged)} flagged are flips"
+    is_issue = [r["is_issue"] == "true" for r in rows]
+    assert is_issue == sorted(is_issue, reverse=True)  # suspected errors first ...
+    scores = [float(r["issue_score"]) for r in rows if r["is_issue"] == "true"]
+    assert scores == sorted(scores, reverse=True)  # ... most suspicious first
+    for row in rows:
+        if row["is_issue"] == "true":
+            assert row["suggested_label"] != row["given_label"] and row["suggested_label"] in REGIONS
+
+    from radregion.datasets import read_labels_csv
+
+    corrections = read_labels_csv(out / "corrections.csv")  # the labels-CSV format, paths resolvable
+    by_image = {r["image"]: r for r in rows}
+    assert {str(c.path) for c in corrections} == flagged
+    for item in corrections:
+        assert item.labels == (by_image[str(item.path)]["suggested_label"],)
+        assert item.patient_id
+
+    report = (out / "index.html").read_text()
+    assert "http://" not in report and "https://" not in report
+    assert report.count('alt="Grad-CAM"') == len(flagged)
+    assert capsys.readouterr().out.startswith(f"{len(rows)} images: {len(flagged)} suspected label errors")
+
+
+def test_audit_cleanlab_method_agrees_on_most_flips(tiny_bundle, unifesp, tmp_path):
+    labels = tmp_path / "labels.csv"
+    flipped = flipped_labels_csv(unifesp, labels)
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(out),
+                 "--method", "cleanlab", "--no-gradcam"]) == 0
+    flagged = {r["image"] for r in read_csv(out / "label_issues.csv") if r["is_issue"] == "true"}
+    assert len(flagged & flipped) / len(flipped) >= 0.5
+    assert 'alt="Grad-CAM"' not in (out / "index.html").read_text()
+
+
+def test_audit_unknown_region_is_a_clear_error(tiny_bundle, unifesp, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    image = next((unifesp / "images").glob("*.png"))
+    labels.write_text(f"image,labels\n{image},Chset\n")
+    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(labels) in err and "Chset" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "label_issues.csv").exists()
+
+
+# --- DICOM-folder mode ------------------------------------------------------------------------------------
+
+def dicom_folder(unifesp, real_dicoms, folder: Path, per_region=6) -> dict:
+    """Real CR DICOMs plus DICOMs made from labelled PNGs: some with a BodyPartExamined, some with a wrong
+    one, some with none; returns {file name: what the test knows about it}."""
+    import shutil
+
+    from PIL import Image
+
+    from radregion.dicomwrite import array_to_dicom
+
+    folder.mkdir()
+    known = {}
+    for path in real_dicoms:
+        shutil.copy(path, folder / path.name)
+        known[path.name] = {"given": "Chest" if path.name.startswith("RG1") else ""}
+    rows = read_csv(unifesp / "labels.csv")
+    terms = {"Chest": "CHEST", "Knee": "KNEE", "Feet": "FOOT", "Pelvis": "PELVIS"}
+    rng = random.Random(1)
+    for region, term in terms.items():
+        these = sorted((r for r in rows if r["labels"] == region), key=lambda r: r["image"])
+        for n, row in enumerate(rng.sample(these, per_region)):
+            pixels = np.asarray(Image.open(unifesp / row["image"]).convert("L"))
+            wrong = n == 0 and region != "Chest"  # one wrong header per region, claiming CHEST
+            body_part = None if n == 1 else ("CHEST" if wrong else term)
+            name = f"{region.lower()}_{n}.dcm"
+            array_to_dicom(pixels, folder / "sub" / name, body_part=body_part, patient_id=f"P{row['PatientID']}")
+            known[name] = {"given": "" if body_part is None else ("Chest" if wrong else region), "true": region}
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    return known
+
+
+def test_audit_dicom_folder(tiny_bundle, unifesp, real_dicoms, tmp_path, capsys):
+    folder = tmp_path / "pacs"
+    known = dicom_folder(unifesp, real_dicoms, folder)
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(tiny_bundle), "--dicom-folder", str(folder), "--output", str(out)]) == 0
+    rows = {Path(r["image"]).name: r for r in read_csv(out / "label_issues.csv")}
+    assert set(rows) == set(known)  # the broken file is reported, not audited
+    assert "broken.dcm" in capsys.readouterr().err
+    for name, facts in known.items():
+        assert rows[name]["given_label"] == facts["given"], name
+        assert rows[name]["suggested_label"]
+        if not facts["given"]:
+            assert rows[name]["issue_score"] == "" and rows[name]["is_issue"] == "false"
+
+    from radregion.datasets import read_labels_csv
+
+    corrections = {c.path.name: c for c in read_labels_csv(out / "corrections.csv")}
+    flagged = {n for n, r in rows.items() if r["is_issue"] == "true"}
+    assert flagged <= set(corrections)
+    unlabelled = [n for n, f in known.items() if not f["given"] and rows[n]["out_of_domain"] == "false"]
+    assert any(n in corrections for n in unlabelled)  # missing labels get suggestions
+    for name, item in corrections.items():
+        assert item.labels == (rows[name]["suggested_label"],)
+    html = (out / "index.html").read_text()
+    assert "broken.dcm" in html and "Unreadable files (1)" in html

@@ -1,0 +1,78 @@
+"""`radregion predict` on real folders: CSV columns, per-file errors, exit status, stdout, default model."""
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from radregion.cli import main
+from radregion.commands.predict import COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _folder(tmp_path, unifesp, real_dicoms) -> Path:
+    folder = tmp_path / "archive"
+    (folder / "nested").mkdir(parents=True)
+    png = sorted((unifesp / "unlabelled").glob("*.png"))[0]
+    shutil.copy(png, folder / "image.png")
+    shutil.copy(real_dicoms[0], folder / "nested" / "chest.dcm")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI" + b"\xff" * 40)
+    return folder
+
+
+def _rows(text):
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_predict_folder_with_a_corrupt_file(tiny_bundle, unifesp, real_dicoms, tmp_path, capsys):
+    folder = _folder(tmp_path, unifesp, real_dicoms)
+    out = tmp_path / "preds.csv"
+    code = main(["predict", "--model", str(tiny_bundle), "--output", str(out), "--batch-size", "2", str(folder)])
+    assert code == 0
+    text = out.read_text()
+    header = text.splitlines()[0].split(",")
+    assert tuple(header[:8]) == COLUMNS and len(header) == 8 + 21 and "Chest" in header[8:]
+    rows = {Path(r["path"]).name: r for r in _rows(text)}
+    assert set(rows) == {"image.png", "chest.dcm", "broken.dcm"}
+    assert rows["broken.dcm"]["error"] and rows["broken.dcm"]["region"] == ""
+    for name in ("image.png", "chest.dcm"):
+        row = rows[name]
+        assert row["error"] == "" and row["region"] in header[8:]
+        assert float(row["confidence"]) == max(float(row[r]) for r in header[8:])
+        assert row["out_of_domain"] in ("true", "false") and float(row["ood_score"]) >= 0
+    assert rows["chest.dcm"]["pacs_label"] == "Chest" and rows["chest.dcm"]["agrees_with_pacs"] in ("true", "false")
+    assert rows["image.png"]["pacs_label"] == "" and rows["image.png"]["agrees_with_pacs"] == ""
+    err = capsys.readouterr().err
+    assert "2 of 3 images predicted, 1 unreadable" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the CSV was written atomically
+
+
+def test_nothing_readable_exits_non_zero(tiny_bundle, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really")
+    code = main(["predict", "--model", str(tiny_bundle), "--no-progress", str(bad), str(tmp_path / "missing.dcm")])
+    captured = capsys.readouterr()
+    assert code == 1 and "no image could be read" in captured.err
+    rows = _rows(captured.out)
+    assert len(rows) == 2 and all(r["error"] for r in rows)
+
+
+def test_predict_to_stdout_as_a_real_process(tiny_bundle, real_dicoms, tmp_path):
+    env = {**os.environ, "RADREGION_MODEL": str(tiny_bundle), "PYTHONPATH": str(REPO / "lib")}
+    result = subprocess.run([sys.executable, "-m", "radregion.cli", "predict", str(real_dicoms[0]),
+                             str(real_dicoms[1])], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = _rows(result.stdout)
+    assert [r["path"] for r in rows] == [str(real_dicoms[0]), str(real_dicoms[1])]
+    assert all(r["region"] and not r["error"] for r in rows)
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_default_model_is_a_clear_error(tmp_path, real_dicoms, monkeypatch, capsys):
+    monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "no-model"))
+    assert main(["predict", str(real_dicoms[0])]) == 2
+    assert "no default model" in capsys.readouterr().err

@@ -1,0 +1,167 @@
+"""Pretraining on real radiographs: each method into a loadable bundle, resume, signals, DDP on 2 processes.
+
+Small on purpose (ResNet-10, 48-64 px, 16 images, a few steps): the machine has 2 shared cores.
+"""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from radregion.bundle import WEIGHTS, load_bundle
+from radregion.errors import RadiographError
+from radregion.networks import build_backbone
+from radregion.pretrain import (RANK_STATE_ENV, byol_momentum, checkpoint_path, class_ids, lr_factor, pretrain)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(arch="resnet10", size=48, batch_size=8, warmup_epochs=1, workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def images(unifesp, tmp_path_factory) -> dict:
+    """12 labelled images (a CSV with 4 regions) and a folder of 4 unlabelled ones, all real."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    with open(unifesp / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = []
+    for region in ("Chest", "Knee", "Hand", "Skull"):
+        chosen += [r for r in rows if r["labels"] == region][:3]
+    csv_path = root / "labels.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "labels"])
+        writer.writerows([[str(unifesp / r["image"]), r["labels"]] for r in chosen])
+    folder = root / "unlabelled"
+    folder.mkdir()
+    for path in sorted((unifesp / "unlabelled").glob("*.png"))[:4]:
+        shutil.copy(path, folder / path.name)
+    return {"csv": csv_path, "folder": folder}
+
+
+def _backbone_tensors(bundle_path) -> dict:
+    return {k: v for k, v in load_file(str(Path(bundle_path) / WEIGHTS)).items() if k.startswith("backbone.")}
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "supcon"])
+def test_each_method_writes_a_bundle_that_loads(method, images, tmp_path):
+    output = tmp_path / f"{method}-bundle"
+    result = pretrain(method, [images["csv"], images["folder"]], output, epochs=2, seed=0,
+                      log_dir=tmp_path / "tb", **SMALL)
+    assert result == output and not checkpoint_path(output).exists()
+    bundle = load_bundle(output)
+    assert bundle.meta["architecture"]["name"] == "resnet10" and bundle.settings.size == 48
+    training = bundle.meta["training"]
+    assert training["method"] == method and training["epochs"] == 2 and training["images"] == 16
+    assert training["labelled_images"] == 12 and str(images["csv"].resolve()) in training["data"]
+    backbone = bundle.backbone()
+    with torch.no_grad():
+        features = backbone(torch.rand(3, 1, 48, 48))
+    assert features.shape == (3, 512) and torch.isfinite(features).all()
+    torch.manual_seed(0)
+    initial = build_backbone("resnet10").state_dict()
+    trained = bundle.backbone_state()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial if initial[k].is_floating_point())
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(images, tmp_path):
+    inputs = [images["folder"], images["csv"]]
+    whole = pretrain("simclr", inputs, tmp_path / "whole", epochs=2, seed=3, log_dir=tmp_path / "tb1", **SMALL)
+    output = tmp_path / "resumed"
+    assert pretrain("simclr", inputs, output, epochs=2, seed=3, stop_after=1, log_dir=tmp_path / "tb2",
+                    **SMALL) is None
+    state = torch.load(checkpoint_path(output), weights_only=True)
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and state["global_step"] == 2
+    assert state["optimizer"]["state"], "the optimizer state is saved"
+    assert not output.exists()
+    with pytest.raises(RadiographError, match="--resume"):
+        pretrain("simclr", inputs, output, epochs=2, seed=3, **SMALL)
+    with pytest.raises(RadiographError, match="different run"):
+        pretrain("simclr", inputs, output, epochs=3, seed=3, resume=True, **SMALL)
+    pretrain("simclr", inputs, output, epochs=2, seed=3, resume=True, log_dir=tmp_path / "tb2", **SMALL)
+    a, b = _backbone_tensors(whole), _backbone_tensors(output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not checkpoint_path(output).exists()
+
+
+def _cli(*args, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-m", "radregion.cli", *map(str, args)], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def test_sigterm_checkpoints_and_resume_finishes(images, tmp_path):
+    output = tmp_path / "killed"
+    args = ["pretrain", "--method", "byol", "--images", images["folder"], images["csv"], "--output", output,
+            "--arch", "resnet10", "--size", "48", "--epochs", "6", "--batch-size", "4", "--workers", "1",
+            "--log-dir", tmp_path / "tb", "--no-progress"]
+    process = _cli(*args)
+    deadline = time.monotonic() + 600
+    while not checkpoint_path(output).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 130, err
+    assert "continue with --resume" in err and not output.exists()
+    state = torch.load(checkpoint_path(output), weights_only=True)
+    assert 4 <= state["global_step"] < 24 and state["target"]  # BYOL's momentum network is saved too
+    process = _cli(*args, "--resume")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert f"resuming {checkpoint_path(output)}" in err
+    assert load_bundle(output).meta["training"]["method"] == "byol"
+
+
+def test_bad_files_are_skipped_and_missing_inputs_are_clear(images, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images["folder"], folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    process = _cli("pretrain", "--method", "simclr", "--images", folder, "--output", tmp_path / "b", "--arch",
+                   "resnet10", "--size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                   "--log-dir", tmp_path / "tb", "--no-progress")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "skipped 1 unusable file" in err and "broken.png" in err
+    assert load_bundle(tmp_path / "b").meta["training"]["images"] == 4
+    process = _cli("pretrain", "--method", "simclr", "--images", tmp_path / "nowhere", "--output", tmp_path / "c")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "nowhere: not found" in err and "Traceback" not in err
+
+
+def test_ddp_two_processes_stay_in_sync(images, tmp_path):
+    ranks = tmp_path / "ranks"
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+               "-m", "radregion.cli", "pretrain", "--method", "simclr", "--images", str(images["folder"]),
+               str(images["csv"]), "--output", str(output), "--arch", "resnet10", "--size", "48", "--epochs", "2",
+               "--batch-size", "4", "--workers", "0", "--log-dir", str(tmp_path / "tb"), "--no-progress"]
+    env = {**os.environ, RANK_STATE_ENV: str(ranks), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(str(ranks / "rank0.safetensors")), load_file(str(ranks / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 10
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    training = load_bundle(output).meta["training"]
+    assert training["world_size"] == 2 and training["global_batch"] == 8
+    bundle_backbone = _backbone_tensors(output)
+    assert torch.equal(bundle_backbone["backbone.conv1.weight"], rank0["backbone.conv1.weight"])
+
+
+def test_schedules():
+    factors = [lr_factor(step, 4, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and factors[-1] < 0.01
+    assert byol_momentum(0, 100) == pytest.approx(0.99) and byol_momentum(100, 100) == pytest.approx(1.0)
+
+
+def test_unlabelled_images_are_their_own_class():
+    ids = class_ids(["Hand", None, "Chest", "Hand", None])
+    assert ids[0] == ids[3] != ids[2] and ids[1] != ids[4] and ids[1] < 0 and ids[4] < 0
