@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10,<3.13",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
-    package_data={"radregion": ["taxonomies/*.json", "report/*.html", "report/*.js", "report/*.css"]},
+    package_data={"radregion": ["taxonomies/*.json", "report/*.html", "audit/*.html", "report/*.js", "report/*.css"]},
     install_requires=[
         "torch",
         "numpy<2",

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from radregion.cache import READ_OVERSAMPLE
 from radregion.cleaning import CleaningSettings, clean
 from radregion.dicomwrite import array_to_dicom
 from radregion.io import read_radiograph
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-READ_OVERSAMPLE = 4  # as the cache does: decode at up to 4x the cleaned size
 
 
 def rate(paths, settings, max_size) -> float:
@@ -34,6 +34,7 @@ def peak_memory(path: Path, max_size) -> dict:
     code = f"""
 import json, tracemalloc
 from radregion.io import read_radiograph
+from radregion.cache import READ_OVERSAMPLE
 from radregion.cleaning import CleaningSettings, clean
 
 def status(field):  # kB figures of /proc/self/status

@@ -182,7 +182,8 @@ def dicom_folder(unifesp, real_dicoms, folder: Path, per_region=6) -> dict:
     known = {}
     for path in real_dicoms:
         shutil.copy(path, folder / path.name)
-        known[path.name] = {"given": "Chest" if path.name.startswith("RG1") else ""}
+        # RG1: BodyPartExamined CHEST; RG3: EXTREMITY (generic) but "distal tibia" in the header.
+        known[path.name] = {"given": "Chest" if path.name.startswith("RG1") else "Lower Leg"}
     rows = read_csv(unifesp / "labels.csv")
     terms = {"Chest": "CHEST", "Knee": "KNEE", "Feet": "FOOT", "Pelvis": "PELVIS"}
     rng = random.Random(1)
@@ -225,3 +226,33 @@ def test_audit_dicom_folder(tiny_bundle, unifesp, real_dicoms, tmp_path, capsys)
         assert item.labels == (rows[name]["suggested_label"],)
     html = (out / "index.html").read_text()
     assert "broken.dcm" in html and "Unreadable files (1)" in html
+
+
+def test_gradcam_maps_follow_the_requested_region(tiny_bundle, unifesp):
+    from radregion.audit.gradcam import Classifier, grad_cams, overlay
+    from radregion.bundle import load_bundle
+    from radregion.features import load_clean_images
+
+    bundle = load_bundle(tiny_bundle)
+    head = bundle.head()
+    images = load_clean_images(sorted((unifesp / "images").glob("*.png"))[:3], bundle.settings)
+    classifier = Classifier(bundle.backbone(), head.weight, head.bias, head.feature_mean, head.feature_std)
+    logits = classifier(torch_input(images)).detach().numpy()
+    np.testing.assert_allclose(logits, head.logits(extract(bundle, images)), rtol=1e-3, atol=1e-3)
+    first, last = grad_cams(classifier, images, [0, 0, 0]), grad_cams(classifier, images, [len(head.regions) - 1] * 3)
+    assert first.shape == images.shape and first.min() >= 0 and np.allclose(first.max(axis=(1, 2)), 1)
+    assert not np.allclose(first, last)  # a map per requested region, not one for all
+    rgb = overlay(np.stack([images[0]] * 2)[0], first[0][::2, ::2])  # a smaller map is resized to the image
+    assert rgb.shape == images[0].shape + (3,) and rgb.dtype == np.uint8
+
+
+def torch_input(images):
+    from radregion.features import images_to_tensor
+
+    return images_to_tensor(images)
+
+
+def extract(bundle, images):
+    from radregion.features import extract_features
+
+    return extract_features(bundle.backbone(), images, precision="fp32")

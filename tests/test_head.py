@@ -97,3 +97,15 @@ def test_fit_head_cli_without_default_model(unifesp, tmp_path, monkeypatch, caps
     monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "nowhere"))
     code = main(["fit-head", "--labels", str(unifesp / "labels.csv"), "--output", str(tmp_path / "out")])
     assert code == 2 and "no default model" in capsys.readouterr().err
+
+
+def test_fit_head_cli_fine_tune_changes_the_backbone(tiny_bundle, unifesp, tmp_path):
+    out = tmp_path / "tuned"
+    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--per-class", "1",
+                 "--fine-tune", "--epochs", "1", "--output", str(out)]) == 0
+    before, after = load_bundle(tiny_bundle), load_bundle(out)
+    changed = [k for k, v in before.backbone_state().items()
+               if v.is_floating_point() and not np.allclose(v.numpy(), after.backbone_state()[k].numpy())]
+    assert changed and after.meta["training"]["head"]["fine_tune_epochs"] == 1
+    assert after.meta["weights_dtype"] == "float16" and after.regions == before.regions
+    assert "--fine-tune" in after.meta["training"]["command"]

@@ -64,16 +64,20 @@ def test_read_metadata_reads_the_header_only(real_dicoms):
         assert meta == full
 
 
-def test_max_size_downscales_while_reading(real_dicoms):
-    chest = next(p for p in real_dicoms if p.name == "RG1_J2KI.dcm")
-    full = read_radiograph(chest).image
-    small = read_radiograph(chest, max_size=256).image
-    assert 200 <= max(small.shape) <= 256
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "RG3_J2KR.dcm"])
+@pytest.mark.parametrize("max_size", [256, 100])
+def test_max_size_downscales_while_reading(real_dicoms, name, max_size):
+    """JPEG 2000 is decoded at reduced resolution; it must match the full decode shrunk afterwards."""
+    path = next(p for p in real_dicoms if p.name == name)
+    full = read_radiograph(path).image
+    small = read_radiograph(path, max_size=max_size).image
+    assert max_size // 2 <= max(small.shape) <= max_size
     _assert_unit_image(small)
-    factor = 1955 // small.shape[0]
+    factor = round(full.shape[0] / small.shape[0])
     reference = full[: small.shape[0] * factor, : small.shape[1] * factor]
     reference = reference.reshape(small.shape[0], factor, small.shape[1], -1).mean(axis=(1, 3))
     assert np.corrcoef(reference.ravel(), small.ravel())[0, 1] > 0.99
+    assert np.abs(reference - small).mean() < 0.03
 
 
 # --- pydicom's own test files -------------------------------------------------------------------------
@@ -242,6 +246,8 @@ def test_png_16bit_rgb_and_jpeg(tmp_path):
         assert radiograph.image.shape == (96, 80) and radiograph.image.dtype == np.float32
         assert factory.bone_contrast(radiograph.image) > 0.6, name
     assert read_radiograph(tmp_path / "deep.png").meta["BitsStored"] == 16
+    assert read_metadata(tmp_path / "photo.jpg") == {"Rows": 96, "Columns": 80, "path": str(tmp_path / "photo.jpg"),
+                                                      "format": "jpeg"}  # fmt: skip
     assert read_radiograph(tmp_path / "photo.jpg", max_size=40).image.shape[0] <= 40
 
 
@@ -266,6 +272,7 @@ def test_itk_formats_2d_and_middle_slice(tmp_path, suffix):
     _assert_unit_image(radiograph.image, (96, 80))
     assert factory.bone_contrast(radiograph.image) > 0.8
     assert radiograph.meta["PixelSpacing"] == pytest.approx([0.3, 0.2])
+    assert read_metadata(tmp_path / f"flat{suffix}")["Rows"] == 96
 
     volume = np.stack([np.zeros_like(flat), flat, np.zeros_like(flat)])
     itk.imwrite(itk.image_from_array(volume), str(tmp_path / f"volume{suffix}"))
@@ -276,7 +283,7 @@ def test_itk_formats_2d_and_middle_slice(tmp_path, suffix):
 # --- folder scan ------------------------------------------------------------------------------------------
 
 
-def test_find_radiographs_reports_bad_files_and_goes_on(tmp_path, unifesp):
+def test_find_radiographs_reports_bad_files_and_goes_on(tmp_path, unifesp, real_dicoms):
     good_dicom = factory.write(tmp_path / "a" / "good.dcm")
     bare = factory.without_preamble(good_dicom, tmp_path / "a" / "IM0002")
     png = tmp_path / "b" / "xray.png"
@@ -284,6 +291,8 @@ def test_find_radiographs_reports_bad_files_and_goes_on(tmp_path, unifesp):
     shutil.copy(sorted((unifesp / "images").glob("*.png"))[0], png)
     factory.colour_secondary_capture(tmp_path / "b" / "deep" / "screenshot.dcm")
     factory.truncated(good_dicom, tmp_path / "b" / "deep" / "cut.dcm", keep_fraction=0.5)
+    factory.truncated(real_dicoms[0], tmp_path / "b" / "cut_j2k.dcm", keep_fraction=0.8)
+    shutil.copy(real_dicoms[1], tmp_path / "b" / "j2k.dcm")
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
     (tmp_path / "b" / "notes.txt").write_text("not an image")
     (tmp_path / "labels.csv").write_text("image,labels\n")
@@ -293,9 +302,11 @@ def test_find_radiographs_reports_bad_files_and_goes_on(tmp_path, unifesp):
 
     paths, errors = find_radiographs(tmp_path)
 
-    assert paths == sorted([good_dicom, bare, png])
+    assert paths == sorted([good_dicom, bare, png, tmp_path / "b" / "j2k.dcm"])
     causes = {error.path: error.problem for error in errors}
-    assert set(causes) == {str(tmp_path / "b" / n) for n in ("deep/screenshot.dcm", "deep/cut.dcm", "broken.png")}
+    bad = ("deep/screenshot.dcm", "deep/cut.dcm", "broken.png", "cut_j2k.dcm")
+    assert set(causes) == {str(tmp_path / "b" / name) for name in bad}
+    assert causes[str(tmp_path / "b" / "cut_j2k.dcm")].startswith("truncated file")
     assert "colour secondary capture" in causes[str(tmp_path / "b" / "deep" / "screenshot.dcm")]
     assert "truncated" in causes[str(tmp_path / "b" / "deep" / "cut.dcm")]
     assert "unreadable PNG image" in causes[str(tmp_path / "b" / "broken.png")]
@@ -306,6 +317,7 @@ def test_missing_file_and_folder(tmp_path):
         read_radiograph(tmp_path / "nothing.dcm")
     with pytest.raises(RadiographError, match="not a folder"):
         find_radiographs(tmp_path / "nothing")
+    assert not is_dicom(tmp_path / "nothing.dcm") and not is_dicom(tmp_path)
 
 
 def test_pydicom_corpus_never_gives_a_traceback():
@@ -314,6 +326,8 @@ def test_pydicom_corpus_never_gives_a_traceback():
     paths, errors = find_radiographs(Path(folder).parent)
     assert len(paths) > 30 and len(errors) > 30
     assert all(isinstance(e, RadiographError) and e.problem for e in errors)
+    usable = {path.name for path in paths}
+    assert {"CT_small.dcm", "image_dfl.dcm", "MR_small_RLE.dcm", "693_J2KI.dcm", "JPGExtended.dcm"} <= usable
     for path in paths:
         try:
             assert read_radiograph(path, max_size=64).image.dtype == np.float32

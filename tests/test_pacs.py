@@ -2,7 +2,9 @@
 
 import csv
 import hashlib
+import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,8 +67,9 @@ def pacs(orthanc, tmp_path, unifesp, real_dicoms):
     orthanc.stored = {}
     for path in list(real_dicoms) + made["files"]:
         answer = orthanc.upload(path)
-        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        orthanc.stored[sop] = (answer["ID"], sha256(Path(path).read_bytes()))
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        orthanc.stored[ds.SOPInstanceUID] = (answer["ID"], sha256(Path(path).read_bytes()), ds.StudyInstanceUID,
+                                             ds.SeriesInstanceUID)
     orthanc.truth = made["truth"]
     orthanc.mammo = made["mammo"]
     orthanc.real = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p.name for p in real_dicoms}
@@ -74,10 +77,15 @@ def pacs(orthanc, tmp_path, unifesp, real_dicoms):
 
 
 def stored_hash(orthanc, sop) -> str:
-    """Bytes of the instance as Orthanc keeps it."""
-    r = requests.get(f"{orthanc.url}/instances/{orthanc.stored[sop][0]}/file", auth=orthanc.auth, timeout=30)
+    """sha256 of the instance's bytes as WADO-RS returns them (stored transfer syntax, multipart unwrapped)."""
+    _, _, study, series = orthanc.stored[sop]
+    r = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}", auth=orthanc.auth,
+                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=30)
     r.raise_for_status()
-    return sha256(r.content)
+    boundary = re.search(r'boundary="?([^";]+)"?', r.headers["Content-Type"]).group(1).encode()
+    parts = [p for p in r.content.split(b"--" + boundary) if p.strip() not in (b"", b"--")]
+    assert len(parts) == 1, "one instance"
+    return sha256(parts[0].split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n"))
 
 
 def datastore(orthanc, root: Path, **kwargs) -> RadRegionDICOMwebDatastore:
@@ -123,7 +131,7 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
 
     # a correction (Knee, archive says Chest) is stored locally and written back as a new instance
     before = {sop: stored_hash(pacs, sop) for sop in pacs.stored}
-    assert before == {sop: h for sop, (_, h) in pacs.stored.items()}
+    assert before == {sop: h for sop, (_, h, _, _) in pacs.stored.items()}, "WADO-RS gives the uploaded bytes"
     store.save_label(wrong_knee, label_file(tmp_path, "Knee", comment="header says chest"), "final", {})
     store.save_label(missing_chest, label_file(tmp_path, "Chest"), "final", {})  # agrees: nothing sent
     store.writeback.wait(60)
@@ -135,7 +143,7 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
     log = log[1:]
     copies = find_instances(pacs, SOPInstanceUID=log[0]["new_sop"])
     assert len(copies) == 1 and pacs.instance_count() == len(pacs.stored) + 1
-    copy = pydicom.dcmread(__import__("io").BytesIO(requests.get(
+    copy = pydicom.dcmread(io.BytesIO(requests.get(
         f"{pacs.url}/instances/{copies[0]['ID']}/file", auth=pacs.auth, timeout=30).content))
     assert copy.BodyPartExamined == "KNEE" and copy.SeriesDescription.startswith(WRITEBACK_MARKER)
     assert copy.SOPInstanceUID != wrong_knee and copy.SeriesInstanceUID != log[0]["series"]
@@ -236,7 +244,7 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
                 assert result["pacs_label"] == expected_pacs
             assert result["region"] in requests.get(f"{api}/info/", timeout=60).json()["models"]["radregion"]["labels"]
         image = requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60)
-        assert image.status_code == 200 and pydicom.dcmread(__import__("io").BytesIO(image.content)).SOPInstanceUID \
+        assert image.status_code == 200 and pydicom.dcmread(io.BytesIO(image.content)).SOPInstanceUID \
             == images[0]
 
         for sop, region in ((wrong_knee, "Knee"), (abdomen, "Abdomen")):
@@ -257,6 +265,9 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
             assert label.status_code == 200 and label.json()["region"] == region
         stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
         assert stats["total"] == len(images), "written-back copies are not listed"
+        train = requests.get(f"{api}/datastore/", params={"output": "train"}, timeout=60).json()
+        assert sorted((Path(t["image"]).stem, t["region"]) for t in train) == sorted(
+            [(wrong_knee, "Knee"), (abdomen, "Abdomen")])
         log = [json.loads(line) for line in next(state.rglob("writeback.jsonl")).read_text().splitlines()]
         log = [e for e in log if e["status"] != "queued"]
         assert sorted((e["image"], e["status"], e["body_part"]) for e in log) == sorted(
@@ -276,6 +287,83 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         assert answer.status_code == 200, answer.text
         down = requests.get(f"{api}/datastore/image", params={"image": uncached}, timeout=120)
         assert down.status_code == 502 and pacs.dicomweb_url in down.json()["detail"], down.text
+        assert "cannot connect" in down.json()["detail"]
+
+        # and a server (re)started while the PACS is down still serves what it has
+        server.stop()
+        server.start()
+        stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
+        assert stats["total"] == len(images) and stats["pacs"]["reachable"] is False, stats
+        assert pacs.dicomweb_url in stats["pacs"]["error"]
+        assert requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60).status_code == 200
+        label = requests.get(f"{api}/datastore/label", params={"label": wrong_knee, "tag": "final"}, timeout=60)
+        assert label.status_code == 200 and label.json()["region"] == "Knee"
     finally:
         server.stop()
         print(server.log_tail())
+
+
+class _TokenOrSlowPACS:
+    """A minimal real DICOMweb endpoint on 127.0.0.1: QIDO answers [] to `Bearer good-token`, 401 otherwise;
+    with `.delay` set it answers that many seconds late (a slow PACS)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        outer = self
+        self.delay = 0.0
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                time.sleep(outer.delay)
+                if self.headers.get("Authorization") != "Bearer good-token":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                body = b"[]"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except BrokenPipeError:
+                    pass  # the client gave up waiting: that is the point of the slow case
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def token_pacs():
+    server = _TokenOrSlowPACS()
+    yield server
+    server.close()
+
+
+def test_bearer_token_and_a_slow_pacs(token_pacs, tmp_path):
+    good = RadRegionDICOMwebDatastore(token_pacs.url, tmp_path / "a", token="good-token", retries=0)
+    assert good._query() == {}
+    bad = RadRegionDICOMwebDatastore(token_pacs.url, tmp_path / "b", token="bad-token", retries=0)
+    with pytest.raises(PACSError, match="401.*token"):
+        bad._query()
+
+    token_pacs.delay = 2.0
+    slow = RadRegionDICOMwebDatastore(token_pacs.url, tmp_path / "c", token="good-token", timeout=(1.0, 0.5),
+                                      retries=2, backoff=0.05)
+    token_pacs.requests = 0
+    with pytest.raises(PACSError) as error:
+        slow._query()
+    assert token_pacs.url in str(error.value) and "timed out (3 attempts)" in str(error.value)
+    assert token_pacs.requests == 3, "bounded retries"

@@ -207,6 +207,26 @@ def test_train_publishes_a_new_head_that_infer_uses(radregion_server):
     assert next_image(radregion_server, "uncertain")["model_version"] == result["model_version"]
 
 
+def test_batch_run_writes_the_audit_csv(radregion_server):
+    import csv
+
+    answer = requests.post(f"{radregion_server.url}/batch/infer/radregion",
+                           params={"images": "all", "run_sync": "true"}, timeout=300)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    with open(result["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    from radregion.audit.writer import AUDIT_COLUMNS
+
+    assert tuple(rows[0]) == AUDIT_COLUMNS
+    by_id = {row["image"]: row for row in rows}
+    assert set(by_id) == set(radregion_server.truth) | {"RG1_J2KI", "RG3_J2KI", EXTENSIONLESS_DICOM}
+    for image_id, region in radregion_server.truth.items():
+        assert by_id[image_id]["given_label"] == SWAP[region]  # the confirmed label wins
+    assert by_id["RG1_J2KI"]["given_label"] == "Chest"  # no confirmed label: the archive's
+    assert result["images"] == len(rows) and result["model_version"] == model_info(radregion_server)["model_version"]
+
+
 def test_corrupt_or_unsupported_files_are_4xx_and_the_server_keeps_serving(radregion_server, tmp_path):
     url = radregion_server.url
     bad = tmp_path / "broken.png"

@@ -4,6 +4,7 @@ One module-scoped server: the tests run in file order and share its datastore (e
 """
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
 
 from RadRegionLib import (  # noqa: E402
     QUEUES, RadRegionClient, RequestRejected, ReviewSession, ServerUnreachable, parse_infer, parse_summary,
-    train_status_text,
+    server_work_dir, train_status_text,
 )
 from RadRegionLib.review import Case  # noqa: E402
 
@@ -89,6 +90,17 @@ def test_offline_decisions_wait_on_disk_and_undo_takes_them_back(tmp_path):
         session.choose_number(4)
     with pytest.raises(ServerUnreachable, match=r"cannot reach the RadRegion server at http://127\.0\.0\.1:9"):
         session.next_case("uncertain")
+    assert server_work_dir("/cache", "http://127.0.0.1:8000/") == "/cache/127.0.0.1_8000"
+    assert server_work_dir("/cache", "pacs.example.org:8000") != server_work_dir("/cache", "127.0.0.1:8000")
+
+
+def test_a_server_that_does_not_answer_is_reported_in_words():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        client = RadRegionClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+        with pytest.raises(ServerUnreachable, match=r"no answer from the RadRegion server at .* within 1 s"):
+            client.stats()
 
 
 @pytest.fixture
@@ -260,3 +272,60 @@ def test_slicer_self_test_runs_against_the_server(radregion_server, monkeypatch)
     test = module.RadRegionTest("test_annotation_run")
     test.setUp()
     test.test_annotation_run()
+
+
+def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_path):
+    """RadRegionWidget on PySide6 (PythonQt-like stand-in): connect, Next, number key, Enter, Ctrl+Z, O, Enter."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    from test_slicer_module_import import import_radregion_module_with_pythonqt
+
+    module, app, window = import_radregion_module_with_pythonqt(monkeypatch, tmp_path)
+    widget = module.RadRegionWidget()
+    widget.setup()
+    window.show()
+    window.activateWindow()
+    assert QTest.qWaitForWindowActive(window, 5000)
+    widget.enter()
+    ui, client = widget.ui, RadRegionClient(radregion_server.url)
+
+    ui.serverUrlEdit.setText(radregion_server.url)
+    ui.annotatorEdit.setText("keyboard")
+    ui.connectButton.click()
+    summary = widget.logic.session.summary
+    assert summary is not None, ui.statusLabel.text
+    assert summary.model_version in ui.serverInfoLabel.text
+    assert ui.queueComboBox.count() == len(summary.queues)
+
+    ui.queueComboBox.setCurrentIndex(ui.queueComboBox.findData("random"))
+    ui.nextButton.setFocus()
+    QTest.keyClick(window, Qt.Key_N)
+    case = widget.logic.session.current
+    assert case is not None, ui.statusLabel.text
+    assert ui.caseLabel.text.startswith(case.image)
+    assert widget.logic.volume is not None and widget.logic.volume.path == case.image_path
+    second = widget.logic.session.ranked_regions()[1]
+    assert ui.topRegionLabel1.text.endswith(case.result.region)
+
+    QTest.keyClick(window, Qt.Key_2)
+    assert ui.submitButton.text == f"Correct to {second} (Enter)"
+    ui.commentEdit.setFocus()
+    QTest.keyClicks(ui.commentEdit.obj, "typed 2 O")  # typing in the comment is not a command
+    assert ui.submitButton.text == f"Correct to {second} (Enter)"
+    QTest.keyClick(ui.commentEdit.obj, Qt.Key_Return)
+    label = client.get_label(case.image)
+    assert label["region"] == second and label["comment"] == "typed 2 O" and label["annotator"] == "keyboard"
+    assert ui.commentEdit.text == "" and widget.logic.session.current.image != case.image
+
+    QTest.keyClick(window, Qt.Key_Z, Qt.ControlModifier)
+    assert client.get_label(case.image) is None
+    assert widget.logic.session.current.image == case.image and widget.logic.volume.path == case.image_path
+    QTest.keyClick(window, Qt.Key_O)
+    assert ui.submitButton.text == "Mark out of domain (Enter)"
+    QTest.keyClick(window, Qt.Key_Enter)
+    assert client.get_label(case.image)["out_of_domain"] is True
+    confirmed, total = widget.logic.session.progress()
+    assert ui.progressLabel.text.startswith(f"{confirmed} of {total} images confirmed")
+    widget.exit()
+    widget.cleanup()
+    window.close()

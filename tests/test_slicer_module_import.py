@@ -143,3 +143,122 @@ def test_every_widget_the_module_uses_exists_in_the_ui_file():
     assert used <= names, f"RadRegion.py uses widgets missing from RadRegion.ui: {sorted(used - names)}"
     classes = {w.get("class") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
     assert not {c for c in classes if c.startswith(("ctk", "qMRML"))}, "keep the .ui buildable by QUiLoader"
+
+
+# -- a PythonQt-like `qt` over PySide6, to drive RadRegionWidget offscreen -------------------------------------------
+
+PYTHONQT_PROPERTIES = ("text", "currentData")  # read as attributes in PythonQt, methods in PySide6
+
+
+class PythonQtObject:
+    """A PySide6 object seen the PythonQt way: `.connect("signal()", slot)` and properties as attributes."""
+
+    def __init__(self, obj):
+        object.__setattr__(self, "obj", obj)
+
+    def connect(self, signature, slot):
+        getattr(self.obj, signature.split("(")[0]).connect(lambda *args: slot(*args))
+
+    def __getattr__(self, name):
+        value = getattr(self.obj, name)
+        return value() if name in PYTHONQT_PROPERTIES else value
+
+    def __eq__(self, other):
+        return self.obj is getattr(other, "obj", other)
+
+    def __hash__(self):
+        return hash(id(self.obj))
+
+
+def pythonqt_standins(tmp_path):
+    """slicer/qt stand-ins on PySide6: RadRegionWidget builds its real panel and its shortcuts work."""
+    os_environ_offscreen()
+    from PySide6 import QtCore, QtGui, QtWidgets
+    from PySide6.QtCore import QFile
+    from PySide6.QtUiTools import QUiLoader
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    modules = standin_modules()
+    main_window = QtWidgets.QMainWindow()
+    settings = {}
+
+    class QSettings:
+        def value(self, key, default=None):
+            return settings.get(key, default)
+
+        def setValue(self, key, value):
+            settings[key] = value
+
+    qt = types.ModuleType("qt")
+    for name in ("QApplication", "QLineEdit", "QTextEdit", "QPlainTextEdit", "QAbstractSpinBox"):
+        setattr(qt, name, getattr(QtWidgets, name))
+    qt.Qt, qt.QKeySequence, qt.QSettings = QtCore.Qt, QtGui.QKeySequence, QSettings
+    qt.QTimer = lambda: PythonQtObject(QtCore.QTimer())
+    qt.QShortcut = lambda keys, parent: PythonQtObject(QtGui.QShortcut(keys, parent))
+
+    def load_ui(path):
+        file = QFile(str(path))
+        file.open(QFile.ReadOnly)
+        try:
+            return QUiLoader().load(file)
+        finally:
+            file.close()
+
+    def child_widget_variables(widget):
+        children = widget.findChildren(QtWidgets.QWidget)
+        return types.SimpleNamespace(**{c.objectName(): PythonQtObject(c) for c in children if c.objectName()})
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def setup(self):
+            panel = QtWidgets.QWidget()
+            self.layout = QtWidgets.QVBoxLayout(panel)
+            main_window.setCentralWidget(panel)
+
+        def resourcePath(self, relative):
+            return str(MODULE_DIR / "Resources" / relative)
+
+    slicer = modules["slicer"]
+    slicer.util.loadUI, slicer.util.childWidgetVariables = load_ui, child_widget_variables
+    slicer.util.mainWindow = lambda: main_window
+    slicer.app.cachePath = str(tmp_path / "slicer-cache")
+    modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    modules["qt"] = qt
+    return modules, app, main_window
+
+
+def os_environ_offscreen():
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def import_radregion_module_with_pythonqt(monkeypatch, tmp_path):
+    modules, app, main_window = pythonqt_standins(tmp_path)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    for name in [n for n in sys.modules if n == "RadRegion" or n.startswith("RadRegionLib")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("RadRegion"), app, main_window
+
+
+def test_widget_builds_its_panel_and_explains_a_missing_server(monkeypatch, tmp_path):
+    module, app, main_window = import_radregion_module_with_pythonqt(monkeypatch, tmp_path)
+    widget = module.RadRegionWidget()
+    widget.setup()
+    widget.enter()
+    assert len(widget.shortcuts) == 14
+    assert widget.ui.submitButton.isEnabled() is False and widget.ui.nextButton.isEnabled() is False
+    widget.ui.nextButton.obj.setEnabled(True)
+    widget.ui.nextButton.click()
+    assert widget.ui.statusLabel.text == "Connect to a server first"
+    widget.ui.serverUrlEdit.setText("127.0.0.1:9")
+    widget.ui.connectButton.click()
+    assert widget.ui.statusLabel.text.startswith("cannot reach the RadRegion server at http://127.0.0.1:9")
+    assert "Decisions are kept on this computer" in widget.ui.statusLabel.text
+    widget.exit()
+    assert widget.shortcuts == []
+    widget.cleanup()

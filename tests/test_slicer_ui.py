@@ -77,7 +77,13 @@ def test_panel_loads_fills_and_is_saved_as_screenshot(app, tmp_path):
     ui.annotatorEdit.setText("dr.example")
     ui.commentEdit.setText("wrist fracture follow-up")
 
-    assert ui.queueComboBox.count() == 4
+    assert ui.queueComboBox.count() == 5
+    ui.queueComboBox.setCurrentIndex(4)  # random
+    view.fill_queues(["random", "uncertain", "first"])  # what a server offers
+    assert [ui.queueComboBox.itemText(i) for i in range(3)] == ["Uncertain predictions", "Random", "first"]
+    assert ui.queueComboBox.currentData() == "random", "refilling keeps the chosen queue"
+    view.fill_queues(session.summary.queues)  # no strategies in the example info: all known queues
+    ui.queueComboBox.setCurrentIndex(0)
     assert ui.regionListWidget.count() == len(REGIONS)
     assert ui.regionListWidget.item(0).text().startswith("1   Hand")
     assert ui.regionListWidget.currentRow() == 1

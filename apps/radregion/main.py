@@ -33,6 +33,10 @@ MODEL = "radregion"
 class RadRegionApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.app_config = AppConfig.from_conf(conf)
+        if self.app_config.threads > 0:
+            import torch
+
+            torch.set_num_threads(self.app_config.threads)
         try:
             self.context = RadRegionContext(self.app_config, studies)
         except Exception as error:
@@ -62,7 +66,7 @@ class RadRegionApp(MONAILabelApp):
             password=conf.get("password") or os.environ.get("MONAI_LABEL_DATASTORE_PASSWORD") or None,
             token=conf.get("token") or None,
             writeback=conf.get("writeback", "off"),
-            taxonomy=self.context.taxonomy(),
+            taxonomy=self.context.taxonomy,
         )
 
     def init_infers(self):

@@ -11,7 +11,7 @@ from radregion.atomic import atomic_write
 from radregion.cleaning import CleaningSettings, clean
 from radregion.io import read_radiograph
 
-READ_OVERSAMPLE = 4  # decode at up to 4x the target size: room for the crop, area-shrunk afterwards
+READ_OVERSAMPLE = 3  # decode at up to 3x the cleaned size: room for the crop, area-shrunk afterwards
 _hash_memo: dict[tuple, str] = {}
 _hash_lock = threading.Lock()
 
@@ -44,14 +44,14 @@ def decode_clean(path, settings: CleaningSettings) -> np.ndarray:
 
 
 class ImageCache:
-    """Cleaned uint8 images stored as <root>/<settings key>/<hash[:2]>/<file sha256>.npy."""
+    """Cleaned uint8 images stored as <root>/<settings key>x<oversample>/<hash[:2]>/<file sha256>.npy."""
 
     def __init__(self, root=None):
         self.root = Path(root) if root is not None else default_root()
 
     def entry(self, path, settings: CleaningSettings) -> Path:
         digest = file_sha256(path)
-        return self.root / settings.key() / digest[:2] / f"{digest}.npy"
+        return self.root / f"{settings.key()}x{READ_OVERSAMPLE}" / digest[:2] / f"{digest}.npy"
 
     def load(self, path, settings: CleaningSettings) -> np.ndarray:
         """uint8 (size, size); decodes and cleans on a miss (RadiographError for bad files, never cached)."""

@@ -13,6 +13,8 @@ CLEANING_VERSION = 1  # bump when clean() changes its output, so cached images a
 FIELD_SEARCH_SIZE = 256  # the exposed field is searched on a copy shrunk to this long side
 FLAT_SPREAD = 0.08  # a line is uniform when its 10th..90th percentile range is below this
 LEVEL_TOLERANCE = 0.12  # ... and its median stays this close to the outermost line's
+EDGE_STEP = 0.01  # a shutter's blurred edge changes level by more than this per line
+EDGE_SPREAD = 0.15  # ... and is less uniform along its length than the shutter itself
 MAX_CROP_PER_SIDE = 0.45
 MIN_FIELD_FRACTION = 0.2
 
@@ -79,11 +81,19 @@ def find_field(image: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _uniform_run(stats: np.ndarray) -> int:
-    """How many lines from the start are uniform and at the outermost line's level."""
+    """How many lines from the start belong to a band: uniform at the outermost line's level, then the
+    shutter's blurred edge (uniform lines whose level still changes steadily)."""
     p10, median, p90 = stats
     limit = int(len(median) * MAX_CROP_PER_SIDE)  # of the current region; _to_full rejects a too-small field
+    flat = p90 - p10 < FLAT_SPREAD
     count = 0
-    while count < limit and p90[count] - p10[count] < FLAT_SPREAD and abs(median[count] - median[0]) < LEVEL_TOLERANCE:
+    while count < limit and flat[count] and abs(median[count] - median[0]) < LEVEL_TOLERANCE:
+        count += 1
+    if count == 0:
+        return 0
+    direction = np.sign(median[min(count, limit - 1)] - median[count - 1])
+    edge_flat = p90 - p10 < EDGE_SPREAD
+    while count < limit and edge_flat[count] and (median[count] - median[count - 1]) * direction > EDGE_STEP:
         count += 1
     return count
 

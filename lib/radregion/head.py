@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,9 @@ def _folds(items, k, seed) -> np.ndarray:
     try:
         from radregion.datasets import patient_folds
 
-        return np.asarray(patient_folds(items, k=k, seed=seed))
+        with warnings.catch_warnings():  # few labels per region: sklearn's "regression?" hint is noise here
+            warnings.filterwarnings("ignore", message="The number of unique classes")
+            return np.asarray(patient_folds(items, k=k, seed=seed))
     except (ImportError, ValueError):
         groups = [it.group for it in items]
         k = max(2, min(k, len(set(groups))))
@@ -172,6 +175,8 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
                 "in_domain_flagged_fraction": float(np.mean(oof_scores[best] > detector.threshold))},
         "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
     }
+    if fine_tune_epochs:
+        metrics["cross_validated"]["note"] = "optimistic: the fine-tuned backbone saw every fold's images"
     meta_updates = {
         "taxonomy": {**bundle.meta.get("taxonomy", {}),
                      "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),

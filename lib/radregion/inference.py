@@ -73,6 +73,14 @@ def _as_list(batch):
     return batch
 
 
+def _warm_decoder_imports():
+    """Import what decoding and cleaning use before the workers fork, so each does not import it again."""
+    import monai.transforms  # noqa: F401  (cleaning resizes with MONAI; its import costs seconds)
+
+    import radregion.cache  # noqa: F401
+    import radregion.io  # noqa: F401
+
+
 class Predictor:
     """Predict regions of files or arrays with one bundle or an ensemble (a list of bundles)."""
 
@@ -146,6 +154,7 @@ class Predictor:
             for start in range(0, len(paths), batch_size):
                 yield [dataset[i] for i in range(start, min(start + batch_size, len(paths)))]
             return
+        _warm_decoder_imports()
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.workers, collate_fn=_as_list,
                             prefetch_factor=2, persistent_workers=False)
         yield from loader

@@ -34,6 +34,7 @@ NOT_IMAGES = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html",
               ".py", ".ipynb", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".zip", ".tar", ".gz", ".7z", ".npy",
               ".npz", ".pt", ".pth", ".safetensors", ".db", ".sqlite", ".ini", ".cfg", ".sh", ".bat",
               ".exe"}  # fmt: skip
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 SKIPPED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
 
 
@@ -52,7 +53,8 @@ def is_dicom(path) -> bool:
 
 
 def read_radiograph(path, max_size: int | None = None) -> Radiograph:
-    """Decode one file. `max_size` shrinks by an integer block mean while reading (long side <= max_size)."""
+    """Decode one file. `max_size` shrinks while decoding (JPEG 2000 resolution levels, integer block mean):
+    the long side ends between max_size / 2 and max_size."""
     path = Path(path)
     kind = _kind(path)
     if kind == "dicom":
@@ -122,7 +124,7 @@ def _scan(path: Path) -> bool:
             if str(ds.get("SOPClassUID", "")) == MEDIA_DIRECTORY:
                 return False
             check_image(ds, path)
-            _check_native_size(ds, path)
+            _check_complete(ds, path)
     elif kind == "pillow":
         with _open_pillow(path) as img:
             try:
@@ -145,10 +147,17 @@ def _bad_header_is_an_error(path: Path):
             raise RadiographError(path, f"invalid DICOM header ({type(error).__name__}: {error})") from None
 
 
-def _check_native_size(ds, path: Path) -> None:
-    """Header-only truncation check: an uncompressed image needs at least its pixel bytes on disk."""
+def _check_complete(ds, path: Path) -> None:
+    """Cheap truncation check for a scan: uncompressed pixels need their bytes on disk; encapsulated pixel
+    data ends with a sequence delimiter (only when it does not is the whole file parsed to be sure)."""
     if ds.file_meta.TransferSyntaxUID.is_compressed:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 8))
+            if handle.read(8) != SEQUENCE_DELIMITER:
+                read_header(path, pixels=True)  # raises when the pixel data is cut short
         return
+    if ds.file_meta.TransferSyntaxUID.is_deflated:
+        return  # the whole data set is zlib-compressed: sizes say nothing
     needed = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel") or 1) * int(ds.get("BitsAllocated") or 8) // 8
     size = path.stat().st_size
     if size < needed:

@@ -17,12 +17,13 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from RadRegionLib import RadRegionClient, ReviewSession, ServerError, ServerUnreachable
+from RadRegionLib import RadRegionClient, ReviewSession, ServerError, ServerUnreachable, server_work_dir
 from RadRegionLib.panel import PanelView
 
 SERVER_URL_ENV = "RADREGION_SERVER_URL"  # used by the self-test
 SETTINGS_PREFIX = "RadRegion/"
 TRAIN_POLL_MS = 5000
+REQUEST_TIMEOUT_S = 15  # a plain request; inference gets longer (RadRegionClient.infer)
 
 
 class RadRegion(ScriptedLoadableModule):
@@ -126,6 +127,7 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS_PREFIX + "annotator", annotator)
         if self._run(lambda: self.logic.connect(url, token, annotator), needs_session=False):
             self.view.show_summary(self.logic.session.summary)
+            self.view.fill_queues(self.logic.session.summary.queues)
             self.onTrainRefresh()
 
     def onNext(self):
@@ -168,8 +170,10 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         except ServerError as error:
             text = str(error)
         self.view.show_train_status(text)
-        if not text.startswith("Training"):
+        if self.trainTimer.isActive() and not text.startswith("Training"):
             self.trainTimer.stop()
+            self._run(lambda: self.logic.session.connect())  # a finished training brings a new model version
+            self.view.show_summary(self.logic.session.summary)
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
@@ -217,8 +221,8 @@ class RadRegionLogic(ScriptedLoadableModuleLogic):
         self.volume = None
 
     def connect(self, url, token="", annotator="", work_dir=None):
-        client = RadRegionClient(url, token=token or None)
-        work_dir = work_dir or os.path.join(slicer.app.cachePath, "RadRegion")
+        client = RadRegionClient(url, token=token or None, timeout=REQUEST_TIMEOUT_S)
+        work_dir = work_dir or server_work_dir(os.path.join(slicer.app.cachePath, "RadRegion"), client.url)
         session = ReviewSession(client, work_dir, annotator=annotator or None)
         self.session = session
         return session.connect()

@@ -1,11 +1,14 @@
 """The app's `--conf` options, parsed once. Every option is documented in apps/radregion/README.md."""
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
+OTHER_KEYS = ("server_mode", "modalities", "username", "password", "token", "writeback")  # MONAI Label's, PACS
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,8 @@ class AppConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     batch_size: int = 32             # images per forward pass (scoring, batch run)
     workers: int = 2                 # decode threads
+    cache: bool = True               # keep cleaned images in the engine's image cache ($RADREGION_CACHE)
+    threads: int = 0                 # torch CPU threads (0 = torch's default: one per core)
     taxonomy: str = ""               # label validation; default: the bundle's taxonomy
     auto_train_every: int = 0        # retrain after every N new confirmed labels (0 = never)
     fine_tune: bool = False          # also fine-tune the backbone when training (slow on CPU)
@@ -34,7 +39,9 @@ class AppConfig:
         for key, raw in (conf or {}).items():
             field = known.get(key)
             if field is None:
-                continue  # MONAI Label's own keys (server_mode, ...) and the PACS options pass through
+                if key not in OTHER_KEYS:
+                    logger.warning(f"--conf {key}: unknown option, ignored (see apps/radregion/README.md)")
+                continue
             if field.type is bool:
                 values[key] = str(raw).strip().lower() in TRUE
             elif field.type in (int, float):

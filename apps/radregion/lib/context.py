@@ -82,7 +82,8 @@ class RadRegionContext:
 
         with self._lock:
             if self._predictor is None:
-                self._predictor = Predictor(self.model_dir, device=self.config.device, workers=self.config.workers)
+                self._predictor = Predictor(self.model_dir, device=self.config.device, workers=self.config.workers,
+                                            cache=self.config.cache)
                 logger.info(f"model {self._predictor.version} loaded from {self.model_dir}")
             elif self._predictor.reload_if_changed():
                 logger.info(f"new model {self._predictor.version} published: loaded")

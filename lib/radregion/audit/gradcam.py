@@ -64,7 +64,11 @@ def _scale_each(maps: torch.Tensor) -> torch.Tensor:
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Grey image with a jet-coloured heat map blended in -> (S, S, 3) uint8."""
     from matplotlib import colormaps
+    from PIL import Image
 
+    if heatmap.shape != image_uint8.shape:  # the model may see a smaller image than the report shows
+        heatmap = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(
+            image_uint8.shape[::-1], Image.BILINEAR))
     grey = np.repeat(image_uint8[..., None].astype(np.float32) / 255.0, 3, axis=2)
     heat = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
     weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5

@@ -1,8 +1,8 @@
 """Suspected label errors from out-of-fold probabilities (arrays in, arrays out, like cleanlab).
 
 "cleanlab": cleanlab's defaults (find_label_issues, prune_by_noise_rate; self-confidence scores).
-"ours": as many issues as confident learning estimates (the calibrated confident joint), taken from the top of
-one global ranking by normalized margin (best other class minus the given class) instead of per class pair.
+"ours": as many issues as cleanlab's default flags, taken from the top of one global ranking by our score
+instead of per (given, true) class pair.
 bench/audit_quality.py measures both on the same probabilities.
 
 `labels` are class indices with -1 for "no given label": such images are never label errors (they get a
@@ -43,7 +43,7 @@ def issue_scores(labels, pred_probs, method=DEFAULT_METHOD) -> np.ndarray:
 
         scores[has] = 1.0 - get_label_quality_scores(given, probs, method="self_confidence")
     else:
-        scores[has] = _margin_score(given, probs)
+        scores[has] = _our_score(given, probs)
     return scores
 
 
@@ -63,28 +63,20 @@ def find_label_issues(labels, pred_probs, method=DEFAULT_METHOD, out_of_domain=N
     return mask
 
 
-def _margin_score(labels, pred_probs) -> np.ndarray:
-    """Normalized margin (best other class minus the given class), mapped from [-1, 1] to [0, 1]."""
-    rows = np.arange(len(labels))
-    given = pred_probs[rows, labels]
-    others = pred_probs.copy()
-    others[rows, labels] = -np.inf
-    return (1.0 + others.max(axis=1) - given) / 2.0
+def _our_score(labels, pred_probs) -> np.ndarray:
+    """1 - self-confidence (ranked flips better than the normalized margin on the bench)."""
+    return 1.0 - pred_probs[np.arange(len(labels)), labels]
 
 
 def _our_issues(labels, pred_probs) -> np.ndarray:
-    """The estimated number of label errors (confident joint, calibrated: cleanlab.count.num_label_issues),
-    taken from the top of our margin ranking rather than per class."""
-    from cleanlab.count import num_label_issues
-
+    """As many issues as cleanlab's default finds, taken from the top of one global ranking by our score
+    (cleanlab prunes per (given, true) class pair, which spends the count on pairs rather than on the worst)."""
     labels, probs = _compact(labels, pred_probs)
     mask = np.zeros(len(labels), dtype=bool)
     if probs is None:
         return mask
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        n = int(num_label_issues(labels, probs))
-    mask[np.argsort(-_margin_score(labels, probs), kind="stable")[:n]] = True
+    n = int(_cleanlab_issues(labels, probs).sum())
+    mask[np.argsort(-_our_score(labels, probs), kind="stable")[:n]] = True
     return mask
 
 

@@ -3,6 +3,7 @@ suspected errors, out-of-domain flags; then the files in the output folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from radregion.audit.oof import (bundle_features, can_fit_out_of_fold, out_of_fo
                                  patient_fold_ids)
 from radregion.audit.result import AuditResult
 from radregion.errors import RadiographError
+
+DISPLAY_SIZE = 224  # thumbnails and Grad-CAM overlays in the report, whatever the model's input size
 
 
 @dataclass
@@ -190,7 +193,6 @@ def write_outputs(result, output, bundle, *, max_rows=200, gradcam=True, progres
     """label_issues.csv, corrections.csv and index.html in `output`; returns their paths."""
     from radregion.audit.report import shown_indices, tsne_coordinates, write_report
     from radregion.audit.writer import write_audit_csv, write_corrections_csv
-
     from radregion.cache import load_clean
 
     output = Path(output)
@@ -199,12 +201,15 @@ def write_outputs(result, output, bundle, *, max_rows=200, gradcam=True, progres
              "corrections": write_corrections_csv(result.corrections(), output / "corrections.csv")}
     shown = shown_indices(result, max_rows)
     needed = sorted(set().union(*shown.values()))
+    display = dataclasses.replace(bundle.settings, size=max(bundle.settings.size, DISPLAY_SIZE))
     steps = tqdm(total=len(needed) + 2, desc="report", unit="step", file=sys.stderr, disable=not progress)
     images = {}
     for i in needed:
-        images[i] = load_clean(result.paths[i], bundle.settings)
+        images[i] = load_clean(result.paths[i], display)
         steps.update()
-    cams = gradcam_maps(bundle, result, images, shown["issues"]) if gradcam else {}
+    model_input = ({i: load_clean(result.paths[i], bundle.settings) for i in shown["issues"]}
+                   if gradcam else {})
+    cams = gradcam_maps(bundle, result, model_input, shown["issues"]) if gradcam else {}
     steps.update()
     xy = tsne_coordinates(result.features, seed=0)
     steps.update()

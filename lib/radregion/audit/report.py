@@ -142,7 +142,7 @@ def _issue_rows(result, order, thumbs, cams) -> str:
         region = result.regions[suggested[i]]
         rows.append(
             f'<tr data-image="{esc(result.images[i])}" data-suggested="{esc(region)}">'
-            f'<td class="num">{rank}</td><td>{thumb}</td><td>{cam}</td><td class="path">{esc(result.images[i])}</td>'
+            f'<td class="num">{rank}</td><td>{thumb}</td><td>{cam}</td><td class="path" title="{esc(result.images[i])}">{esc(_short(result.images[i]))}</td>'
             f'<td class="given">{esc(result.given_text(i))}</td><td class="suggested">{esc(region)}</td>'
             f'<td class="num" data-v="{confidence[i]:.4f}"><span class="bar" style="width:{40 * confidence[i]:.0f}px">'
             f'</span>{confidence[i]:.0%}</td><td class="num" data-v="{result.issue_score[i]:.4f}">'
@@ -150,6 +150,11 @@ def _issue_rows(result, order, thumbs, cams) -> str:
     if not rows:
         return '<tr><td colspan="9" class="none">No suspected label errors.</td></tr>'
     return "".join(rows)
+
+
+def _short(image: str) -> str:
+    parts = Path(image).parts
+    return image if len(parts) <= 2 else "…/" + "/".join(parts[-2:])
 
 
 def _gallery(result, indices, thumbs, caption) -> str:
@@ -194,7 +199,7 @@ def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int 
         errors = f'<section id="errors"><h2>Unreadable files ({len(result.errors)})</h2><ul>{items}</ul></section>'
     counts = result.counts()
     shown = f" (the {max_rows} most suspicious shown)" if counts["issues"] > max_rows else ""
-    method = {"ours": "the confident-learning estimate of their number, ranked by normalized margin (RadRegion)",
+    method = {"ours": "confident learning's count, taken from one global self-confidence ranking (RadRegion)",
               "cleanlab": "cleanlab.filter.find_label_issues (confident learning)"}.get(result.method, result.method)
     fields = {
         "title": esc(result.source),

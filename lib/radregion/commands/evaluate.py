@@ -44,6 +44,10 @@ def run(args) -> int:
     if not items:
         raise ValueError(f"{args.labels}: no labelled images")
     predictor = Predictor(models if len(models) > 1 else models[0], workers=args.workers, precision=args.precision)
+    for bundle in predictor.model.bundles:
+        if str(Path(args.labels).resolve()) in str(bundle.meta.get("training", {}).get("data", "")):
+            print(f"radregion evaluate: warning: {bundle.path} was fitted on {args.labels}; these figures are "
+                  "in-sample (use a held-out split)", file=sys.stderr)
     predictions = list(predictor.predict([it.path for it in items], batch_size=args.batch_size, progress=True))
     ood_regions = out_of_domain_regions(predictor.taxonomy, args.exclude_regions)
     figures = evaluate_predictions(predictions, items, predictor.regions, ood_regions, args.bootstrap, args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 
 def register(subparsers):
@@ -51,7 +52,7 @@ def run(args) -> int:
         in_domain = sample_fraction(in_domain, args.fraction, seed=args.seed)
     sampling = (f"{args.per_class} per region" if args.per_class is not None
                 else f"fraction {args.fraction}" if args.fraction is not None else "all")
-    data = (f"{args.labels} ({sampling}, seed {args.seed}): {len(in_domain)} in-domain images, "
+    data = (f"{Path(args.labels).resolve()} ({sampling}, seed {args.seed}): {len(in_domain)} in-domain images, "
             f"{len(out_domain)} out-of-domain images for OOD evaluation")
     print(f"radregion fit-head: {data}", file=sys.stderr)
     result = train_head(bundle, in_domain + out_domain, args.output, exclude_regions=args.exclude_regions,

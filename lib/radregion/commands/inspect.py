@@ -8,8 +8,6 @@ import numpy as np
 
 from radregion.errors import RadiographError
 
-READ_OVERSAMPLE = 4
-
 
 def register(subparsers):
     parser = subparsers.add_parser(
@@ -52,6 +50,7 @@ def run(args) -> int:
 
 def inspect_file(path, settings) -> dict:
     """Everything `inspect` reports for one file, plus the cleaned uint8 image under "cleaned"."""
+    from radregion.cache import READ_OVERSAMPLE
     from radregion.cleaning import clean, find_field
     from radregion.io import read_radiograph
     from radregion.taxonomy import load_taxonomy

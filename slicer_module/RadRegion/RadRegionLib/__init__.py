@@ -5,10 +5,10 @@ Standard library only, Python 3.9+: it runs in Slicer's Python and in plain Pyth
 
 from .client import RadRegionClient, RequestRejected, ServerError, ServerUnreachable
 from .results import CaseResult, ServerSummary, parse_infer, parse_summary, train_status_text
-from .review import Decision, Outbox, QUEUES, ReviewSession
+from .review import Decision, Outbox, QUEUES, ReviewSession, server_work_dir
 
 __all__ = [
     "RadRegionClient", "ServerError", "ServerUnreachable", "RequestRejected",
     "CaseResult", "ServerSummary", "parse_infer", "parse_summary", "train_status_text",
-    "Decision", "Outbox", "QUEUES", "ReviewSession",
+    "Decision", "Outbox", "QUEUES", "ReviewSession", "server_work_dir",
 ]

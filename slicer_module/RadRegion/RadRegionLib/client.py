@@ -146,6 +146,9 @@ class RadRegionClient:
             raise RequestRejected(_rejection_text(method, path, error.code, detail), error.code, detail) from None
         except (URLError, ConnectionError, socket.timeout, OSError) as error:
             reason = getattr(error, "reason", error)
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ServerUnreachable(f"no answer from the RadRegion server at {self.url} within "
+                                        f"{timeout or self.timeout:.0f} s ({method} {path})") from None
             raise ServerUnreachable(f"cannot reach the RadRegion server at {self.url} ({reason})") from None
 
 

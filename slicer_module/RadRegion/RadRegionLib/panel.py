@@ -4,7 +4,7 @@ Imports no Qt: it only calls widget methods that Slicer's PythonQt and PySide6 s
 so the same code fills the panel in Slicer and in the offscreen screenshot test.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 from .results import ServerSummary
 from .review import QUEUES, ReviewSession
@@ -19,13 +19,20 @@ class PanelView:
     def __init__(self, ui):
         self.ui = ui
 
-    def fill_queues(self) -> None:
-        self.ui.queueComboBox.clear()
-        for name, words in QUEUES.items():
-            self.ui.queueComboBox.addItem(words, name)
+    def fill_queues(self, offered: Optional[List[str]] = None) -> None:
+        """The queues the server offers (all known ones before connecting); keeps the current choice."""
+        combo = self.ui.queueComboBox
+        current = combo.currentData() if callable(combo.currentData) else combo.currentData
+        names = [q for q in QUEUES if not offered or q in offered] + [q for q in offered or [] if q not in QUEUES]
+        combo.clear()
+        for name in names:
+            combo.addItem(QUEUES.get(name, name), name)
+        if current in names:
+            combo.setCurrentIndex(names.index(current))
 
     def show_summary(self, summary: Optional[ServerSummary]) -> None:
         self.ui.serverInfoLabel.setText(_summary_text(summary) if summary else "Not connected")
+        self.ui.serverInfoLabel.setToolTip("Regions: " + ", ".join(summary.regions) if summary else "")
 
     def show_case(self, session: Optional[ReviewSession]) -> None:
         """The current case of the session (the empty state when there is none, or no session yet)."""

@@ -7,10 +7,12 @@ server has it, so a decision made while the server is down is delivered when it 
 import getpass
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 from .client import RadRegionClient, RequestRejected, ServerError, ServerUnreachable, atomic_write
 from .results import CaseResult, ServerSummary, parse_infer, parse_summary, train_status_text
@@ -20,6 +22,7 @@ QUEUES = {
     "uncertain": "Uncertain predictions",
     "disagreement": "Disagrees with the archive",
     "ood": "Out-of-domain suspects",
+    "diverse": "Uncertain and unlike those seen",
     "random": "Random",
 }
 
@@ -107,6 +110,7 @@ class ReviewSession:
         self.submitted: List[Decision] = []  # this session's label decisions, for undo
         self._cases: Dict[str, Case] = {}
         self._refused: Dict[str, RequestRejected] = {}  # decision id -> the server's refusal
+        self.online = False  # False after the server did not answer: no more waiting on it for counts
         self.status_message = "Not connected"
 
     # -- server ------------------------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class ReviewSession:
         except ServerError as error:
             self.status_message = f"Not connected: {error}"
             raise
+        self.online = True
         self.status_message = self.summary.text
         self.flush()
         return self.summary
@@ -133,6 +138,7 @@ class ReviewSession:
             try:
                 self._send(decision)
             except ServerUnreachable as error:
+                self.online = False
                 self.status_message = (f"Server unreachable: {len(self.outbox)} decision(s) saved on this computer, "
                                        f"sent when the server is back ({error})")
                 return delivered
@@ -143,6 +149,7 @@ class ReviewSession:
                 self._reject(decision, error)
             else:
                 delivered += 1
+                self.online = True
             self.outbox.remove(decision.id)
         if delivered:
             self.status_message = f"Delivered {delivered} saved decision(s) to the server"
@@ -151,8 +158,8 @@ class ReviewSession:
     def progress(self):
         """(confirmed, total): the server's counts plus labels still waiting in the outbox."""
         try:
-            stats = self.client.stats()
-            if self.summary:
+            stats = self.client.stats() if self.online else {}
+            if self.summary and stats:
                 self.summary.total = int(stats.get("total", self.summary.total))
                 self.summary.confirmed = int(stats.get("completed", self.summary.confirmed))
         except ServerError:
@@ -181,6 +188,7 @@ class ReviewSession:
             self.current = None
             return None  # the server is away: the status message says so
         image = self.client.next_case(self.queue)
+        self.online = True
         if not image:
             self.current, self.pending = None, None
             self.status_message = (f"No case in the '{QUEUES.get(self.queue, self.queue)}' queue now: it is empty, "
@@ -309,6 +317,12 @@ class ReviewSession:
         old = open(self.rejected_path, "rb").read() if os.path.exists(self.rejected_path) else b""
         atomic_write(self.rejected_path, old + (json.dumps(record) + "\n").encode("utf-8"))
         self.status_message = f"The server refused {decision.text}: {error} (kept in {self.rejected_path})"
+
+
+def server_work_dir(root: str, url: str) -> str:
+    """One work folder per server, so that decisions never reach a server they were not made for."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    return os.path.join(root, re.sub(r"[^A-Za-z0-9.-]+", "_", parts.netloc + parts.path).strip("_") or "server")
 
 
 def _user() -> str:

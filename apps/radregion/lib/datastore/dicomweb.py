@@ -4,7 +4,6 @@ Image id = SOPInstanceUID. Images are fetched on first use and cached as .dcm; c
 keyed by SOPInstanceUID. See docs/pacs.md.
 """
 
-import hashlib
 import json
 import logging
 import threading
@@ -14,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import pydicom
 import requests
+import urllib3
 from dicomweb_client.api import DICOMwebClient
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from requests.adapters import HTTPAdapter
@@ -72,17 +72,24 @@ def pacs_session(username=None, password=None, token=None, timeout=(3.05, 30.0),
     return session
 
 
-def _describe(exc: Exception) -> str:
+HTTP_HINTS = {
+    401: "check the username/password or token",
+    403: "this user may not read or store here",
+    404: "is the URL the DICOMweb root, e.g. http://pacs:8042/dicom-web?",
+}
+
+
+def _describe(exc: Exception, attempts: int) -> str:
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         r = exc.response
-        hint = {401: " (check the username/password or token)", 403: " (access denied)", 404: " (not found)"}
-        return f"HTTP {r.status_code} {r.reason}{hint.get(r.status_code, '')}"
-    if isinstance(exc, requests.exceptions.RetryError):
-        return f"gave up after retries: {exc.args[0].reason if exc.args and hasattr(exc.args[0], 'reason') else exc}"
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
+        hint = HTTP_HINTS.get(r.status_code)
+        return f"HTTP {r.status_code} {r.reason}" + (f" ({hint})" if hint else "")
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's, after its retries
+    refused = isinstance(reason, urllib3.exceptions.NewConnectionError)  # a ConnectTimeoutError subclass
+    if not refused and (isinstance(exc, requests.Timeout) or isinstance(reason, urllib3.exceptions.TimeoutError)):
+        return f"timed out ({attempts} attempts)"
     if isinstance(exc, requests.ConnectionError):
-        return "cannot connect (is the PACS running and the URL right?)"
+        return f"cannot connect after {attempts} attempts (is the PACS running and the URL right?)"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -203,6 +210,8 @@ class RadRegionDICOMwebDatastore(Datastore):
         self.modalities = tuple(m.upper() for m in (modalities or ()))
         self._taxonomy = taxonomy
         self.list_ttl = float(list_ttl)
+        self.retries = int(retries)
+        self._file_meta: Dict[str, dict] = {}
         self.session = pacs_session(username, password, token, timeout, retries, backoff)
         self.client = DICOMwebClient(self.url, session=self.session)
         self.client.set_http_retry_params(retry=False)  # retries live in the session (connection errors too)
@@ -228,12 +237,13 @@ class RadRegionDICOMwebDatastore(Datastore):
         try:
             return fn(*args, **kwargs)
         except (requests.RequestException, ValueError) as exc:
-            error = PACSError(url, f"{what}: {_describe(exc)}")
+            error = PACSError(url, f"{what}: {_describe(exc, self.retries + 1)}")
             self.last_error = str(error)
             raise error from exc
 
     def _query(self) -> Dict[str, dict]:
         found: Dict[str, dict] = {}
+        own = self.writeback.created_uids()
         for modality in self.modalities or (None,):
             filters = {"Modality": modality} if modality else {}
             offset = 0
@@ -246,17 +256,17 @@ class RadRegionDICOMwebDatastore(Datastore):
                 for item in page:
                     meta = {k: _value(item, k) for k in QIDO_FIELDS}
                     meta = {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
-                    if meta.get("SOPInstanceUID") and not self._is_own(meta):
+                    if meta.get("SOPInstanceUID") and not self._is_own(meta, own):
                         found[meta["SOPInstanceUID"]] = meta
                 if len(page) < PAGE_SIZE:
                     break
                 offset += PAGE_SIZE
         return found
 
-    def _is_own(self, meta: dict) -> bool:
+    @staticmethod
+    def _is_own(meta: dict, created_uids: set) -> bool:
         """Instances this product wrote back are never listed again."""
-        return (meta.get("SeriesDescription", "").startswith(WRITEBACK_MARKER)
-                or meta["SOPInstanceUID"] in self.writeback.created_uids())
+        return meta.get("SeriesDescription", "").startswith(WRITEBACK_MARKER) or meta["SOPInstanceUID"] in created_uids
 
     def refresh(self) -> None:
         try:
@@ -266,8 +276,9 @@ class RadRegionDICOMwebDatastore(Datastore):
             self._listed_at = time.monotonic()  # do not hammer a PACS that is down
             return
         with self._lock:
-            self._index = found
-            self._save_index()
+            if found != self._index:
+                self._index = found
+                self._save_index()
             self._listed_at = time.monotonic()
             self.last_error = None
         self.retry_writebacks()
@@ -332,12 +343,7 @@ class RadRegionDICOMwebDatastore(Datastore):
         notes = _read_json(self.notes_path).get(image_id, {})
         path = self.cached_path(image_id)
         if path.exists():
-            from radregion.io import read_metadata
-
-            try:
-                meta.update({k: v for k, v in read_metadata(path).items() if v is not None})
-            except RadiographError as error:
-                meta["error"] = str(error)
+            meta.update(self._cached_header(image_id, path))
         if not meta:
             return notes
         archive = self.taxonomy.archive_label(meta)
@@ -345,8 +351,17 @@ class RadRegionDICOMwebDatastore(Datastore):
                     name=image_id, id=image_id, source=self.url)
         return {**notes, **meta}
 
-    def archive_region(self, image_id: str) -> Optional[str]:
-        return self.get_image_info(image_id).get("pacs_label")
+    def _cached_header(self, image_id: str, path: Path) -> dict:
+        """The cached file's own header (it outranks the QIDO attributes), read once."""
+        if image_id not in self._file_meta:
+            from radregion.io import read_metadata
+
+            try:
+                header = {k: v for k, v in read_metadata(path).items() if v is not None}
+            except RadiographError as error:
+                header = {"error": str(error)}
+            self._file_meta[image_id] = header
+        return self._file_meta[image_id]
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         raise PACSError(self.url, "images are added in the PACS, not through RadRegion", http_status=405)
@@ -438,14 +453,10 @@ class RadRegionDICOMwebDatastore(Datastore):
             "completed": len(self.get_labeled_images()),
             "label_tags": tags,
             "pacs": {"url": self.url, "reachable": self.last_error is None, "error": self.last_error,
-                     "cached_images": sum(1 for i in images if self.cached_path(i).exists()),
+                     "cached_images": sum(1 for _ in self.image_dir.glob("*.dcm")),
                      "writeback": self.writeback.mode},
         }
 
     def json(self):
         return {i: {"image": self._index.get(i, {}), "labels": self.labels.tags(i)} for i in self.list_images()}
 
-
-def cache_dir_for(url: str, root) -> Path:
-    """One cache folder per PACS URL under root."""
-    return Path(root) / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:12]

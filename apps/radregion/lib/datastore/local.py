@@ -147,9 +147,7 @@ class RadRegionDatastore(LocalDatastore):
         logger.info(f"label {label_tag} for {image_id}: {label['region']} by {label['annotator']}")
         return image_id
 
-    def read_label(self, image_id, tag="final") -> dict | None:
-        uri = self.get_label_uri(image_id, tag)
-        try:
-            return json.loads(Path(uri).read_text()) if uri else None
-        except (OSError, ValueError):
-            return None
+    def remove_label(self, label_id, label_tag):
+        super().remove_label(label_id, label_tag)
+        if self._auto_reload:
+            self.refresh()  # at once, not when the file watcher gets to it

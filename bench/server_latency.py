@@ -1,0 +1,143 @@
+"""Server latency: p50/p95 of `POST /infer/radregion` for a PNG and a 2k x 2k JPEG 2000 DICOM (cold = the image
+was never decoded, warm = cleaned image in the cache), throughput with 8 concurrent clients, and the server's
+overhead per image against the engine's Predictor (what `radregion predict` runs) on the same files.
+
+    .venv/bin/python bench/server_latency.py [--model BUNDLE] [--requests 30] [--clients 8] [--per-client 25]
+
+Without --model it uses apps/radregion/model when that holds a bundle, else builds the tests' tiny bundle.
+The server runs with OMP_NUM_THREADS=1 unless set (as the tests do; see tests/fixtures/server.py).
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+SHARED = Path(os.environ.get("RADREGION_SHARED_DATA", REPO.parent / "shared" / "data"))
+DICOM_2K = SHARED / "dicom" / "RG1_J2KI.dcm"  # 1955 x 1841, JPEG 2000 lossy
+
+
+def percentiles(seconds):
+    ms = sorted(s * 1000 for s in seconds)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+
+
+def distinct_copies(source: Path, folder: Path, n: int, stem: str) -> list:
+    """n byte-distinct copies (DICOM preamble / PNG trailing bytes differ) so that each one is a cache miss."""
+    data = source.read_bytes()
+    out = []
+    for k in range(n):
+        path = folder / f"{stem}{k:03d}{source.suffix}"
+        tag = f"bench-{k:06d}".encode()
+        if source.suffix == ".dcm":
+            path.write_bytes(tag + data[len(tag):])  # preamble bytes, ignored by readers
+        else:
+            path.write_bytes(data + tag)  # after IEND, ignored by PNG readers
+        out.append(path)
+    return out
+
+
+def timed_infer(session, url, image_id):
+    start = time.perf_counter()
+    answer = session.post(f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300)
+    elapsed = time.perf_counter() - start
+    if answer.status_code != 200:
+        raise RuntimeError(f"{image_id}: HTTP {answer.status_code} {answer.text[:200]}")
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=25)
+    args = parser.parse_args()
+
+    import requests
+
+    from fixtures.server import start_server
+
+    work = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
+    os.environ.setdefault("RADREGION_CACHE", str(work / "cache"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        model = args.model
+        default = REPO / "apps" / "radregion" / "model"
+        if model is None and (default / "bundle.json").is_file():
+            model = default
+        if model is None:
+            from fixtures.bundle import build_tiny_bundle
+
+            model = build_tiny_bundle(SHARED / "unifesp", work / "bundle")
+            print(f"model: tests' tiny bundle (resnet10, 64 px) built in {work / 'bundle'}")
+        else:
+            print(f"model: {model}")
+        studies = work / "studies"
+        studies.mkdir()
+        png = sorted((SHARED / "unifesp" / "images").glob("*.png"))[0]
+        n = args.requests
+        pngs = distinct_copies(png, studies, n, "png")
+        dicoms = distinct_copies(DICOM_2K, studies, n, "dcm")
+        server = start_server(studies, model, log_path=work / "server.log")
+        try:
+            from radregion.inference import Predictor
+
+            model_dir = studies / ".radregion" / "model"
+            engines = {"cold": Predictor(model_dir, workers=0, cache=False),  # decodes every time
+                       "warm": Predictor(model_dir, workers=0, cache=True)}
+            session = requests.Session()
+            timed_infer(session, server.url, "png000")  # first request: lazy imports, model warm-up
+            for engine in engines.values():
+                list(engine.predict([pngs[0]]))
+
+            def engine_time(kind, path):
+                start = time.perf_counter()
+                list(engines[kind].predict([path], batch_size=1))
+                return time.perf_counter() - start
+
+            # server and engine alternate image by image, so both see the same machine load
+            table = {}
+            for name, files in (("PNG 320 px", pngs), (f"DICOM J2K {DICOM_2K.stem}", dicoms)):
+                for kind, subset in (("cold", files[1:]), ("warm", files)):
+                    pairs = [(timed_infer(session, server.url, f.stem), engine_time(kind, f)) for f in subset]
+                    table[f"{name} {kind}"] = pairs
+            print(f"{'image':<26}{'p50':>8}{'p95':>8}{'engine p50':>12}{'overhead p50':>14}  "
+                  f"(ms per request, {n} requests, one image each)")
+            for key, pairs in table.items():
+                server_p50, server_p95 = percentiles([a for a, _ in pairs])
+                print(f"{key:<26}{server_p50:>8.1f}{server_p95:>8.1f}{percentiles([b for _, b in pairs])[0]:>12.1f}"
+                      f"{statistics.median([(a - b) * 1000 for a, b in pairs]):>14.1f}")
+
+            ids = [f.stem for f in pngs[:8]] + [f.stem for f in dicoms[:8]]
+
+            def client(c):
+                s = requests.Session()
+                return [timed_infer(s, server.url, ids[(c + k) % len(ids)]) for k in range(args.per_client)]
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                latencies = [t for ts in pool.map(client, range(args.clients)) for t in ts]
+            wall = time.perf_counter() - start
+            p50, p95 = percentiles(latencies)
+            print(f"{args.clients} clients x {args.per_client} requests (warm PNG+DICOM): "
+                  f"{len(latencies) / wall:.1f} images/s, latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, 0 errors")
+            start = time.perf_counter()
+            list(engines["cold"].predict(pngs, batch_size=32))
+            print(f"engine, one batch of {len(pngs)} PNGs (as `radregion predict` runs a folder): "
+                  f"{(time.perf_counter() - start) / len(pngs) * 1000:.1f} ms per image")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
