@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "lib"))
 
 from radregion.audit import issues  # noqa: E402
 from radregion.audit.oof import bundle_features, out_of_fold_probabilities, patient_fold_ids  # noqa: E402
+from radregion.audit.pipeline import audit_regions  # noqa: E402
 from radregion.bundle import load_bundle  # noqa: E402
 from radregion.datasets import read_labels_csv  # noqa: E402
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         return 2
     bundles = [load_bundle(m) for m in models]
     taxonomy = bundles[0].taxonomy()
-    regions = list(bundles[0].regions)
+    regions, _ = audit_regions(bundles[0], taxonomy)
     items = [it for it in read_labels_csv(args.labels, taxonomy=taxonomy) if any(r in regions for r in it.labels)]
     clean = [tuple(r for r in it.labels if r in regions) for it in items]
     patients = [it.patient_id for it in items]

@@ -240,7 +240,9 @@ def test_gradcam_maps_follow_the_requested_region(tiny_bundle, unifesp):
     logits = classifier(torch_input(images)).detach().numpy()
     np.testing.assert_allclose(logits, head.logits(extract(bundle, images)), rtol=1e-3, atol=1e-3)
     first, last = grad_cams(classifier, images, [0, 0, 0]), grad_cams(classifier, images, [len(head.regions) - 1] * 3)
-    assert first.shape == images.shape and first.min() >= 0 and np.allclose(first.max(axis=(1, 2)), 1)
+    peaks = first.max(axis=(1, 2))
+    assert first.shape == images.shape and first.min() >= 0
+    assert set(np.round(peaks, 5)) <= {0.0, 1.0} and peaks.max() == 1  # 0: no positive evidence (ReLU)
     assert not np.allclose(first, last)  # a map per requested region, not one for all
     rgb = overlay(np.stack([images[0]] * 2)[0], first[0][::2, ::2])  # a smaller map is resized to the image
     assert rgb.shape == images[0].shape + (3,) and rgb.dtype == np.uint8

@@ -333,3 +333,10 @@ def test_pydicom_corpus_never_gives_a_traceback():
             assert read_radiograph(path, max_size=64).image.dtype == np.float32
         except RadiographError as error:
             assert error.path == str(path) and error.problem
+
+
+def test_unreadable_itk_file(tmp_path):
+    pytest.importorskip("itk")
+    (tmp_path / "bad.nrrd").write_text("garbage\n")
+    with pytest.raises(RadiographError, match="bad.nrrd: unreadable NRRD file"):
+        read_radiograph(tmp_path / "bad.nrrd")

@@ -162,8 +162,12 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
     assert again.get_image_uri(rg1) == str(path)
 
 
-def test_unknown_region_is_refused_with_the_valid_names(pacs, tmp_path):
-    store = datastore(pacs, tmp_path)
+def test_paged_listing_and_unknown_region_refused(pacs, tmp_path, monkeypatch):
+    import lib.datastore.dicomweb as dicomweb
+
+    monkeypatch.setattr(dicomweb, "PAGE_SIZE", 3)  # 8 CR instances in pages of 3, 3, 2; then the MG one
+    store = datastore(pacs, tmp_path, modalities="CR, MG")
+    assert set(store.list_images()) == set(pacs.stored)
     sop = list(pacs.truth)[0]
     with pytest.raises(RadiographError, match="unknown region 'Kneee'.*Knee"):
         store.save_label(sop, label_file(tmp_path, "Kneee"), "final", {})
@@ -194,7 +198,7 @@ def test_pacs_down_serves_the_cache_and_says_why(pacs, tmp_path):
     cached_sop, uncached_sop = images[0], images[1]
     cached = store.get_image_uri(cached_sop)
     wrong_knee = list(pacs.truth)[1]
-    pacs.stop()
+    pacs.stop(kill=True)  # a crash
 
     assert store.list_images() == images  # the last listing, from disk
     assert store.get_image_uri(cached_sop) == cached
@@ -281,7 +285,7 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         # PACS down: cached images and inference keep working; an uncached one is a clear 502
         uncached = images[-1]
         next(state.rglob(f"{uncached}.dcm")).unlink()
-        pacs.stop()
+        pacs.stop(kill=True)
         assert requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60).status_code == 200
         answer = requests.post(f"{api}/infer/radregion", params={"image": images[0], "output": "json"}, timeout=300)
         assert answer.status_code == 200, answer.text
@@ -292,9 +296,14 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         # and a server (re)started while the PACS is down still serves what it has
         server.stop()
         server.start()
-        stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
-        assert stats["total"] == len(images) and stats["pacs"]["reachable"] is False, stats
-        assert pacs.dicomweb_url in stats["pacs"]["error"]
+        deadline = time.monotonic() + 60
+        while True:  # the listing is refreshed in the background: its failure shows up shortly
+            stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
+            assert stats["total"] == len(images), stats
+            if stats["pacs"]["reachable"] is False or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert stats["pacs"]["reachable"] is False and pacs.dicomweb_url in stats["pacs"]["error"], stats
         assert requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60).status_code == 200
         label = requests.get(f"{api}/datastore/label", params={"label": wrong_knee, "tag": "final"}, timeout=60)
         assert label.status_code == 200 and label.json()["region"] == "Knee"

@@ -198,11 +198,15 @@ class _Distributed:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate x from all ranks, keeping the gradient path to this rank's part."""
+        return _GatherWithGradient.apply(x.contiguous()) if self.enabled else x
+
+    def gather_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate x from all ranks (no gradient)."""
         if not self.enabled:
             return x
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x.contiguous()))
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
     def any(self, flag: bool) -> bool:
         if not self.enabled:
@@ -214,6 +218,22 @@ class _Distributed:
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own rows (works on gloo too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 @contextlib.contextmanager
@@ -507,7 +527,7 @@ def _loss(method, out, target_out, classes, world: _Distributed, temperature):
     first, second = world.gather(first), world.gather(second)
     if method == "simclr":
         return ntxent_loss(first, second, temperature)
-    classes = world.gather(classes)
+    classes = world.gather_plain(classes)
     return supcon_loss(torch.cat([first, second]), torch.cat([classes, classes]), temperature)
 
 

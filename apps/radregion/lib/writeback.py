@@ -99,8 +99,8 @@ class WriteBack:
             return None
         region = label.get("region")
         archive = info.get("pacs_label")
-        if not region or region == archive:
-            return None
+        if not region or region == archive or region in (info.get("pacs_labels") or ()):
+            return None  # the archive already says so ("HAND WRIST" covers a Wrist label)
         entry = {
             "time": _now(), "mode": self.mode, "image": image_id,
             "study": info.get("StudyInstanceUID"), "series": info.get("SeriesInstanceUID"),

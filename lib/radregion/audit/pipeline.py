@@ -106,12 +106,11 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
             raise RadiographError(bundle.path, "its regions differ from the first model's: cannot ensemble")
 
     features_per_bundle, ok, errors = [], np.ones(len(inputs.paths), bool), list(inputs.errors)
-    for n, bundle in enumerate(bundles):
+    for bundle in bundles:
         feats, bundle_ok, bundle_errors = bundle_features(bundle, inputs.paths, workers=workers, progress=progress)
         features_per_bundle.append(feats)
+        errors += [e for e, i in zip(bundle_errors, np.flatnonzero(~bundle_ok)) if ok[i]]  # once per file
         ok &= bundle_ok
-        if n == 0:
-            errors += bundle_errors
     rows = np.flatnonzero(ok)
     if not len(rows):
         raise RadiographError(inputs.source, "no readable radiograph to audit")
@@ -122,7 +121,7 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
 
     use_oof = can_fit_out_of_fold(in_domain)
     fold_ids = patient_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
-    probs, ood_score, ood_flag = [], [], []
+    probs, ood_scores, thresholds = [], [], []
     for bundle, feats in zip(bundles, features_per_bundle):
         feats = feats[rows]
         if use_oof:
@@ -130,16 +129,14 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
         elif bundle.has_head:
             probs.append(bundle.head().probabilities(feats).astype(np.float64))
         else:
-            raise RadiographError(bundle.path, f"has no head and the input has too few labels "
-                                               f"(fewer than 20, or fewer than two regions) to fit one")
+            raise RadiographError(bundle.path, "has no head and the input has too few labels "
+                                               "(fewer than 20, or fewer than two regions) to fit one")
         detector = bundle.ood_detector()
         if detector is not None:
-            score = detector.score(feats)
-            ood_score.append(score / max(detector.threshold, 1e-12))  # 1 = at the bundle's threshold
-            ood_flag.append(detector.is_out_of_domain(score))
+            ood_scores.append(detector.score(feats))
+            thresholds.append(detector.threshold)
     pred_probs = np.mean(probs, axis=0)
-    ood_score = np.mean(ood_score, axis=0) if ood_score else np.full(len(rows), np.nan)
-    out_of_domain = np.mean(ood_flag, axis=0) > 0.5 if ood_flag else np.zeros(len(rows), bool)
+    ood_score, out_of_domain = _ood(ood_scores, thresholds, len(rows))
 
     given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain],
                                               pred_probs)
@@ -158,6 +155,16 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
         + (f", averaged over {len(bundles)} models" if len(bundles) > 1 else ""),
     )
     return result
+
+
+def _ood(scores, thresholds, n):
+    """One bundle: its score and threshold; an ensemble: mean of score / threshold, threshold 1 (as ensemble.py)."""
+    if not scores:
+        return np.full(n, np.nan), np.zeros(n, bool)
+    if len(scores) == 1:
+        return scores[0], scores[0] > thresholds[0]
+    score = np.mean([s / max(t, 1e-12) for s, t in zip(scores, thresholds)], axis=0)
+    return score, score > 1.0
 
 
 def gradcam_maps(bundle, result, images, indices, features=None) -> dict:

@@ -220,6 +220,7 @@ class RadRegionDICOMwebDatastore(Datastore):
         self._name = f"PACS {self.url}"
         self._description = "Radiographs of a DICOMweb PACS"
         self._lock = threading.RLock()
+        self._refreshing = threading.Lock()
         self._index: Dict[str, dict] = self._load_index()
         self._listed_at = 0.0
         self.last_error: Optional[str] = None
@@ -305,8 +306,19 @@ class RadRegionDICOMwebDatastore(Datastore):
             json.dump(self._index, handle, indent=1)
 
     def _listing(self) -> Dict[str, dict]:
-        if time.monotonic() - self._listed_at > self.list_ttl or not self._listed_at:
-            self.refresh()
+        """The listing; a stale one is refreshed in the background, so a slow PACS never holds up a request."""
+        if self._listed_at and time.monotonic() - self._listed_at <= self.list_ttl:
+            return self._index
+        if not self._listed_at and not self._index:
+            self.refresh()  # nothing to show yet: wait for the PACS
+        elif self._refreshing.acquire(blocking=False):
+            def refresh_in_background():
+                try:
+                    self.refresh()
+                finally:
+                    self._refreshing.release()
+
+            threading.Thread(target=refresh_in_background, name="radregion-qido", daemon=True).start()
         return self._index
 
     def cached_path(self, image_id: str) -> Path:
@@ -347,7 +359,8 @@ class RadRegionDICOMwebDatastore(Datastore):
         if not meta:
             return notes
         archive = self.taxonomy.archive_label(meta)
-        meta.update(pacs_label=archive.region, pacs_label_field=archive.field, cached=path.exists(),
+        meta.update(pacs_label=archive.region, pacs_labels=list(archive.regions), pacs_label_field=archive.field,
+                    cached=path.exists(),
                     name=image_id, id=image_id, source=self.url)
         return {**notes, **meta}
 
