@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "lib"))
 
 from radregion.audit import issues  # noqa: E402
 from radregion.audit.oof import bundle_features, out_of_fold_probabilities, patient_fold_ids  # noqa: E402
-from radregion.audit.pipeline import audit_regions  # noqa: E402
+from radregion.audit.pipeline import audit_regions, combine_ood  # noqa: E402
 from radregion.bundle import load_bundle  # noqa: E402
 from radregion.datasets import read_labels_csv  # noqa: E402
 
@@ -39,6 +39,15 @@ def flip_labels(label_sets, regions, rate, rng):
     mask = np.zeros(len(label_sets), dtype=bool)
     mask[flipped] = True
     return noisy, mask
+
+
+def normalized_margin_score(given, probs) -> np.ndarray:
+    """The alternative ranking: 1 - cleanlab's normalized-margin quality, over the classes given."""
+    from cleanlab.rank import get_label_quality_scores
+
+    present = np.unique(given)
+    p = probs[:, present] / probs[:, present].sum(1, keepdims=True)
+    return 1.0 - get_label_quality_scores(np.searchsorted(present, given), p, method="normalized_margin")
 
 
 def scores(flagged, score, truth) -> dict:
@@ -71,21 +80,23 @@ def main(argv=None) -> int:
     present = sorted({r for labels in clean for r in labels})
 
     start = time.perf_counter()
-    feats, detectors = [], []
+    feats, ood_scores, thresholds = [], [], []
     for bundle in bundles:
         f, ok, errors = bundle_features(bundle, paths)
         if errors:
             print(f"{len(errors)} unreadable images, e.g. {errors[0]}", file=sys.stderr)
         feats.append(f)
         detector = bundle.ood_detector()
-        detectors.append(detector.is_out_of_domain(detector.score(f)) if detector else np.zeros(len(f), bool))
-    out_of_domain = np.mean(detectors, axis=0) > 0.5
+        if detector is not None:
+            ood_scores.append(detector.score(f))
+            thresholds.append(detector.threshold)
+    _, out_of_domain = combine_ood(ood_scores, thresholds, len(paths))
     print(f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
           f"{len(set(patients))} patients, {len(present)} regions; features {time.perf_counter() - start:.0f} s; "
           f"{int(out_of_domain.sum())} flagged out of domain by the model")
     print(f"{'noise':>6} {'method':>9} {'precision':>9} {'recall':>7} {'AUROC':>6} {'flagged':>8} {'flips':>6}")
     for rate in args.rates:
-        table = {m: [] for m in issues.METHODS}
+        table, margin_auroc = {m: [] for m in issues.METHODS}, []
         for seed in range(args.seeds):
             rng = np.random.default_rng(seed)
             noisy, truth = flip_labels(clean, present, rate, rng)
@@ -94,11 +105,14 @@ def main(argv=None) -> int:
             given = issues.primary_labels([[regions.index(r) for r in labels] for labels in noisy], probs)
             for method in issues.METHODS:
                 flagged = issues.find_label_issues(given, probs, method, out_of_domain=out_of_domain)
-                table[method].append(scores(flagged, issues.issue_scores(given, probs, method), truth))
+                table[method].append(scores(flagged, issues.issue_scores(given, probs), truth))
+            margin_auroc.append(roc_auc_score(truth, normalized_margin_score(given, probs)))
         for method, runs in table.items():
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
             print(f"{rate:>6.0%} {method:>9} {mean['precision']:>9.3f} {mean['recall']:>7.3f} {mean['auroc']:>6.3f} "
                   f"{mean['flagged']:>8.0f} {int(truth.sum()):>6}")
+        print(f"{'':>6} ranking AUROC: self-confidence (used) {mean['auroc']:.3f}, "
+              f"normalized margin {np.mean(margin_auroc):.3f}")
     return 0
 
 

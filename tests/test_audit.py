@@ -60,7 +60,7 @@ def test_find_label_issues_finds_flips(method):
     flagged = issues.find_label_issues(labels, probs, method)
     assert (flagged & flipped).sum() / flagged.sum() >= 0.8
     assert (flagged & flipped).sum() / flipped.sum() >= 0.7
-    scores = issues.issue_scores(labels, probs, method)
+    scores = issues.issue_scores(labels, probs)
     assert scores[flipped].mean() > scores[~flipped].mean() + 0.3
 
 
@@ -72,7 +72,7 @@ def test_unlabelled_and_out_of_domain_never_flagged():
     for method in issues.METHODS:
         flagged = issues.find_label_issues(labels, probs, method, out_of_domain=ood)
         assert not flagged[:10].any() and not flagged[ood].any()
-        assert np.isnan(issues.issue_scores(labels, probs, method)[:10]).all()
+        assert np.isnan(issues.issue_scores(labels, probs)[:10]).all()
 
 
 def test_issues_with_absent_classes_and_bad_input():
@@ -258,3 +258,25 @@ def extract(bundle, images):
     from radregion.features import extract_features
 
     return extract_features(bundle.backbone(), images, precision="fp32")
+
+
+def test_features_cached_and_ensemble_averaging(tiny_bundle, unifesp, tmp_path):
+    from radregion.audit.oof import feature_cache_dir
+    from radregion.audit.pipeline import inputs_from_labels_csv, run_audit
+    from radregion.bundle import load_bundle
+
+    labels = tmp_path / "labels.csv"
+    flipped_labels_csv(unifesp, labels, seed=5)
+    bundle = load_bundle(tiny_bundle)
+    inputs = inputs_from_labels_csv(labels, taxonomy=bundle.taxonomy())
+    single = run_audit([bundle], inputs, progress=False)
+    cached = sorted(feature_cache_dir(bundle).glob("*.npy"))
+    assert len(cached) >= len(inputs.paths)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    pair = run_audit([bundle, load_bundle(tiny_bundle)], inputs, progress=False)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read back, not recomputed
+    np.testing.assert_allclose(pair.pred_probs, single.pred_probs, atol=1e-6)
+    assert (pair.is_issue == single.is_issue).all()
+    threshold = bundle.ood_detector().threshold
+    np.testing.assert_allclose(pair.ood_score, single.ood_score / threshold, rtol=1e-5)  # ensembles: score/threshold
+    assert "averaged over 2 models" in pair.probabilities_from

@@ -24,13 +24,14 @@ sys.path.insert(0, str(REPO / "apps" / "radregion"))
 from lib.datastore.dicomweb import PACSError, RadRegionDICOMwebDatastore  # noqa: E402
 from lib.writeback import WRITEBACK_MARKER  # noqa: E402
 
-# (true region, photometric, header) for DICOM copies of shared PNGs; some headers deliberately wrong or missing.
+# (true region, photometric, header) for DICOM copies of shared PNGs (CR unless said); some headers deliberately
+# wrong or missing.
 PNG_CASES = [
     ("Knee", "MONOCHROME2", {"body_part": "KNEE", "study_description": "XR KNEE 2 VIEWS"}),
     ("Knee", "MONOCHROME1", {"body_part": "CHEST", "study_description": "XR CHEST PA"}),  # wrong
     ("Chest", "MONOCHROME1", {"study_description": "CHEST PA", "series_description": "PA"}),  # no BodyPart
     ("Abdomen", "MONOCHROME2", {"body_part": "FOOT", "series_description": "AP"}),  # wrong
-    ("Hand", "MONOCHROME2", {"body_part": "HAND", "series_description": "HAND PA"}),
+    ("Hand", "MONOCHROME2", {"body_part": "HAND", "series_description": "HAND PA", "modality": "DX"}),
 ]
 
 
@@ -52,8 +53,8 @@ def png_dicoms(folder: Path, unifesp: Path) -> dict:
         pixels = np.asarray(Image.open(png).convert("L"))
         if photometric == "MONOCHROME1":
             pixels = 255 - pixels  # bone bright in the PNG: stored inverted, as a MONOCHROME1 CR is
-        path = array_to_dicom(pixels, folder / f"case{i}.dcm", photometric=photometric, modality="CR",
-                              patient_id=f"PACS{i}", **header)
+        path = array_to_dicom(pixels, folder / f"case{i}.dcm", photometric=photometric, patient_id=f"PACS{i}",
+                              **{"modality": "CR", **header})
         truth[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID] = region
     mammo = array_to_dicom(np.zeros((64, 64), np.uint8), folder / "mammo.dcm", modality="MG", body_part="BREAST")
     return {"truth": truth, "mammo": pydicom.dcmread(mammo, stop_before_pixels=True).SOPInstanceUID,
@@ -62,12 +63,13 @@ def png_dicoms(folder: Path, unifesp: Path) -> dict:
 
 @pytest.fixture
 def pacs(orthanc, tmp_path, unifesp, real_dicoms):
-    """Orthanc filled with the real J2K CR files and the PNG copies; .stored = {SOP: (orthanc id, file sha256)}."""
+    """Orthanc with the real J2K CR files and the PNG copies; .stored = {SOP: (orthanc id, sha256, study, series)}."""
     made = png_dicoms(tmp_path / "made", unifesp)
-    orthanc.stored = {}
+    orthanc.stored, orthanc.paths = {}, {}
     for path in list(real_dicoms) + made["files"]:
         answer = orthanc.upload(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        orthanc.paths[ds.SOPInstanceUID] = Path(path)
         orthanc.stored[ds.SOPInstanceUID] = (answer["ID"], sha256(Path(path).read_bytes()), ds.StudyInstanceUID,
                                              ds.SeriesInstanceUID)
     orthanc.truth = made["truth"]
@@ -111,7 +113,7 @@ def find_instances(orthanc, **query) -> list:
 def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
     store = datastore(pacs, tmp_path, writeback="stow")
     images = store.list_images()
-    assert set(images) == set(pacs.stored) - {pacs.mammo}, "CR only: the MG image is filtered out"
+    assert set(images) == set(pacs.stored) - {pacs.mammo}, "CR and DX: the MG image is filtered out"
 
     # archive labels from the headers, through the taxonomy
     rg1 = next(sop for sop, name in pacs.real.items() if name == "RG1_J2KI.dcm")
@@ -165,8 +167,8 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
 def test_paged_listing_and_unknown_region_refused(pacs, tmp_path, monkeypatch):
     import lib.datastore.dicomweb as dicomweb
 
-    monkeypatch.setattr(dicomweb, "PAGE_SIZE", 3)  # 8 CR instances in pages of 3, 3, 2; then the MG one
-    store = datastore(pacs, tmp_path, modalities="CR, MG")
+    monkeypatch.setattr(dicomweb, "PAGE_SIZE", 3)  # 7 CR instances in pages of 3, 3, 1; then DX and MG
+    store = datastore(pacs, tmp_path, modalities="CR, DX, MG")
     assert set(store.list_images()) == set(pacs.stored)
     sop = list(pacs.truth)[0]
     with pytest.raises(RadiographError, match="unknown region 'Kneee'.*Knee"):
@@ -239,14 +241,16 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         stats = requests.get(f"{api}/datastore/", params={"output": "stats"}, timeout=60).json()
         assert stats["total"] == len(images)
 
-        for sop in images:
+        from radregion.inference import Predictor
+
+        local = dict(zip(images, Predictor(tiny_bundle, workers=0).predict([pacs.paths[s] for s in images])))
+        for sop in images:  # through DICOMweb, the same answers as the engine on the uploaded files
             answer = requests.post(f"{api}/infer/radregion", params={"image": sop, "output": "json"}, timeout=300)
             assert answer.status_code == 200, answer.text
             result = answer.json()
-            expected_pacs = {wrong_knee: "Chest", abdomen: "Feet"}.get(sop)
-            if expected_pacs:
-                assert result["pacs_label"] == expected_pacs
-            assert result["region"] in requests.get(f"{api}/info/", timeout=60).json()["models"]["radregion"]["labels"]
+            assert (result["region"], result["pacs_label"]) == (local[sop].region, local[sop].pacs_label)
+            assert result["confidence"] == pytest.approx(local[sop].confidence, abs=1e-3)
+        assert local[wrong_knee].pacs_label == "Chest" and local[abdomen].pacs_label == "Feet"
         image = requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60)
         assert image.status_code == 200 and pydicom.dcmread(io.BytesIO(image.content)).SOPInstanceUID \
             == images[0]

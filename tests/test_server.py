@@ -7,13 +7,11 @@ training, bad files, restarts and concurrent clients.
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
-from fixtures.server import EXTENSIONLESS_DICOM, make_studies, start_server
+from fixtures.server import EXTENSIONLESS_DICOM, start_server
 
 SWAP = {"Chest": "Knee", "Knee": "Chest", "Abdomen": "Pelvis", "Pelvis": "Abdomen"}
 RESULT_KEYS = {"prediction", "region", "confidence", "ood_score", "out_of_domain", "pacs_label", "agrees_with_pacs",
@@ -205,6 +203,30 @@ def test_train_publishes_a_new_head_that_infer_uses(radregion_server):
     assert stats["model_version"] == result["model_version"] and stats["previous_version"] == before
     wait_for_scores(radregion_server)  # strategies follow the new model
     assert next_image(radregion_server, "uncertain")["model_version"] == result["model_version"]
+
+
+def test_train_keeps_the_model_when_validation_gets_worse(radregion_server):
+    # labels that features cannot predict: once the published head has memorised them, a head fitted without
+    # the validation images does worse on those and must not replace it
+    import hashlib
+
+    regions = sorted(SWAP)
+    for image_id in radregion_server.truth:
+        save_label(radregion_server, image_id, {"region": regions[hashlib.sha1(image_id.encode()).digest()[0] % 4]})
+    results = []
+    for _ in range(2):
+        before = model_info(radregion_server)["model_version"]
+        answer = requests.post(f"{radregion_server.url}/train/radregion", params={"run_sync": "true"}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        results.append((before, answer.json()))
+    kept = [(before, r) for before, r in results if not r["published"]]
+    assert kept, results
+    before, result = kept[0]
+    assert result["status"] == "kept" and result["model_version"] == before
+    assert result["validation"]["new"] < result["validation"]["current"]
+    assert model_info(radregion_server)["model_version"] == results[-1][1]["model_version"]
+    for image_id, region in radregion_server.truth.items():  # back to the labels the next tests expect
+        save_label(radregion_server, image_id, {"region": SWAP[region], "annotator": "trainer"})
 
 
 def test_batch_run_writes_the_audit_csv(radregion_server):

@@ -8,6 +8,7 @@ Options: apps/radregion/README.md. All model work goes through the engine (lib/r
 
 import logging
 import os
+import sys
 import threading
 
 from monailabel.interfaces.app import MONAILabelApp
@@ -19,7 +20,7 @@ from lib.activelearning.diverse import Diverse
 from lib.activelearning.ood import OutOfDomain
 from lib.activelearning.uncertain import Uncertain
 from lib.config import AppConfig
-from lib.context import RadRegionContext, write_json, read_json
+from lib.context import ModelNotFoundError, RadRegionContext, read_json, write_json
 from lib.errors import install_http_errors
 from lib.infers.audit_batch import AuditBatchInfer
 from lib.infers.radregion import RadRegionInfer
@@ -39,10 +40,11 @@ class RadRegionApp(MONAILabelApp):
             torch.set_num_threads(self.app_config.threads)
         try:
             self.context = RadRegionContext(self.app_config, studies)
-        except Exception as error:
+        except ModelNotFoundError as error:
+            # an admin's mistake, not a bug: one clear line and exit 2 instead of uvicorn's lifespan traceback
             logger.error(str(error))
-            print(f"\nERROR: {error}\n", flush=True)
-            raise
+            print(f"\nERROR: {error}\n", file=sys.stderr, flush=True)
+            os._exit(2)
         self._label_lock = threading.Lock()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="RadRegion",
                          description="Anatomical region of every radiograph in the archive", version="1.0")

@@ -70,7 +70,9 @@ def fit_head(features: np.ndarray, labels, regions=None, class_balanced: bool = 
     std = features.std(0) + 1e-6
     z = (features - mean) / std
     model = LogisticRegression(C=C, class_weight="balanced" if class_balanced else None, max_iter=max_iter, tol=tol)
-    model.fit(z, y)
+    with warnings.catch_warnings():  # few labels per region: sklearn's "regression?" hint is noise here
+        warnings.filterwarnings("ignore", message="The number of unique classes")
+        model.fit(z, y)
     weight, bias = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
     if len(regions) == 2:  # sklearn keeps one row for two classes
         weight, bias = np.stack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2], np.float32)
@@ -109,7 +111,7 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     never go in the head; they measure the OOD AUROC. Patient-grouped out-of-fold predictions give the
     cross-validated metrics and the OOD threshold (its `OOD_PERCENTILE` on held-out in-domain images).
     """
-    from radregion.bundle import provenance
+    from radregion.bundle import load_bundle, provenance, save_bundle
     from radregion.evaluate import summarise
     from radregion.features import extract_features, load_clean_images
 
@@ -142,37 +144,17 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     fold_of = _folds(in_items, folds, seed)
     names = first_labels(in_labels)
     y = np.array([regions.index(n) for n in names])
-    oof_pred = [None] * len(in_items)
-    oof_scores = {m: np.zeros(len(in_items), np.float32) for m in METHODS}
-    for fold in np.unique(fold_of):
-        train, test = fold_of != fold, fold_of == fold
-        train_regions = sorted(set(y[train]))
-        if len(train_regions) >= 2:
-            fold_head = fit_head(feats[train], [regions[i] for i in y[train]],
-                                 [regions[i] for i in train_regions], class_balanced, C)
-            for i, region in zip(np.flatnonzero(test), fold_head.predict(feats[test])):
-                oof_pred[i] = region
-        for method in METHODS:
-            oof_scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
-
+    oof_pred, oof_scores = _cross_validate(feats, y, regions, fold_of, class_balanced, C)
     head = fit_head(feats, names, regions, class_balanced, C)
-    aurocs, detectors = {}, {}
-    for method in METHODS:
-        detector = fit_ood(feats, y, method)
-        detector.threshold = float(np.percentile(oof_scores[method], OOD_PERCENTILE))
-        detectors[method] = detector
-        aurocs[method] = auroc(oof_scores[method], detector.score(ood_feats))
-    best = max(METHODS, key=lambda m: aurocs[m] or 0.0) if ood_items else "mahalanobis"
-    detector = detectors[best]
-    detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
+    detector, aurocs = _calibrated_ood(feats, y, oof_scores, ood_feats)
 
     known = [i for i, p in enumerate(oof_pred) if p is not None]
     metrics = {
         "cross_validated": {"folds": int(len(np.unique(fold_of))), **summarise(
             [oof_pred[i] for i in known], [in_labels[i] for i in known], regions,
             groups=[in_items[i].patient_id for i in known], n_boot=200, seed=seed)},
-        "ood": {"method": best, "auroc_others": aurocs, "n_out_of_domain_images": len(ood_items),
-                "in_domain_flagged_fraction": float(np.mean(oof_scores[best] > detector.threshold))},
+        "ood": {"method": detector.method, "auroc_others": aurocs, "n_out_of_domain_images": len(ood_items),
+                "in_domain_flagged_fraction": float(np.mean(oof_scores[detector.method] > detector.threshold))},
         "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
     }
     if fine_tune_epochs:
@@ -189,17 +171,44 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
                                backbone=bundle.meta.get("training")),
         "metrics": metrics,
     }
-    if fine_tune_epochs:
-        from radregion.bundle import save_bundle
+    if not fine_tune_epochs:
+        return bundle.with_head(output, head, detector, meta_updates)
+    meta = {k: v for k, v in bundle.meta.items() if k not in ("ood", "metrics")}
+    meta.update(meta_updates)
+    half = bundle.meta.get("weights_dtype") == "float16"
+    save_bundle(output, backbone.state_dict(), head, meta, ood=detector, half_backbone=half)
+    return load_bundle(output)
 
-        meta = {k: v for k, v in bundle.meta.items() if k not in ("ood", "metrics")}
-        meta.update(meta_updates)
-        half = bundle.meta.get("weights_dtype") == "float16"
-        save_bundle(output, backbone.state_dict(), head, meta, ood=detector, half_backbone=half)
-        from radregion.bundle import load_bundle
 
-        return load_bundle(output)
-    return bundle.with_head(output, head, detector, meta_updates)
+def _cross_validate(feats, y, regions, fold_of, class_balanced, C):
+    """Out-of-fold region predictions (None where a fold's training part has < 2 regions) and OOD scores."""
+    oof_pred = [None] * len(y)
+    oof_scores = {m: np.zeros(len(y), np.float32) for m in METHODS}
+    for fold in np.unique(fold_of):
+        train, test = fold_of != fold, fold_of == fold
+        train_regions = sorted(set(y[train]))
+        if len(train_regions) >= 2:
+            fold_head = fit_head(feats[train], [regions[i] for i in y[train]],
+                                 [regions[i] for i in train_regions], class_balanced, C)
+            for i, region in zip(np.flatnonzero(test), fold_head.predict(feats[test])):
+                oof_pred[i] = region
+        for method in METHODS:
+            oof_scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
+    return oof_pred, oof_scores
+
+
+def _calibrated_ood(feats, y, oof_scores, ood_feats):
+    """Each method fitted on all in-domain features, threshold from its out-of-fold scores; the one with the
+    better AUROC on the out-of-domain images wins (Mahalanobis when there are none). -> (detector, AUROCs)"""
+    aurocs, detectors = {}, {}
+    for method in METHODS:
+        detector = fit_ood(feats, y, method)
+        detector.threshold = float(np.percentile(oof_scores[method], OOD_PERCENTILE))
+        detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
+        detectors[method] = detector
+        aurocs[method] = auroc(oof_scores[method], detector.score(ood_feats))
+    best = max(METHODS, key=lambda m: aurocs[m] or 0.0) if len(ood_feats) else "mahalanobis"
+    return detectors[best], aurocs
 
 
 def _taxonomy(bundle):

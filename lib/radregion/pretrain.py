@@ -124,6 +124,38 @@ def usable_images(paths, classes, settings, workers: int, progress: bool):
     return [p for p, _ in kept], [c for _, c in kept], [e for e in results if e is not None]
 
 
+def _prepare_images(images, load_settings, world, workers: int, show: bool):
+    """Paths and class ids of the usable images (rank 0 fills the cache first); the skipped files reported."""
+    paths, labels, skipped = collect_images(images)
+    classes = class_ids(labels)
+    if world.main:
+        paths, classes, bad = usable_images(paths, classes, load_settings, workers, show)
+    world.barrier()
+    if not world.main:
+        paths, classes, bad = usable_images(paths, classes, load_settings, workers, False)
+    skipped = skipped + bad
+    if world.main and skipped:
+        print(f"pretrain: skipped {len(skipped)} unusable file(s):", file=sys.stderr)
+        for error in skipped[:10]:
+            print(f"  {error}", file=sys.stderr)
+    if len(paths) < 2:
+        raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
+                         "need at least 2")
+    return paths, classes, skipped
+
+
+def _fit_batch_size(batch_size: int, n_images: int, world) -> int:
+    per_rank = n_images // world.world
+    if batch_size > per_rank:
+        if world.main:
+            print(f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}",
+                  file=sys.stderr)
+        batch_size = per_rank
+    if batch_size < 2:
+        raise ValueError(f"pretrain: {n_images} images are too few for {world.world} processes")
+    return batch_size
+
+
 # --- model -------------------------------------------------------------------------------------------------
 class SSLModel(nn.Module):
     """Backbone + projector (+ BYOL predictor). forward: images -> projections (BYOL: predictions)."""
@@ -310,38 +342,16 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         if ckpt_file.exists() and not resume:
             raise RadiographError(ckpt_file, "a checkpoint of an unfinished run exists: add --resume to continue "
                                              "it, or delete it to start again")
-        paths, labels, search_errors = collect_images(images)
-        classes = class_ids(labels)
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
-        if world.main:
-            paths, classes, bad = usable_images(paths, classes, load_settings, workers, show)
-        world.barrier()
-        if not world.main:
-            paths, classes, bad = usable_images(paths, classes, load_settings, workers, False)
-        skipped = search_errors + bad
-        if world.main and skipped:
-            print(f"pretrain: skipped {len(skipped)} unusable file(s):", file=sys.stderr)
-            for error in skipped[:10]:
-                print(f"  {error}", file=sys.stderr)
-        if len(paths) < 2:
-            raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
-                             "need at least 2")
+        paths, classes, skipped = _prepare_images(images, load_settings, world, workers, show)
         n_labelled = sum(1 for c in classes if c >= 0)
         if method == "supcon" and n_labelled == 0 and world.main:
             print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature",
                   file=sys.stderr)
-
-        per_rank = len(paths) // world.world
-        if batch_size > per_rank:
-            if world.main:
-                print(f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}",
-                      file=sys.stderr)
-            batch_size = per_rank
-        if batch_size < 2:
-            raise ValueError(f"pretrain: {len(paths)} images are too few for {world.world} processes")
-        steps_per_epoch = per_rank // batch_size
+        batch_size = _fit_batch_size(batch_size, len(paths), world)
+        steps_per_epoch = len(paths) // world.world // batch_size
         total_steps = steps_per_epoch * epochs
         warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
         global_batch = batch_size * world.world
@@ -360,16 +370,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
 
         start_epoch, start_step, global_step = 0, 0, 0
         if resume and ckpt_file.exists():
-            state = torch.load(ckpt_file, map_location=world.device, weights_only=True)
-            if state.get("format") != CHECKPOINT_FORMAT or state["config"] != config:
-                different = {k: (state["config"].get(k), v) for k, v in config.items()
-                             if state["config"].get(k) != v}
-                raise RadiographError(ckpt_file, f"checkpoint is of a different run (saved, now: {different})")
-            model.load_state_dict(state["model"])
-            if target is not None:
-                target.load_state_dict(state["target"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+            state = _load_checkpoint(ckpt_file, config, world.device, model, target, optimizer, scaler)
             start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             if world.main:
                 print(f"pretrain: resuming {ckpt_file} at epoch {start_epoch + 1}, step {start_step + 1}",
@@ -439,14 +440,8 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
                     for group in optimizer.param_groups:
                         group["lr"] = lr * lr_factor(global_step, warmup_steps, total_steps)
                     x = torch.cat([first, second]).to(world.device, non_blocking=True)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast:
-                        out = train_model(x)
-                        if target is not None:
-                            with torch.no_grad():
-                                target_out = target(x)
-                    loss = _loss(method, out.float(), None if target is None else target_out.float(),
-                                 batch_classes.to(world.device), world, temperature)
+                    loss = _loss(method, train_model, target, x.contiguous(memory_format=torch.channels_last),
+                                 batch_classes.to(world.device), world, temperature, autocast)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -495,34 +490,55 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         if not world.main:
             return output
         writer.close()
-        from radregion.bundle import provenance, save_bundle
-
-        meta = {
-            "architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
-            "cleaning": settings.to_dict(),
-            "training": provenance(
-                data=[str(Path(i).resolve()) for i in images],
-                command=command if command is not None else sys.argv,
-                stage="pretrain", method=method, epochs=epochs, batch_size=batch_size, global_batch=global_batch,
-                lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge,
-                cleaning=clean, images=len(paths), labelled_images=n_labelled, skipped_files=len(skipped),
-                temperature=temperature, world_size=world.world, device=world.device.type,
-                precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "float32",
-                final_loss=loss_value),
-        }
-        backbone_state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                          for k, v in model.backbone.state_dict().items()}
-        save_bundle(output, backbone_state, None, meta)
+        training = dict(
+            data=[str(Path(i).resolve()) for i in images], command=command if command is not None else sys.argv,
+            stage="pretrain", method=method, epochs=epochs, batch_size=batch_size, global_batch=global_batch, lr=lr,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge, cleaning=clean,
+            images=len(paths), labelled_images=n_labelled, skipped_files=len(skipped), temperature=temperature,
+            world_size=world.world, device=world.device.type,
+            precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "float32",
+            final_loss=loss_value)
+        _write_bundle(output, model.backbone, arch, settings, training)
         ckpt_file.unlink(missing_ok=True)
         return output
     finally:
         world.close()
 
 
-def _loss(method, out, target_out, classes, world: _Distributed, temperature):
-    first, second = out.chunk(2)
+def _load_checkpoint(path: Path, config: dict, device, model, target, optimizer, scaler) -> dict:
+    """Restore the training state in place (tensors only: weights_only=True); the position to resume from."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state["config"] != config:
+        different = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        raise RadiographError(path, f"checkpoint is of a different run (saved, now: {different})")
+    model.load_state_dict(state["model"])
+    if target is not None:
+        target.load_state_dict(state["target"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def _write_bundle(output: Path, backbone: nn.Module, arch: str, settings, training: dict) -> None:
+    from radregion.bundle import provenance, save_bundle
+
+    meta = {"architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
+            "cleaning": settings.to_dict(),
+            "training": provenance(data=training.pop("data"), command=training.pop("command"), **training)}
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in backbone.state_dict().items()}
+    save_bundle(output, state, None, meta)
+
+
+def _loss(method, model, target, x, classes, world: _Distributed, temperature, autocast) -> torch.Tensor:
+    """The method's loss on a batch x = (both views of B images); computed in fp32, gathered across ranks."""
+    with autocast:
+        out = model(x)
+        if target is not None:
+            with torch.no_grad():
+                target_out = target(x)
+    first, second = out.float().chunk(2)
     if method == "byol":
-        target_first, target_second = target_out.chunk(2)
+        target_first, target_second = target_out.float().chunk(2)
         return byol_loss(first, target_second) + byol_loss(second, target_first)
     first, second = world.gather(first), world.gather(second)
     if method == "simclr":

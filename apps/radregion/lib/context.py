@@ -49,7 +49,7 @@ class RadRegionContext:
             shipped = load_bundle(shipped_path)
         except RadiographError as error:
             raise ModelNotFoundError(
-                f"RadRegion cannot start: no usable model bundle at {shipped_path} ({error.problem}). "
+                f"RadRegion cannot start: no usable model bundle at {shipped_path} ({error}). "
                 f"Train or copy one there (`radregion fit-head ... --output {shipped_path}`) "
                 f"or pass another with --conf model PATH") from None
         if not shipped.has_head:
@@ -149,6 +149,15 @@ def read_json(path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def read_label(datastore, image_id, tag="final") -> dict | None:
+    """The stored JSON label of an image (any datastore: through its label URI), None when there is none."""
+    uri = datastore.get_label_uri(image_id, tag)
+    try:
+        return json.loads(Path(uri).read_text()) if uri else None
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path, data):

@@ -1,8 +1,9 @@
 """Suspected label errors from out-of-fold probabilities (arrays in, arrays out, like cleanlab).
 
-"cleanlab": cleanlab's defaults (find_label_issues, prune_by_noise_rate; self-confidence scores).
-"ours": as many issues as cleanlab's default flags, taken from the top of one global ranking by our score
-instead of per (given, true) class pair.
+Issue score: 1 - self-confidence (cleanlab.rank.get_label_quality_scores); it ranked injected flips better
+than the normalized margin on the bench. Which images are flagged:
+"cleanlab": cleanlab.filter.find_label_issues with its defaults (prune_by_noise_rate, per class pair);
+"ours": the same number of images, taken from the top of the one global issue-score ranking.
 bench/audit_quality.py measures both on the same probabilities.
 
 `labels` are class indices with -1 for "no given label": such images are never label errors (they get a
@@ -28,22 +29,18 @@ def primary_labels(label_sets, pred_probs) -> np.ndarray:
     return out
 
 
-def issue_scores(labels, pred_probs, method=DEFAULT_METHOD) -> np.ndarray:
+def issue_scores(labels, pred_probs) -> np.ndarray:
     """Higher = more likely a wrong label, in [0, 1]; NaN where there is no given label."""
-    labels, pred_probs = _check(labels, pred_probs, method)
+    from cleanlab.rank import get_label_quality_scores
+
+    labels, pred_probs = _check(labels, pred_probs)
     scores = np.full(len(labels), np.nan)
     has = labels >= 0
-    if not has.any():
-        return scores
     given, probs = _compact(labels[has], pred_probs[has])
-    if probs is None:  # one class only: nothing to tell apart
+    if probs is None:  # fewer than two given classes: nothing to tell apart
         scores[has] = 0.0
-    elif method == "cleanlab":
-        from cleanlab.rank import get_label_quality_scores
-
-        scores[has] = 1.0 - get_label_quality_scores(given, probs, method="self_confidence")
     else:
-        scores[has] = _our_score(given, probs)
+        scores[has] = 1.0 - get_label_quality_scores(given, probs, method="self_confidence")
     return scores
 
 
@@ -63,20 +60,15 @@ def find_label_issues(labels, pred_probs, method=DEFAULT_METHOD, out_of_domain=N
     return mask
 
 
-def _our_score(labels, pred_probs) -> np.ndarray:
-    """1 - self-confidence (ranked flips better than the normalized margin on the bench)."""
-    return 1.0 - pred_probs[np.arange(len(labels)), labels]
-
-
 def _our_issues(labels, pred_probs) -> np.ndarray:
-    """As many issues as cleanlab's default finds, taken from the top of one global ranking by our score
+    """As many issues as cleanlab's default finds, taken from the top of one global ranking by issue score
     (cleanlab prunes per (given, true) class pair, which spends the count on pairs rather than on the worst)."""
     labels, probs = _compact(labels, pred_probs)
     mask = np.zeros(len(labels), dtype=bool)
     if probs is None:
         return mask
     n = int(_cleanlab_issues(labels, probs).sum())
-    mask[np.argsort(-_our_score(labels, probs), kind="stable")[:n]] = True
+    mask[np.argsort(-issue_scores(labels, probs), kind="stable")[:n]] = True
     return mask
 
 
@@ -102,7 +94,7 @@ def _compact(labels, pred_probs):
     return np.searchsorted(present, labels), probs
 
 
-def _check(labels, pred_probs, method):
+def _check(labels, pred_probs, method=DEFAULT_METHOD):
     if method not in METHODS:
         raise ValueError(f"unknown label-issue method {method!r}; choose one of {', '.join(METHODS)}")
     labels = np.asarray(labels, dtype=np.int64)

@@ -136,14 +136,14 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
             ood_scores.append(detector.score(feats))
             thresholds.append(detector.threshold)
     pred_probs = np.mean(probs, axis=0)
-    ood_score, out_of_domain = _ood(ood_scores, thresholds, len(rows))
+    ood_score, out_of_domain = combine_ood(ood_scores, thresholds, len(rows))
 
     given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain],
                                               pred_probs)
     result = AuditResult(
         images=[inputs.images[i] for i in rows], paths=paths, patient_ids=patients, regions=regions, given=given,
         given_index=given_index, pred_probs=pred_probs,
-        issue_score=label_issues.issue_scores(given_index, pred_probs, method),
+        issue_score=label_issues.issue_scores(given_index, pred_probs),
         is_issue=label_issues.find_label_issues(given_index, pred_probs, method, out_of_domain=out_of_domain),
         ood_score=ood_score, out_of_domain=out_of_domain,
         features=np.concatenate([f[rows] for f in features_per_bundle], axis=1),
@@ -157,7 +157,7 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
     return result
 
 
-def _ood(scores, thresholds, n):
+def combine_ood(scores, thresholds, n):
     """One bundle: its score and threshold; an ensemble: mean of score / threshold, threshold 1 (as ensemble.py)."""
     if not scores:
         return np.full(n, np.nan), np.zeros(n, bool)

@@ -49,12 +49,13 @@ def tsne_plot(xy: np.ndarray, result) -> str:
 
     suggested = result.suggested_index
     colour_of = np.where(result.given_index >= 0, result.given_index, suggested)
-    cmap = plt.get_cmap("tab20", max(20, len(result.regions)))
+    present = np.unique(colour_of)
+    cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
-    for k, region in enumerate(result.regions):
+    for n, k in enumerate(present):
         sel = colour_of == k
-        if sel.any():
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=cmap(k % cmap.N), label=region, alpha=0.8, linewidths=0)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=cmap(n % cmap.N), label=result.regions[k], alpha=0.8,
+                   linewidths=0)
     for mask, style in ((result.is_issue, dict(s=70, facecolors="none", edgecolors="black", linewidths=1.3,
                                               label="suspected error")),
                         (result.out_of_domain, dict(s=40, marker="x", color="dimgray", linewidths=1.0,
@@ -199,7 +200,7 @@ def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int 
         errors = f'<section id="errors"><h2>Unreadable files ({len(result.errors)})</h2><ul>{items}</ul></section>'
     counts = result.counts()
     shown = f" (the {max_rows} most suspicious shown)" if counts["issues"] > max_rows else ""
-    method = {"ours": "confident learning's count, taken from one global self-confidence ranking (RadRegion)",
+    method = {"ours": "as many as confident learning estimates, the lowest self-confidence first (RadRegion)",
               "cleanlab": "cleanlab.filter.find_label_issues (confident learning)"}.get(result.method, result.method)
     fields = {
         "title": esc(result.source),

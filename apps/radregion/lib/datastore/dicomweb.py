@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pydicom
+import pydicom.errors
 import requests
-import urllib3
 from dicomweb_client.api import DICOMwebClient
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from radregion.atomic import atomic_write
 from radregion.errors import RadiographError
 
-from .local import LABEL_SUFFIX, parse_label
+from .label_folder import LabelFolder, read_json
+from .pacs_http import PACSError, describe, pacs_session
 from ..writeback import WRITEBACK_MARKER, WriteBack
 
 logger = logging.getLogger(__name__)
@@ -36,63 +35,6 @@ PAGE_SIZE = 500
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the stored bytes, never a server-side transcode
 
 
-class PACSError(RadiographError):
-    """The PACS could not be reached or refused a request: `path` is the URL, `problem` what happened."""
-
-    def __init__(self, url, problem, http_status=502):
-        super().__init__(url, problem)
-        self.http_status = http_status  # what the server answers: 502 upstream trouble, 404 no such instance
-
-
-class _TimeoutAdapter(HTTPAdapter):
-    def __init__(self, timeout, **kwargs):
-        self.timeout = timeout
-        super().__init__(**kwargs)
-
-    def send(self, request, **kwargs):
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self.timeout
-        return super().send(request, **kwargs)
-
-
-def pacs_session(username=None, password=None, token=None, timeout=(3.05, 30.0), retries=2, backoff=0.5):
-    """requests.Session with auth, a default timeout and bounded retries with exponential backoff."""
-    session = requests.Session()
-    retry = Retry(
-        total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
-        status_forcelist=(429, 502, 503, 504), allowed_methods=None, raise_on_status=False,
-    )
-    adapter = _TimeoutAdapter(timeout, max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif username is not None:
-        session.auth = (username, password or "")
-    return session
-
-
-HTTP_HINTS = {
-    401: "check the username/password or token",
-    403: "this user may not read or store here",
-    404: "is the URL the DICOMweb root, e.g. http://pacs:8042/dicom-web?",
-}
-
-
-def _describe(exc: Exception, attempts: int) -> str:
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        r = exc.response
-        hint = HTTP_HINTS.get(r.status_code)
-        return f"HTTP {r.status_code} {r.reason}" + (f" ({hint})" if hint else "")
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's, after its retries
-    refused = isinstance(reason, urllib3.exceptions.NewConnectionError)  # a ConnectTimeoutError subclass
-    if not refused and (isinstance(exc, requests.Timeout) or isinstance(reason, urllib3.exceptions.TimeoutError)):
-        return f"timed out ({attempts} attempts)"
-    if isinstance(exc, requests.ConnectionError):
-        return f"cannot connect after {attempts} attempts (is the PACS running and the URL right?)"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _value(item: dict, keyword: str):
     tag = pydicom.datadict.tag_for_keyword(keyword)
     element = item.get(f"{tag:08X}", {})
@@ -103,84 +45,6 @@ def _value(item: dict, keyword: str):
     if isinstance(value, dict):  # PN
         value = value.get("Alphabetic")
     return value
-
-
-def _read_json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _tag(tag) -> str:
-    return str(getattr(tag, "value", tag))  # DefaultLabelTag.FINAL -> "final"
-
-
-class LabelFolder:
-    """Class labels as <label_dir>/<tag>/<image id>.json, validated and written as the local datastore does."""
-
-    def __init__(self, root: Path, taxonomy_fn):
-        self.root = Path(root)
-        self.taxonomy_fn = taxonomy_fn
-
-    def path(self, image_id: str, tag: str) -> Path:
-        return self.root / _tag(tag) / f"{image_id}{LABEL_SUFFIX}"
-
-    def save(self, image_id: str, label_filename, tag: str, label_info: dict) -> str:
-        label = parse_label(image_id, Path(label_filename).read_bytes(), self.taxonomy_fn(),
-                            annotator=(label_info or {}).get("user"))
-        with atomic_write(self.path(image_id, tag), "w") as f:
-            json.dump(label, f, indent=2)
-        return image_id
-
-    def read(self, image_id: str, tag: str) -> Optional[dict]:
-        try:
-            return json.loads(self.path(image_id, tag).read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            logger.warning("%s: unreadable label, ignored", self.path(image_id, tag))
-            return None
-
-    def info(self, image_id: str, tag: str) -> dict:
-        label = self.read(image_id, tag)
-        if label is None:
-            return {}
-        return {**_read_json(self.root / ".label_info.json").get(f"{_tag(tag)}/{image_id}", {}), **label}
-
-    def update_info(self, image_id: str, tag: str, info: dict):
-        path = self.root / ".label_info.json"
-        notes = _read_json(path)
-        notes.setdefault(f"{_tag(tag)}/{image_id}", {}).update(info or {})
-        with atomic_write(path, "w") as f:
-            json.dump(notes, f, indent=1)
-
-    def uri(self, image_id: str, tag: str) -> str:
-        path = self.path(image_id, tag)
-        return str(path) if path.exists() else ""
-
-    def exists(self, image_id: str, tag: str) -> bool:
-        return self.path(image_id, tag).exists()
-
-    def remove(self, image_id: str, tag: str):
-        self.path(image_id, tag).unlink(missing_ok=True)
-
-    def labelled(self, tag: str) -> List[str]:
-        folder = self.root / _tag(tag)
-        if not folder.is_dir():
-            return []
-        return sorted(p.name[: -len(LABEL_SUFFIX)] for p in folder.iterdir()
-                      if p.name.endswith(LABEL_SUFFIX) and not p.name.startswith("."))
-
-    def tags(self, image_id: str) -> Dict[str, str]:
-        if not self.root.is_dir():
-            return {}
-        return {t.name: image_id for t in self.root.iterdir() if t.is_dir() and self.path(image_id, t.name).exists()}
-
-    def tag_counts(self) -> Dict[str, int]:
-        if not self.root.is_dir():
-            return {}
-        return {t.name: len(self.labelled(t.name)) for t in self.root.iterdir() if t.is_dir()}
 
 
 class RadRegionDICOMwebDatastore(Datastore):
@@ -237,8 +101,8 @@ class RadRegionDICOMwebDatastore(Datastore):
     def _call(self, what: str, url: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (requests.RequestException, ValueError) as exc:
-            error = PACSError(url, f"{what}: {_describe(exc, self.retries + 1)}")
+        except (requests.RequestException, ValueError, pydicom.errors.InvalidDicomError) as exc:
+            error = PACSError(url, f"{what}: {describe(exc, self.retries + 1)}")
             self.last_error = str(error)
             raise error from exc
 
@@ -352,7 +216,7 @@ class RadRegionDICOMwebDatastore(Datastore):
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         meta = dict(self._index.get(image_id, {}))
-        notes = _read_json(self.notes_path).get(image_id, {})
+        notes = read_json(self.notes_path).get(image_id, {})
         path = self.cached_path(image_id)
         if path.exists():
             meta.update(self._cached_header(image_id, path))
@@ -385,7 +249,7 @@ class RadRegionDICOMwebDatastore(Datastore):
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         """Local notes on an image (e.g. MONAI Label's strategy timestamps); the PACS is not touched."""
         with self._lock:
-            notes = _read_json(self.notes_path)
+            notes = read_json(self.notes_path)
             notes.setdefault(image_id, {}).update(info or {})
             with atomic_write(self.notes_path, "w") as f:
                 json.dump(notes, f, indent=1)

@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from radregion.audit.issues import find_label_issues, issue_scores
 from radregion.audit.writer import write_audit_csv
 
-from ..trainers.radregion import read_label
+from ..context import read_label
 
 logger = logging.getLogger(__name__)
 

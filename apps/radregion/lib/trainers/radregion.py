@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ..context import read_json, write_json
+from ..context import read_json, read_label, write_json
 from ..errors import TrainingError
 from ..scores import ScoreTable
 
@@ -117,7 +117,7 @@ class RadRegionTrainer(TrainTask):
             new = train_head(bundle, items, tmp / "model", folds=min(5, max(2, len(items) // 4)),
                              fine_tune_epochs=config.fine_tune_epochs, workers=config.workers,
                              command="monailabel train radregion (fine_tune)")
-            predictor = Predictor(new.path, device=config.device, workers=config.workers)
+            predictor = Predictor(new.path, device=config.device, workers=config.workers, cache=config.cache)
             predicted = [p.region for p in predictor.predict([datastore.get_image_uri(i) for i in val_ids])]
             new_score = balanced_accuracy([labels[i] for i in val_ids], predicted)
             report = {"n_labels": len(labels), "n_pseudo_labels": len(pseudo), "fine_tune": True,
@@ -141,16 +141,6 @@ def confirmed_labels(datastore, regions) -> dict:
         if label and not label.get("out_of_domain") and label.get("region") in regions:
             out[image_id] = label["region"]
     return out
-
-
-def read_label(datastore, image_id, tag="final") -> dict | None:
-    import json
-
-    uri = datastore.get_label_uri(image_id, tag)
-    try:
-        return json.loads(Path(uri).read_text()) if uri else None
-    except (OSError, ValueError):
-        return None
 
 
 def stratified_split(ids, labels, val_fraction, seed=0):
