@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= apps/radregion/model
 
-.PHONY: install dev serve test bench clean
+.PHONY: install dev serve test bench model clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ test: dev
 
 bench: dev
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The shipped default model (apps/radregion/model): the exact recipe of its MODEL_CARD.md. Hours on a 2-core CPU.
+DATA ?= ../shared/data/unifesp
+RUN ?= runs/default-model
+model: install
+	mkdir -p $(RUN)
+	$(VENV)/bin/radregion split --labels $(DATA)/labels.csv --test-fraction 0.2 --seed 0 --output $(RUN)
+	$(VENV)/bin/radregion pretrain --method supcon --images $(RUN)/train.csv $(DATA)/unlabelled \
+		--output $(RUN)/supcon --arch resnet10 --size 128 --epochs 6 --batch-size 64 --workers 2 --seed 0 \
+		--log-dir $(RUN)/tensorboard --no-progress
+	$(VENV)/bin/radregion fit-head --model $(RUN)/supcon --labels $(RUN)/train.csv --fine-tune --epochs 5 \
+		--seed 0 --output $(RUN)/model
+	$(VENV)/bin/radregion evaluate --model $(RUN)/model --labels $(RUN)/test.csv --output $(RUN)/evaluation
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -90,6 +90,7 @@ def main():
                 fetch.setdefault(kind[sop], []).append(time.perf_counter() - start)
 
             os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"  # no background prefetch: first = first
+            os.environ["RADREGION_CACHE"] = str(root / "image-cache")  # nor a cleaned image from an earlier run
             state = root / "state"
             server = RadRegionServer(pacs.dicomweb_url, model, log_path=root / "server.log", extra_conf={
                 "state_dir": state, "username": pacs.username, "password": pacs.password}).start()

@@ -1,5 +1,9 @@
-"""The audit report in a real browser (headless Debian Chromium): loads offline, no console errors, images render."""
+"""The audit report in a real browser (headless Debian Chromium): loads offline, no console errors, images render.
 
+RADREGION_SCREENSHOT=docs/audit_report.png also keeps the screenshot there (how the docs image is made).
+"""
+
+import os
 import re
 import shutil
 import subprocess
@@ -55,10 +59,12 @@ def test_report_loads_offline_without_console_errors(report, tmp_path):
 @pytest.mark.skipif(not shutil.which("chromium") and not shutil.which(CHROMIUM), reason="needs Debian chromium")
 def test_report_screenshot(report, tmp_path):
     png = tmp_path / "audit_report.png"
-    run = chromium(tmp_path, "--window-size=1400,2000", f"--screenshot={png}", report.as_uri())
+    run = chromium(tmp_path, "--window-size=1400,2300", f"--screenshot={png}", report.as_uri())
     assert run.returncode == 0 and png.is_file(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
-    assert pixels.shape == (2000, 1400)
+    assert pixels.shape == (2300, 1400)
     assert pixels.std() > 20  # a rendered page, not a blank one
     header = pixels[:60].mean()
     assert header < 80  # the dark title bar is there: the CSS applied
+    if os.environ.get("RADREGION_SCREENSHOT"):
+        shutil.copy(png, os.environ["RADREGION_SCREENSHOT"])
