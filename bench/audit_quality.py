@@ -10,6 +10,8 @@ Default model: apps/radregion/model (the shipped model) when it exists.
 """
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,26 @@ from radregion.datasets import read_labels_csv  # noqa: E402
 
 DEFAULT_MODEL = REPO / "apps" / "radregion" / "model"
 DEFAULT_LABELS = REPO.parent / "shared" / "data" / "unifesp" / "labels.csv"
+
+
+def label_sources(training) -> set:
+    """Labels CSVs whose labels reached the backbone: fit-head --fine-tune, or SupCon pretraining."""
+    if not isinstance(training, dict):
+        return set()
+    found = set()
+    supervised = (training.get("head") or {}).get("fine_tune_epochs") or "supcon" in str(training.get("command"))
+    if supervised:
+        found |= set(re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(training.get("data"))))
+    return found | label_sources(training.get("backbone"))
+
+
+def training_images(bundle) -> set:
+    """Images whose true labels the backbone has seen: flips on them would be found too easily."""
+    seen = set()
+    for name in label_sources(bundle.meta.get("training")):
+        if Path(name).is_file():
+            seen |= {it.path.resolve() for it in read_labels_csv(name, check_files=False)}
+    return seen
 
 
 def flip_labels(label_sets, regions, rate, rng):
@@ -74,6 +96,11 @@ def main(argv=None) -> int:
     taxonomy = bundles[0].taxonomy()
     regions, _ = audit_regions(bundles[0], taxonomy)
     items = [it for it in read_labels_csv(args.labels, taxonomy=taxonomy) if any(r in regions for r in it.labels)]
+    seen = set().union(*(training_images(b) for b in bundles))
+    if seen:
+        kept = [it for it in items if it.path.resolve() not in seen]
+        print(f"left out {len(items) - len(kept)} images the model was trained on (held-out images only)")
+        items = kept
     clean = [tuple(r for r in it.labels if r in regions) for it in items]
     patients = [it.patient_id for it in items]
     paths = [it.path for it in items]
