@@ -6,7 +6,8 @@ the project's method ("ours") and cleanlab's default on the same probabilities. 
 and images the model's OOD detector flags) are never counted as label errors by either method.
 
     .venv/bin/python bench/audit_quality.py [--model BUNDLE ...] [--labels CSV] [--rates 0.05 0.1 0.2]
-Default model: apps/radregion/model (the shipped model) when it exists.
+Default model: apps/radregion/model (the shipped model) when it exists. Images whose true labels reached the
+model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance) are left out.
 """
 
 import argparse
@@ -37,7 +38,8 @@ def label_sources(training) -> set:
     if not isinstance(training, dict):
         return set()
     found = set()
-    supervised = (training.get("head") or {}).get("fine_tune_epochs") or "supcon" in str(training.get("command"))
+    supervised = ((training.get("head") or {}).get("fine_tune_epochs")
+                  or "supcon" in f"{training.get('method')} {training.get('command')}".lower())
     if supervised:
         found |= set(re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(training.get("data"))))
     return found | label_sources(training.get("backbone"))
