@@ -6,7 +6,8 @@ the project's method ("ours") and cleanlab's default on the same probabilities. 
 and images the model's OOD detector flags) are never counted as label errors by either method.
 
     .venv/bin/python bench/audit_quality.py [--model BUNDLE ...] [--labels CSV] [--rates 0.05 0.1 0.2]
-Default model: apps/radregion/model (the shipped model) when it exists. Images whose true labels reached the
+Default model: apps/radregion/model (the shipped model); without one, a random-weight resnet10 at 64 px
+(BatchNorm statistics of 200 labelled images): a floor for the method, not the product's figures. Images whose true labels reached the
 model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance) are left out.
 """
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,30 @@ def training_images(bundle) -> set:
     return seen
 
 
+def random_bundle(folder: Path, items, size=64, arch="resnet10") -> Path:
+    """A headless random-weight bundle; BatchNorm statistics from one pass over 200 of the images."""
+    import torch
+
+    from radregion.bundle import save_bundle
+    from radregion.cleaning import CleaningSettings
+    from radregion.features import images_to_tensor, load_clean_images
+    from radregion.networks import build_backbone, feature_dim
+
+    torch.manual_seed(0)
+    settings = CleaningSettings(size=size)
+    backbone = build_backbone(arch)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the one pass
+    sample = [items[i].path for i in np.random.default_rng(0).choice(len(items), min(200, len(items)), replace=False)]
+    with torch.no_grad():
+        backbone.train()(images_to_tensor(load_clean_images(sample, settings)))
+    meta = {"architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
+            "cleaning": settings.to_dict(), "taxonomy": {"name": "unifesp22"},
+            "training": {"data": "random init, BatchNorm statistics of 200 images", "command": "bench"}}
+    return save_bundle(folder / "random", backbone.state_dict(), None, meta)
+
+
 def flip_labels(label_sets, regions, rate, rng):
     """A copy of `label_sets` with round(rate * N) images given one region they do not carry."""
     flipped = rng.choice(len(label_sets), size=round(rate * len(label_sets)), replace=False)
@@ -90,10 +116,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="noise draws per rate (figures are averaged)")
     args = parser.parse_args(argv)
 
+    scratch = tempfile.TemporaryDirectory(prefix="audit-bench-")
     models = args.model or [DEFAULT_MODEL]
-    if not (Path(models[0]) / "bundle.json").is_file():
-        print(f"no model at {models[0]}: pass --model BUNDLE", file=sys.stderr)
-        return 2
+    if not args.model and not (DEFAULT_MODEL / "bundle.json").is_file():
+        print(f"no shipped model at {DEFAULT_MODEL}: random-weight resnet10 at 64 px (pass --model BUNDLE)")
+        models = [random_bundle(Path(scratch.name), read_labels_csv(args.labels))]
     bundles = [load_bundle(m) for m in models]
     taxonomy = bundles[0].taxonomy()
     regions, _ = audit_regions(bundles[0], taxonomy)

@@ -280,3 +280,19 @@ def test_features_cached_and_ensemble_averaging(tiny_bundle, unifesp, tmp_path):
     threshold = bundle.ood_detector().threshold
     np.testing.assert_allclose(pair.ood_score, single.ood_score / threshold, rtol=1e-5)  # ensembles: score/threshold
     assert "averaged over 2 models" in pair.probabilities_from
+
+
+def test_audit_of_a_few_dicoms_uses_the_models_own_head(tiny_bundle, real_dicoms, tmp_path):
+    import shutil
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in real_dicoms:
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(tiny_bundle), "--dicom-folder", str(folder), "--output", str(out),
+                 "--no-gradcam"]) == 0
+    rows = read_csv(out / "label_issues.csv")
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in real_dicoms)
+    assert all(r["suggested_label"] and r["ood_score"] for r in rows)
+    assert "the model&#x27;s own head" in (out / "index.html").read_text()

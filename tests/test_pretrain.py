@@ -1,6 +1,6 @@
 """Pretraining on real radiographs: each method into a loadable bundle, resume, signals, DDP on 2 processes.
 
-Small on purpose (ResNet-10, 48-64 px, 16 images, a few steps): the machine has 2 shared cores.
+Small on purpose (ResNet-10, 32-64 px, 16 images, a few steps): the machine has 2 shared cores.
 """
 
 import csv
@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from radregion.bundle import WEIGHTS, load_bundle
 from radregion.errors import RadiographError
 from radregion.networks import build_backbone
-from radregion.pretrain import (RANK_STATE_ENV, byol_momentum, checkpoint_path, class_ids, lr_factor, pretrain)
+from radregion.pretrain import (RANK_STATE_ENV, ViewsDataset, byol_momentum, checkpoint_path, class_ids, lr_factor,
+                                pretrain, usable_images)
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(arch="resnet10", size=48, batch_size=8, warmup_epochs=1, workers=0, progress=False)
+SMALL = dict(arch="resnet10", size=64, batch_size=8, warmup_epochs=1, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +51,21 @@ def _backbone_tensors(bundle_path) -> dict:
     return {k: v for k, v in load_file(str(Path(bundle_path) / WEIGHTS)).items() if k.startswith("backbone.")}
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "supcon"])
-def test_each_method_writes_a_bundle_that_loads(method, images, tmp_path):
+@pytest.mark.parametrize("method, precision", [("simclr", "auto"), ("byol", "fp32"), ("supcon", "bf16")])
+def test_each_method_writes_a_bundle_that_loads(method, precision, images, tmp_path):
     output = tmp_path / f"{method}-bundle"
-    result = pretrain(method, [images["csv"], images["folder"]], output, epochs=2, seed=0,
+    result = pretrain(method, [images["csv"], images["folder"]], output, epochs=2, seed=0, precision=precision,
                       log_dir=tmp_path / "tb", **SMALL)
     assert result == output and not checkpoint_path(output).exists()
     bundle = load_bundle(output)
-    assert bundle.meta["architecture"]["name"] == "resnet10" and bundle.settings.size == 48
+    assert bundle.meta["architecture"]["name"] == "resnet10" and bundle.settings.size == 64
     training = bundle.meta["training"]
+    assert training["precision"] == ("float32" if precision == "fp32" else "bfloat16")
     assert training["method"] == method and training["epochs"] == 2 and training["images"] == 16
     assert training["labelled_images"] == 12 and str(images["csv"].resolve()) in training["data"]
     backbone = bundle.backbone()
     with torch.no_grad():
-        features = backbone(torch.rand(3, 1, 48, 48))
+        features = backbone(torch.rand(3, 1, 64, 64))
     assert features.shape == (3, 512) and torch.isfinite(features).all()
     torch.manual_seed(0)
     initial = build_backbone("resnet10").state_dict()
@@ -178,3 +180,58 @@ def test_schedules():
 def test_unlabelled_images_are_their_own_class():
     ids = class_ids(["Hand", None, "Chest", "Hand", None])
     assert ids[0] == ids[3] != ids[2] and ids[1] != ids[4] and ids[1] < 0 and ids[4] < 0
+
+
+def _gathered_gradient(rank, port, result_file):
+    """One of 2 gloo ranks: NT-Xent on embeddings gathered across ranks; the DDP-averaged gradient."""
+    import torch.distributed as dist
+
+    from radregion.losses import ntxent_loss
+    from radregion.pretrain import _GatherWithGradient
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    v1, v2 = torch.randn(8, 6), torch.randn(8, 6)
+    mine = slice(4 * rank, 4 * rank + 4)
+    loss = ntxent_loss(_GatherWithGradient.apply(layer(v1[mine])), _GatherWithGradient.apply(layer(v2[mine])))
+    loss.backward()
+    grad = layer.weight.grad.clone()
+    dist.all_reduce(grad)
+    grad /= 2  # what DDP does
+    if rank == 0:
+        layer.zero_grad()
+        ntxent_loss(layer(v1), layer(v2)).backward()
+        torch.save({"distributed": grad, "single": layer.weight.grad}, result_file)
+    dist.destroy_process_group()
+
+
+def test_gathered_loss_gives_the_single_process_gradient(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gathered_gradient, args=(port, str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert grads["single"].abs().sum() > 0
+    torch.testing.assert_close(grads["distributed"], grads["single"], rtol=1e-5, atol=1e-6)
+
+
+def test_dataset_reads_cache_entries_and_rebuilds_missing_ones(images, tmp_path):
+    from radregion.cleaning import CleaningSettings
+
+    settings = CleaningSettings(size=40)
+    paths = sorted(images["folder"].iterdir())[:2]
+    kept, entries, classes, errors = usable_images(paths, [-1, -2], settings, workers=1, progress=False)
+    assert kept == paths and not errors and all(Path(e).is_file() for e in entries)
+    Path(entries[1]).unlink()  # a cache entry lost between the scan and the epoch
+    dataset = ViewsDataset(kept, entries, classes, settings, size=32, gauge=True, seed=0)
+    for index in range(2):
+        first, second, label = dataset[index]
+        assert first.shape == second.shape == (1, 32, 32) and label == classes[index]
+    assert Path(entries[1]).is_file()
+    again = ViewsDataset(kept, entries, classes, settings, size=32, gauge=True, seed=0)[0]
+    assert torch.equal(again[0], dataset[0][0])  # the same view for the same seed, epoch and image

@@ -83,56 +83,77 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ViewsDataset(Dataset):
-    """Cleaned images from the image cache -> (view1, view2, class id)."""
+    """Cleaned images from the image cache -> (view1, view2, class id).
 
-    def __init__(self, paths, classes, settings, size: int, gauge: bool, seed: int):
-        self.paths, self.classes, self.settings, self.seed = list(paths), list(classes), settings, seed
+    Reads the cache entries found by `usable_images` directly, so that a large DICOM is not hashed again in
+    every epoch; a missing or damaged entry is rebuilt through `load_clean`.
+    """
+
+    def __init__(self, paths, entries, classes, settings, size: int, gauge: bool, seed: int):
+        self.paths, self.entries, self.classes = list(paths), list(entries), list(classes)
+        self.settings, self.seed = settings, seed
         self.views = pretrain_views(size, gauge=gauge)
         self.epoch = 0
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def _image(self, index) -> np.ndarray:
         from radregion.cache import load_clean
 
-        image = load_clean(self.paths[index], self.settings)
+        try:
+            image = np.load(self.entries[index], allow_pickle=False)
+            if image.dtype == np.uint8 and image.shape == (self.settings.size,) * 2:
+                return image
+        except (OSError, ValueError, EOFError):
+            pass
+        return load_clean(self.paths[index], self.settings)
+
+    def __getitem__(self, index):
+        image = self._image(index)
         self.views.set_random_state(seed=item_seed(self.seed, self.epoch, index))
         first, second = self.views(image)
         return first, second, self.classes[index]
 
 
 def usable_images(paths, classes, settings, workers: int, progress: bool):
-    """Decode and clean every image once (fills the cache); drop and report the ones that cannot be used."""
+    """Decode and clean every image once (fills the cache): (paths, cache entries, classes) of the usable ones
+    and the errors of the others."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    from radregion.cache import load_clean
+    from radregion.cache import ImageCache
+
+    cache = ImageCache()
 
     def check(path):
         try:
-            load_clean(path, settings)
-            return None
-        except RadiographError as error:
-            return error
+            entry = cache.entry(path, settings)
+            if not entry.is_file():
+                cache.load(path, settings)
+            return entry
+        except (RadiographError, OSError) as error:
+            return error if isinstance(error, RadiographError) else RadiographError(path, f"cannot read ({error})")
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(tqdm(pool.map(check, paths), total=len(paths), desc="caching", unit="img",
                             disable=not progress, leave=False))
-    kept = [(p, c) for p, c, error in zip(paths, classes, results) if error is None]
-    return [p for p, _ in kept], [c for _, c in kept], [e for e in results if e is not None]
+    kept = [(p, r, c) for p, r, c in zip(paths, results, classes) if not isinstance(r, RadiographError)]
+    errors = [r for r in results if isinstance(r, RadiographError)]
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], errors
 
 
 def _prepare_images(images, load_settings, world, workers: int, show: bool):
-    """Paths and class ids of the usable images (rank 0 fills the cache first); the skipped files reported."""
+    """Paths, cache entries and class ids of the usable images (rank 0 fills the cache first); skipped files
+    are reported."""
     paths, labels, skipped = collect_images(images)
     classes = class_ids(labels)
     if world.main:
-        paths, classes, bad = usable_images(paths, classes, load_settings, workers, show)
+        paths, entries, classes, bad = usable_images(paths, classes, load_settings, workers, show)
     world.barrier()
     if not world.main:
-        paths, classes, bad = usable_images(paths, classes, load_settings, workers, False)
+        paths, entries, classes, bad = usable_images(paths, classes, load_settings, workers, False)
     skipped = skipped + bad
     if world.main and skipped:
         print(f"pretrain: skipped {len(skipped)} unusable file(s):", file=sys.stderr)
@@ -141,7 +162,7 @@ def _prepare_images(images, load_settings, world, workers: int, show: bool):
     if len(paths) < 2:
         raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
                          "need at least 2")
-    return paths, classes, skipped
+    return paths, entries, classes, skipped
 
 
 def _fit_batch_size(batch_size: int, n_images: int, world) -> int:
@@ -345,7 +366,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
-        paths, classes, skipped = _prepare_images(images, load_settings, world, workers, show)
+        paths, entries, classes, skipped = _prepare_images(images, load_settings, world, workers, show)
         n_labelled = sum(1 for c in classes if c >= 0)
         if method == "supcon" and n_labelled == 0 and world.main:
             print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature",
@@ -362,10 +383,12 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
                       images=len(paths), world_size=world.world, temperature=temperature)
 
         torch.manual_seed(seed)
-        model = SSLModel(method, arch).to(world.device).to(memory_format=torch.channels_last)
+        autocast_dtype = _precision(world.device, precision)
+        # channels_last pays with bf16 on CPU and on GPU; in fp32 on CPU it is slower than the default layout
+        layout = torch.channels_last if autocast_dtype or world.device.type == "cuda" else torch.contiguous_format
+        model = SSLModel(method, arch).to(world.device).to(memory_format=layout)
         target = momentum_copy(model.encoder()) if method == "byol" else None
         optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr)
-        autocast_dtype = _precision(world.device, precision)
         scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
         start_epoch, start_step, global_step = 0, 0, 0
@@ -382,7 +405,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         if world.enabled:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-        dataset = ViewsDataset(paths, classes, load_settings, size, gauge, seed)
+        dataset = ViewsDataset(paths, entries, classes, load_settings, size, gauge, seed)
         sampler = DistributedSampler(dataset, num_replicas=world.world, rank=world.rank, shuffle=True, seed=seed,
                                      drop_last=True)
 
@@ -440,7 +463,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
                     for group in optimizer.param_groups:
                         group["lr"] = lr * lr_factor(global_step, warmup_steps, total_steps)
                     x = torch.cat([first, second]).to(world.device, non_blocking=True)
-                    loss = _loss(method, train_model, target, x.contiguous(memory_format=torch.channels_last),
+                    loss = _loss(method, train_model, target, x.contiguous(memory_format=layout),
                                  batch_classes.to(world.device), world, temperature, autocast)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()

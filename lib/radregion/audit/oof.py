@@ -4,7 +4,6 @@ patient-grouped folds, so that no image's own label ever judges it."""
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,14 +11,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from radregion.atomic import atomic_write
 from radregion.errors import RadiographError
 
 MIN_LABELLED = 20  # fewer labelled images than this: the bundle's own head gives the probabilities
 
 
 def feature_cache_dir(bundle) -> Path:
-    root = Path(os.environ.get("RADREGION_CACHE") or Path.home() / ".cache" / "radregion")
-    return root / "features" / f"{bundle.version}-{bundle.settings.key()}"
+    from radregion.cache import default_root
+
+    return default_root() / "features" / f"{bundle.version}-{bundle.settings.key()}"
 
 
 def _feature_key(path: Path) -> str:
@@ -71,7 +72,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
                 cache.mkdir(parents=True, exist_ok=True)
                 for (i, _), feat in zip(good, feats):
                     features[i] = feat
-                    _save_atomic(cache / f"{_feature_key(paths[i])}.npy", feat)
+                    with atomic_write(cache / f"{_feature_key(paths[i])}.npy") as handle:
+                        np.save(handle, feat)
             bar.update(len(batch))
     bar.close()
     dim = next((len(f) for f in features if f is not None), dim)
@@ -80,13 +82,6 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     for i in np.flatnonzero(ok):
         out[i] = features[i]
     return out, ok, [errors[i] for i in sorted(errors)]
-
-
-def _save_atomic(path: Path, array: np.ndarray):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def out_of_fold_probabilities(features, label_sets, regions, folds, *, C=None, progress=False) -> np.ndarray:
