@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from radregion.bundle import WEIGHTS, load_bundle
 from radregion.errors import RadiographError
 from radregion.networks import build_backbone
-from radregion.pretrain import (RANK_STATE_ENV, ViewsDataset, byol_momentum, checkpoint_path, class_ids, lr_factor,
-                                pretrain, usable_images)
+from radregion.pretrain import RANK_STATE_ENV, byol_momentum, checkpoint_path, lr_factor, pretrain
+from radregion.pretrain_data import ViewsDataset, class_ids, usable_images
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(arch="resnet10", size=64, batch_size=8, warmup_epochs=1, workers=0, progress=False)
@@ -187,14 +187,14 @@ def _gathered_gradient(rank, port, result_file):
     import torch.distributed as dist
 
     from radregion.losses import ntxent_loss
-    from radregion.pretrain import _GatherWithGradient
+    from radregion.distributed import GatherWithGradient
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 4)
     v1, v2 = torch.randn(8, 6), torch.randn(8, 6)
     mine = slice(4 * rank, 4 * rank + 4)
-    loss = ntxent_loss(_GatherWithGradient.apply(layer(v1[mine])), _GatherWithGradient.apply(layer(v2[mine])))
+    loss = ntxent_loss(GatherWithGradient.apply(layer(v1[mine])), GatherWithGradient.apply(layer(v2[mine])))
     loss.backward()
     grad = layer.weight.grad.clone()
     dist.all_reduce(grad)

@@ -11,24 +11,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from radregion.atomic import atomic_write
-from radregion.augment import pretrain_views
+from radregion.distributed import World, stop_on_signals
 from radregion.errors import RadiographError
 from radregion.losses import byol_loss, ntxent_loss, supcon_loss
 from radregion.networks import (BYOLPredictor, ProjectionHead, build_backbone, feature_dim, momentum_copy,
                                 update_momentum)
+from radregion.pretrain_data import ViewsDataset, fit_batch_size, prepare_images
 
 METHODS = ("simclr", "byol", "supcon")
 TEMPERATURE = {"simclr": 0.2, "supcon": 0.1}
@@ -41,140 +39,6 @@ RANK_STATE_ENV = "RADREGION_RANK_STATE_DIR"  # if set, every rank writes its fin
 def checkpoint_path(output) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".checkpoint.pt")
-
-
-# --- data --------------------------------------------------------------------------------------------------
-def collect_images(inputs) -> tuple[list[Path], list[str | None], list[RadiographError]]:
-    """Folders (recursive), labels CSVs and single files -> sorted unique paths, their label (None if
-    unlabelled; several regions joined with "|") and the files skipped while searching."""
-    from radregion.datasets import read_labels_csv
-    from radregion.io import find_radiographs
-
-    labels: dict[Path, str | None] = {}
-    errors: list[RadiographError] = []
-    for entry in inputs:
-        entry = Path(entry)
-        if entry.is_dir():
-            paths, skipped = find_radiographs(entry)
-            errors.extend(skipped)
-            for path in paths:
-                labels.setdefault(path.resolve(), None)
-        elif entry.is_file() and entry.suffix.lower() == ".csv":
-            for item in read_labels_csv(entry):
-                labels[Path(item.path).resolve()] = "|".join(sorted(item.labels)) or None
-        elif entry.is_file():
-            labels.setdefault(entry.resolve(), None)
-        else:
-            raise RadiographError(entry, "not found: --images takes folders of radiographs and labels CSVs")
-    paths = sorted(labels)
-    return paths, [labels[p] for p in paths], errors
-
-
-def class_ids(labels: list[str | None]) -> list[int]:
-    """Labelled images share an id per label; every unlabelled image gets a (negative) id of its own."""
-    names = sorted({label for label in labels if label is not None})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[label] if label is not None else -(i + 1) for i, label in enumerate(labels)]
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one image in one epoch: the same whatever the workers, ranks or resumes."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class ViewsDataset(Dataset):
-    """Cleaned images from the image cache -> (view1, view2, class id).
-
-    Reads the cache entries found by `usable_images` directly, so that a large DICOM is not hashed again in
-    every epoch; a missing or damaged entry is rebuilt through `load_clean`.
-    """
-
-    def __init__(self, paths, entries, classes, settings, size: int, gauge: bool, seed: int):
-        self.paths, self.entries, self.classes = list(paths), list(entries), list(classes)
-        self.settings, self.seed = settings, seed
-        self.views = pretrain_views(size, gauge=gauge)
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.paths)
-
-    def _image(self, index) -> np.ndarray:
-        from radregion.cache import load_clean
-
-        try:
-            image = np.load(self.entries[index], allow_pickle=False)
-            if image.dtype == np.uint8 and image.shape == (self.settings.size,) * 2:
-                return image
-        except (OSError, ValueError, EOFError):
-            pass
-        return load_clean(self.paths[index], self.settings)
-
-    def __getitem__(self, index):
-        image = self._image(index)
-        self.views.set_random_state(seed=item_seed(self.seed, self.epoch, index))
-        first, second = self.views(image)
-        return first, second, self.classes[index]
-
-
-def usable_images(paths, classes, settings, workers: int, progress: bool):
-    """Decode and clean every image once (fills the cache): (paths, cache entries, classes) of the usable ones
-    and the errors of the others."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from radregion.cache import ImageCache
-
-    cache = ImageCache()
-
-    def check(path):
-        try:
-            entry = cache.entry(path, settings)
-            if not entry.is_file():
-                cache.load(path, settings)
-            return entry
-        except (RadiographError, OSError) as error:
-            return error if isinstance(error, RadiographError) else RadiographError(path, f"cannot read ({error})")
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(check, paths), total=len(paths), desc="caching", unit="img",
-                            disable=not progress, leave=False))
-    kept = [(p, r, c) for p, r, c in zip(paths, results, classes) if not isinstance(r, RadiographError)]
-    errors = [r for r in results if isinstance(r, RadiographError)]
-    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], errors
-
-
-def _prepare_images(images, load_settings, world, workers: int, show: bool):
-    """Paths, cache entries and class ids of the usable images (rank 0 fills the cache first); skipped files
-    are reported."""
-    paths, labels, skipped = collect_images(images)
-    classes = class_ids(labels)
-    if world.main:
-        paths, entries, classes, bad = usable_images(paths, classes, load_settings, workers, show)
-    world.barrier()
-    if not world.main:
-        paths, entries, classes, bad = usable_images(paths, classes, load_settings, workers, False)
-    skipped = skipped + bad
-    if world.main and skipped:
-        print(f"pretrain: skipped {len(skipped)} unusable file(s):", file=sys.stderr)
-        for error in skipped[:10]:
-            print(f"  {error}", file=sys.stderr)
-    if len(paths) < 2:
-        raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
-                         "need at least 2")
-    return paths, entries, classes, skipped
-
-
-def _fit_batch_size(batch_size: int, n_images: int, world) -> int:
-    per_rank = n_images // world.world
-    if batch_size > per_rank:
-        if world.main:
-            print(f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}",
-                  file=sys.stderr)
-        batch_size = per_rank
-    if batch_size < 2:
-        raise ValueError(f"pretrain: {n_images} images are too few for {world.world} processes")
-    return batch_size
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -216,102 +80,9 @@ def byol_momentum(step: int, total_steps: int, base: float = BYOL_BASE_MOMENTUM)
 
 def _parameter_groups(model: nn.Module, weight_decay: float):
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)  # no decay on norms and biases
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# --- distributed -------------------------------------------------------------------------------------------
-class _Distributed:
-    """World size / rank from torchrun's environment; a single process otherwise."""
-
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate x from all ranks, keeping the gradient path to this rank's part."""
-        return _GatherWithGradient.apply(x.contiguous()) if self.enabled else x
-
-    def gather_plain(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate x from all ranks (no gradient)."""
-        if not self.enabled:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    def any(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def close(self):
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """all_gather whose backward hands each rank the summed gradient of its own rows (works on gloo too)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT/SIGTERM set a flag instead of killing, so the loop can checkpoint first."""
-    requested = {"stop": False}
-    if sys.platform == "win32" or not _in_main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        requested["stop"] = True
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _precision(device: torch.device, precision: str) -> torch.dtype | None:
@@ -350,7 +121,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         raise ValueError("need epochs >= 1, batch size >= 2 and size >= 32")
     output = Path(output)
     ckpt_file = checkpoint_path(output)
-    world = _Distributed(device)
+    world = World(device)
     try:
         if world.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world))
@@ -366,12 +137,12 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
-        paths, entries, classes, skipped = _prepare_images(images, load_settings, world, workers, show)
+        paths, entries, classes, skipped = prepare_images(images, load_settings, world, workers, show)
         n_labelled = sum(1 for c in classes if c >= 0)
         if method == "supcon" and n_labelled == 0 and world.main:
             print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature",
                   file=sys.stderr)
-        batch_size = _fit_batch_size(batch_size, len(paths), world)
+        batch_size = fit_batch_size(batch_size, len(paths), world)
         steps_per_epoch = len(paths) // world.world // batch_size
         total_steps = steps_per_epoch * epochs
         warmup_steps = min(warmup_epochs * steps_per_epoch, total_steps // 2)
@@ -432,7 +203,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         loss_value = float("nan")
         autocast = (torch.autocast(world.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
-        with _stop_on_signals() as signals:
+        with stop_on_signals() as signals:
             for epoch in range(start_epoch, epochs):
                 if stop_after is not None and epoch >= stop_after:
                     bar.close()
@@ -552,7 +323,7 @@ def _write_bundle(output: Path, backbone: nn.Module, arch: str, settings, traini
     save_bundle(output, state, None, meta)
 
 
-def _loss(method, model, target, x, classes, world: _Distributed, temperature, autocast) -> torch.Tensor:
+def _loss(method, model, target, x, classes, world: World, temperature, autocast) -> torch.Tensor:
     """The method's loss on a batch x = (both views of B images); computed in fp32, gathered across ranks."""
     with autocast:
         out = model(x)
@@ -570,7 +341,7 @@ def _loss(method, model, target, x, classes, world: _Distributed, temperature, a
     return supcon_loss(torch.cat([first, second]), torch.cat([classes, classes]), temperature)
 
 
-def _dump_rank_state(model: nn.Module, world: _Distributed) -> None:
+def _dump_rank_state(model: nn.Module, world: World) -> None:
     folder = os.environ.get(RANK_STATE_ENV)
     if not folder:
         return
