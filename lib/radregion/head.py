@@ -104,12 +104,14 @@ def out_of_domain_regions(taxonomy, extra=()) -> set[str]:
 
 
 def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
-               folds=5, seed=0, fine_tune_epochs=0, data=None, command=None, workers=2, progress=False):
+               folds=5, seed=0, fine_tune_epochs=0, data=None, command=None, workers=2, progress=False,
+               half_backbone=None):
     """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
 
     Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
     never go in the head; they measure the OOD AUROC. Patient-grouped out-of-fold predictions give the
     cross-validated metrics and the OOD threshold (its `OOD_PERCENTILE` on held-out in-domain images).
+    `half_backbone` stores the backbone in fp16 (None: as the input bundle stores it).
     """
     from radregion.bundle import load_bundle, provenance, save_bundle
     from radregion.evaluate import summarise
@@ -171,12 +173,11 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
                                backbone=bundle.meta.get("training")),
         "metrics": metrics,
     }
-    if not fine_tune_epochs:
-        return bundle.with_head(output, head, detector, meta_updates)
     meta = {k: v for k, v in bundle.meta.items() if k not in ("ood", "metrics")}
     meta.update(meta_updates)
-    half = bundle.meta.get("weights_dtype") == "float16"
-    save_bundle(output, backbone.state_dict(), head, meta, ood=detector, half_backbone=half)
+    if half_backbone is None:
+        half_backbone = bundle.meta.get("weights_dtype") == "float16"
+    save_bundle(output, backbone.state_dict(), head, meta, ood=detector, half_backbone=half_backbone)
     return load_bundle(output)
 
 
