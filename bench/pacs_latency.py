@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "apps" / "radregion")]
 
+from fixtures.bundle import bench_model  # noqa: E402
 from fixtures.pacs import OrthancServer  # noqa: E402
 from fixtures.server import RadRegionServer  # noqa: E402
 
@@ -39,18 +40,6 @@ def make_dicoms(folder: Path, count: int) -> list:
         pixels = np.asarray(Image.open(DATA / "unifesp" / row["image"]).convert("L"))
         paths.append(array_to_dicom(pixels, folder / f"png{i}.dcm", modality="CR", patient_id=f"B{i}"))
     return paths
-
-
-def model_path(arg, root: Path) -> Path:
-    if arg:
-        return Path(arg)
-    shipped = REPO / "apps" / "radregion" / "model"
-    if (shipped / "bundle.json").exists():
-        return shipped
-    from fixtures.bundle import build_tiny_bundle
-
-    print("no shipped model: using the tests' tiny bundle (resnet10, 64 px)")
-    return build_tiny_bundle(DATA / "unifesp", root / "bundle")
 
 
 def summary(name, seconds):
@@ -68,7 +57,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         root = Path(tmp)
-        model = model_path(args.model, root)
+        model = bench_model(args.model, DATA / "unifesp", root)
         pacs = OrthancServer(root / "orthanc").start()
         server = None
         try:

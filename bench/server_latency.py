@@ -67,22 +67,13 @@ def main():
 
     import requests
 
+    from fixtures.bundle import bench_model
     from fixtures.server import start_server
 
     work = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        model = args.model
-        default = REPO / "apps" / "radregion" / "model"
-        if model is None and (default / "bundle.json").is_file():
-            model = default
-        if model is None:
-            from fixtures.bundle import build_tiny_bundle
-
-            model = build_tiny_bundle(SHARED / "unifesp", work / "bundle")
-            print(f"model: tests' tiny bundle (resnet10, 64 px) built in {work / 'bundle'}")
-        else:
-            print(f"model: {model}")
+        model = bench_model(args.model, SHARED / "unifesp", work)
         studies = work / "studies"
         studies.mkdir()
         png = sorted((SHARED / "unifesp" / "images").glob("*.png"))[0]
