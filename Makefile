@@ -44,7 +44,7 @@ model: install
 	mkdir -p $(RUN)
 	$(VENV)/bin/radregion split --labels $(DATA)/labels.csv --test-fraction 0.2 --seed 0 --output $(RUN)
 	$(VENV)/bin/radregion pretrain --method supcon --images $(RUN)/train.csv $(DATA)/unlabelled \
-		--output $(RUN)/supcon --arch resnet10 --size 128 --epochs 6 --batch-size 64 --workers 2 --seed 0 \
+		--output $(RUN)/supcon --arch resnet10 --size 128 --epochs 30 --batch-size 64 --workers 2 --seed 0 \
 		--log-dir $(RUN)/tensorboard --no-progress
 	$(VENV)/bin/radregion fit-head --model $(RUN)/supcon --labels $(RUN)/train.csv --fine-tune --epochs 15 \
 		--seed 0 --output $(RUN)/fine-tuned
