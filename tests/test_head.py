@@ -107,5 +107,6 @@ def test_fit_head_cli_fine_tune_changes_the_backbone(tiny_bundle, unifesp, tmp_p
     changed = [k for k, v in before.backbone_state().items()
                if v.is_floating_point() and not np.allclose(v.numpy(), after.backbone_state()[k].numpy())]
     assert changed and after.meta["training"]["head"]["fine_tune_epochs"] == 1
+    assert after.meta["training"]["head"]["fine_tune_lr"] == 1e-4
     assert after.meta["weights_dtype"] == "float16" and after.regions == before.regions
-    assert "--fine-tune" in after.meta["training"]["command"]
+    assert "--fine-tune" in after.meta["training"]["command"] and "--lr 0.0001" in after.meta["training"]["command"]

@@ -74,6 +74,20 @@ def test_each_method_writes_a_bundle_that_loads(method, precision, images, tmp_p
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_zero_epochs_writes_the_seeded_random_backbone(images, tmp_path):
+    """The start of the supervised-from-scratch baseline: no training, the same weights for the same seed."""
+    first = pretrain("simclr", [images["csv"]], tmp_path / "a", epochs=0, seed=3, **SMALL)
+    again = pretrain("simclr", [images["csv"]], tmp_path / "b", epochs=0, seed=3, **SMALL)
+    other = pretrain("simclr", [images["csv"]], tmp_path / "c", epochs=0, seed=4, **SMALL)
+    a, b, c = (_backbone_tensors(p) for p in (first, again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    bundle = load_bundle(first)
+    assert bundle.meta["training"]["stage"] == "random initialisation" and bundle.head() is None
+    with pytest.raises(ValueError, match="epochs >= 0"):
+        pretrain("simclr", [images["csv"]], tmp_path / "d", epochs=-1, **SMALL)
+
+
 def test_stop_and_resume_equals_an_uninterrupted_run(images, tmp_path):
     inputs = [images["folder"], images["csv"]]
     whole = pretrain("simclr", inputs, tmp_path / "whole", epochs=2, seed=3, log_dir=tmp_path / "tb1", **SMALL)

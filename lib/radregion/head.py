@@ -104,7 +104,7 @@ def out_of_domain_regions(taxonomy, extra=()) -> set[str]:
 
 
 def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
-               folds=5, seed=0, fine_tune_epochs=0, data=None, command=None, workers=2, progress=False,
+               folds=5, seed=0, fine_tune_epochs=0, fine_tune_lr=1e-4, data=None, command=None, workers=2, progress=False,
                half_backbone=None):
     """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
 
@@ -134,7 +134,7 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     regions = [r for r in order if r in present] + sorted(present - set(order))
 
     if fine_tune_epochs:
-        backbone = fine_tune(bundle, in_items, in_labels, regions, epochs=fine_tune_epochs, seed=seed,
+        backbone = fine_tune(bundle, in_items, in_labels, regions, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed,
                              workers=workers, progress=progress)
     else:
         backbone = bundle.backbone()
@@ -169,7 +169,8 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
                                        "handling": "not in the head; flagged by the OOD score above threshold"}},
         "training": provenance(data, command or " ".join(shlex.quote(a) for a in sys.argv),
                                head={"C": C, "class_balanced": class_balanced, "seed": seed,
-                                     "fine_tune_epochs": fine_tune_epochs},
+                                     "fine_tune_epochs": fine_tune_epochs,
+                                     **({"fine_tune_lr": fine_tune_lr} if fine_tune_epochs else {})},
                                backbone=bundle.meta.get("training")),
         "metrics": metrics,
     }

@@ -112,13 +112,14 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
     batch_size is per process (the global batch is batch_size x world size); lr defaults to
     1e-3 x sqrt(global batch / 256) (square-root scaling, as suits Adam). `stop_after=k` stops after epoch k
     leaving a checkpoint (for time-sliced jobs; returns None). Distributed when started by torchrun.
+    `epochs=0` writes the randomly initialised backbone (the start of a supervised-from-scratch baseline).
     """
     from radregion.cleaning import CleaningSettings
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if epochs < 1 or batch_size < 2 or size < 32:
-        raise ValueError("need epochs >= 1, batch size >= 2 and size >= 32")
+    if epochs < 0 or batch_size < 2 or size < 32:
+        raise ValueError("need epochs >= 0, batch size >= 2 and size >= 32")
     output = Path(output)
     ckpt_file = checkpoint_path(output)
     world = World(device)
@@ -137,6 +138,13 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
+        if epochs == 0:  # the randomly initialised backbone: where a supervised-from-scratch baseline starts
+            torch.manual_seed(seed)
+            if world.main:
+                _write_bundle(output, SSLModel(method, arch).backbone, arch, settings, dict(
+                    data=[str(Path(i).resolve()) for i in images], command=command if command is not None else sys.argv,
+                    stage="random initialisation", epochs=0, seed=seed, cleaning=clean))
+            return output
         paths, entries, classes, skipped = prepare_images(images, load_settings, world, workers, show)
         n_labelled = sum(1 for c in classes if c >= 0)
         if method == "supcon" and n_labelled == 0 and world.main:

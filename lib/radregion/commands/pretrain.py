@@ -21,7 +21,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="BUNDLE", help="bundle folder to write")
     p.add_argument("--arch", default="resnet18", choices=sorted(ARCHITECTURES))
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100,
+                   help="default 100; 0 writes the randomly initialised backbone (a supervised-from-scratch start)")
     p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3 x sqrt(global batch / 256))")
