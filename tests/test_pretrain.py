@@ -184,6 +184,17 @@ def test_ddp_two_processes_stay_in_sync(images, tmp_path):
     assert torch.equal(saved, rank0["backbone.conv1.weight"]) and not torch.equal(saved, initial)
 
 
+def test_command_choices_match_the_engine():
+    from radregion.commands import pretrain as command
+    from radregion.networks import ARCHITECTURES
+    from radregion.pretrain import METHODS
+
+    assert command.METHODS == METHODS and set(command.ARCHITECTURES) == set(ARCHITECTURES)
+    help_run = subprocess.run([sys.executable, "-X", "importtime", "-m", "radregion.cli", "--help"],
+                              capture_output=True, text=True, check=True)
+    assert "pretrain" in help_run.stdout and " monai" not in help_run.stderr and " torch\n" not in help_run.stderr
+
+
 def test_schedules():
     factors = [lr_factor(step, 4, 20) for step in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0

@@ -4,8 +4,10 @@ import argparse
 import os
 import sys
 
-from radregion.networks import ARCHITECTURES
-from radregion.pretrain import METHODS
+# Spelled out so that `radregion --help` does not import torch and MONAI (seconds); test_pretrain checks they match
+# radregion.pretrain.METHODS and radregion.networks.ARCHITECTURES.
+METHODS = ("simclr", "byol", "supcon")
+ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -19,7 +21,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_CSV",
                    help="folders of radiographs (searched recursively) and/or labels CSVs (SupCon uses the labels)")
     p.add_argument("--output", required=True, metavar="BUNDLE", help="bundle folder to write")
-    p.add_argument("--arch", default="resnet18", choices=sorted(ARCHITECTURES))
+    p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=100,
                    help="default 100; 0 writes the randomly initialised backbone (a supervised-from-scratch start)")
