@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= apps/radregion/model
 
-.PHONY: install dev serve test bench model clean
+.PHONY: install dev serve test bench study model clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ serve: install
 test: dev
 	$(PY) -m pytest -q tests
 
+# Speed and quality figures (minutes). The study (bench/study*.py) is `make study`: about 2 hours on 2 CPU cores.
 bench: dev
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out bench/study%,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+study: dev
+	$(PY) bench/study.py
 
 # The shipped default model (apps/radregion/model): the exact recipe of its MODEL_CARD.md. Hours on a 2-core CPU.
 DATA ?= ../shared/data/unifesp

@@ -22,11 +22,11 @@ def draw_all(study) -> None:
     results, work = study.results, study.work
     if results:
         label_plot(results, DOCS / "study_labels.png")
-    for arm in ("simclr", "simclr-no-gauge"):
-        if not (work / "heads" / f"{arm}_kall").exists():
-            return
-    gradcam_grid(work, ["simclr", "simclr-no-gauge"], DOCS / "study_gradcam.png")
-    tsne_figure(work / "heads" / "simclr_kall", study.test, DOCS / "study_tsne.png")
+    arms = [a for a in ("simclr", "simclr-no-gauge", "simclr-no-clean") if (work / "heads" / f"{a}_kall").exists()]
+    if len(arms) > 1:
+        gradcam_grid(work, arms, DOCS / "study_gradcam.png")
+    if "simclr" in arms:
+        tsne_figure(work / "heads" / "simclr_kall", study.test, DOCS / "study_tsne.png")
     print_tables(results)
 
 
@@ -65,7 +65,7 @@ def _test_items(test_csv):
 
 def gradcam_grid(work: Path, arms, path: Path) -> None:
     """The same test images (one per region, the first few regions), Grad-CAM of each arm's all-label head for
-    the true region; rows = arms."""
+    the true region; rows = arms, each image as that arm's cleaning settings prepare it."""
     import matplotlib.pyplot as plt
 
     from radregion.audit.gradcam import Classifier, grad_cams, overlay

@@ -93,6 +93,18 @@ def test_fit_head_cli_is_seeded(tiny_bundle, unifesp, tmp_path, capsys):
     assert "cross-validated top-1" in capsys.readouterr().err
 
 
+def test_fit_head_cli_size_sets_the_new_bundles_input_size(tiny_bundle, unifesp, tmp_path, capsys):
+    out = tmp_path / "bigger"
+    size = load_bundle(tiny_bundle).settings.size + 16
+    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--per-class", "1",
+                 "--size", str(size), "--output", str(out)]) == 0
+    bundle = load_bundle(out)
+    assert bundle.settings.size == size and f"--size {size}" in bundle.meta["training"]["command"]
+    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--size", "8",
+                 "--output", str(tmp_path / "tiny")]) == 2
+    assert "--size must be at least 32" in capsys.readouterr().err
+
+
 def test_fit_head_cli_without_default_model(unifesp, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "nowhere"))
     code = main(["fit-head", "--labels", str(unifesp / "labels.csv"), "--output", str(tmp_path / "out")])

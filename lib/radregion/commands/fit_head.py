@@ -29,6 +29,8 @@ def register(subparsers):
     parser.add_argument("--epochs", type=int, default=5, help="epochs of --fine-tune (default 5)")
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="learning rate of --fine-tune (default 1e-4; about 1e-3 from a random backbone)")
+    parser.add_argument("--size", type=int, metavar="PX",
+                        help="input size of the new bundle (default: the backbone's; a ResNet takes any size)")
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--output", required=True, metavar="BUNDLE", help="the new bundle (replaced atomically)")
@@ -41,6 +43,10 @@ def run(args) -> int:
     from radregion.head import DEFAULT_C, _taxonomy, out_of_domain_regions, train_head
 
     bundle = load_bundle(resolve_model(args.model))
+    if args.size is not None:
+        if args.size < 32:
+            raise ValueError("--size must be at least 32")
+        bundle.meta["cleaning"]["size"] = args.size
     items = read_labels_csv(args.labels, args.images_root)
     ood_regions = out_of_domain_regions(_taxonomy(bundle), args.exclude_regions)
     in_domain = [it for it in items if any(lab not in ood_regions for lab in it.labels)]
@@ -78,7 +84,8 @@ def run(args) -> int:
 def command_line(args) -> str:
     """The command as it could be typed again (rebuilt from the parsed options)."""
     parts = ["radregion", "fit-head"]
-    for option in ("model", "labels", "images_root", "per_class", "fraction", "seed", "C", "epochs", "output"):
+    for option in ("model", "labels", "images_root", "per_class", "fraction", "seed", "C", "epochs", "size",
+                   "output"):
         value = getattr(args, option)
         if value is not None and not (option == "epochs" and not args.fine_tune):
             parts += [f"--{option.replace('_', '-')}", str(value)]
