@@ -93,6 +93,16 @@ def test_ensemble_averages_probabilities(tiny_bundle, unifesp, tmp_path, some_im
     assert ensemble.threshold == 1.0 and ensemble.version.startswith("ens-")
     assert out["features"].shape == (6, 1024)
 
+    # heads fitted on one image per region calibrate a zero OOD threshold: no ensemble OOD score, no crash
+    uncalibrated = bundle.ood_detector()
+    uncalibrated.threshold = 0.0
+    zero = bundle.with_head(tmp_path / "zero", head, uncalibrated)
+    out = Predictor([tiny_bundle, zero.path]).predict_images(images)
+    assert np.isnan(out["ood_score"]).all() and not out["out_of_domain"].any()
+    from radregion.ood import auroc
+
+    assert auroc(out["ood_score"][:3], out["ood_score"][3:]) is None
+
 
 def test_bundle_without_head_is_refused(tiny_bundle, tmp_path):
     from radregion.bundle import save_bundle

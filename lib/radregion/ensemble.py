@@ -62,10 +62,15 @@ class Ensemble:
         joined = "+".join(m.bundle.version for m in self.models)
         return "ens-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
 
+    def _scored(self, model) -> bool:
+        """A member's OOD score counts when it has a detector and, in an ensemble, a positive threshold to scale
+        by (heads fitted on one image per region calibrate a zero threshold)."""
+        return model.ood is not None and (len(self.models) == 1 or model.ood.threshold > 0)
+
     @property
     def threshold(self) -> float:
-        """The OOD threshold of `run`'s scores (inf when a member has no OOD detector)."""
-        if any(m.ood is None for m in self.models):
+        """The OOD threshold of `run`'s scores (inf when a member has no usable OOD detector)."""
+        if not all(self._scored(m) for m in self.models):
             return float("inf")
         return self.models[0].ood.threshold if len(self.models) == 1 else 1.0
 
@@ -77,7 +82,7 @@ class Ensemble:
             p, f, s = model.run(batch)
             probs.append(p[:, order])
             feats.append(f)
-            if s is not None:
+            if s is not None and self._scored(model):
                 scores.append(s if len(self.models) == 1 else s / model.ood.threshold)
         n = len(batch)
         score = (np.mean(scores, 0) if len(scores) == len(self.models) else np.full(n, np.nan)).astype(np.float32)

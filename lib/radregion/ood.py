@@ -71,11 +71,12 @@ def fit_ood(features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis
 
 
 def auroc(in_domain_scores, out_of_domain_scores) -> float | None:
-    """AUROC of telling out-of-domain from in-domain images by score (None without both kinds)."""
-    if len(in_domain_scores) == 0 or len(out_of_domain_scores) == 0:
+    """AUROC of telling out-of-domain from in-domain images by score (None without both kinds or scores)."""
+    scores = np.r_[np.asarray(in_domain_scores, float), np.asarray(out_of_domain_scores, float)]
+    if len(in_domain_scores) == 0 or len(out_of_domain_scores) == 0 or not np.isfinite(scores).all():
         return None
     y = np.r_[np.zeros(len(in_domain_scores)), np.ones(len(out_of_domain_scores))]
-    return float(roc_auc_score(y, np.r_[in_domain_scores, out_of_domain_scores]))
+    return float(roc_auc_score(y, scores))
 
 
 def _standardise(features, mean, std):
