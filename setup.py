@@ -43,5 +43,5 @@ setup(
             "requests",
         ],
     },
-    entry_points={"console_scripts": ["radregion = radregion.cli:main"]},
+    entry_points={"console_scripts": ["radregion = radregion.cli:console"]},
 )

@@ -2,7 +2,8 @@
 
 Flips 5%, 10% and 20% of the shared labelled UNIFESP images to another region, computes patient-held-out
 out-of-fold probabilities once per noise level, and prints precision, recall and AUROC of the flagged issues for
-the project's method ("ours") and cleanlab's default on the same probabilities. Out-of-domain images (Others,
+the project's method ("ours") and cleanlab's default on the same probabilities, and the precision (= recall) of the
+ranking's top N when N is the true number of flips (what a perfect count estimate would give). Out-of-domain images (Others,
 and images the model's OOD detector flags) are never counted as label errors by either method.
 
     .venv/bin/python bench/audit_quality.py [--model BUNDLE ...] [--labels CSV] [--rates 0.05 0.1 0.2]
@@ -101,10 +102,13 @@ def normalized_margin_score(given, probs) -> np.ndarray:
 
 
 def scores(flagged, score, truth) -> dict:
+    """Precision, recall, AUROC of the ranking, and precision (= recall) of the top as many as there are flips."""
     tp = int((flagged & truth).sum())
     known = ~np.isnan(score)
+    top = np.argsort(-np.nan_to_num(score, nan=-np.inf))[:int(truth.sum())]
     return {"precision": tp / max(int(flagged.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
-            "auroc": float(roc_auc_score(truth[known], score[known])), "flagged": int(flagged.sum())}
+            "auroc": float(roc_auc_score(truth[known], score[known])), "flagged": int(flagged.sum()),
+            "at_flips": float(truth[top].mean()) if len(top) else float("nan")}
 
 
 def main(argv=None) -> int:
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
     print(f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
           f"{len(set(patients))} patients, {len(present)} regions; features {time.perf_counter() - start:.0f} s; "
           f"{int(out_of_domain.sum())} flagged out of domain by the model")
-    print(f"{'noise':>6} {'method':>9} {'precision':>9} {'recall':>7} {'AUROC':>6} {'flagged':>8} {'flips':>6}")
+    print(f"{'noise':>6} {'method':>9} {'precision':>9} {'recall':>7} {'AUROC':>6} {'flagged':>8} {'flips':>6}"
+          f"  P=R@flips")
     for rate in args.rates:
         table, margin_auroc = {m: [] for m in issues.METHODS}, []
         for seed in range(args.seeds):
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
         for method, runs in table.items():
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
             print(f"{rate:>6.0%} {method:>9} {mean['precision']:>9.3f} {mean['recall']:>7.3f} {mean['auroc']:>6.3f} "
-                  f"{mean['flagged']:>8.0f} {int(truth.sum()):>6}")
+                  f"{mean['flagged']:>8.0f} {int(truth.sum()):>6}  {mean['at_flips']:.3f}")
         print(f"{'':>6} ranking AUROC: self-confidence (used) {mean['auroc']:.3f}, "
               f"normalized margin {np.mean(margin_auroc):.3f}")
     return 0

@@ -72,6 +72,21 @@ def test_predict_to_stdout_as_a_real_process(tiny_bundle, real_dicoms, tmp_path)
     assert "Traceback" not in result.stderr
 
 
+def test_skipping_unused_imports_keeps_predictions(tiny_bundle, real_dicoms, tmp_path):
+    """radregion.startup: the console run never loads MONAI's optional integrations, and predicts the same."""
+    env = {**os.environ, "RADREGION_MODEL": str(tiny_bundle), "PYTHONPATH": str(REPO / "lib")}
+    code = ("import sys{pre}; from radregion.cli import main; "
+            f"code = main(['predict', {str(real_dicoms[0])!r}, '--output', sys.argv[1]], fresh_process=True); "
+            "print('loaded:', sorted(m for m in ('ignite', 'mlflow', 'matplotlib') if sys.modules.get(m))); "
+            "sys.exit(code)")
+    runs = {name: subprocess.run([sys.executable, "-c", code.format(pre=pre), str(tmp_path / f"{name}.csv")],
+                                 env=env, timeout=300, capture_output=True, text=True)
+            for name, pre in (("all", ", ignite, matplotlib"), ("fast", ""))}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-2000:] for r in runs.values()]
+    assert "loaded: ['ignite', 'matplotlib']" in runs["all"].stdout and "loaded: []" in runs["fast"].stdout
+    assert (tmp_path / "all.csv").read_text() == (tmp_path / "fast.csv").read_text()
+
+
 def test_missing_default_model_is_a_clear_error(tmp_path, real_dicoms, monkeypatch, capsys):
     monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "no-model"))
     assert main(["predict", str(real_dicoms[0])]) == 2

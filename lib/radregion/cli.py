@@ -28,9 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, fresh_process=False) -> int:
+    """`fresh_process`: this run is the whole process (the console command), so commands may trade away what
+    a longer-lived caller would still need (see radregion.startup)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.fresh_process = fresh_process
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
@@ -44,5 +47,9 @@ def main(argv=None) -> int:
         return 130
 
 
+def console() -> None:
+    sys.exit(main(fresh_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -78,6 +78,10 @@ def write_predictions(predictions, regions, handle) -> dict:
 
 
 def run(args) -> int:
+    from radregion.startup import skip_unused_imports
+
+    if getattr(args, "fresh_process", False):
+        skip_unused_imports()
     from radregion.bundle import resolve_model
     from radregion.inference import Prediction, Predictor
 
