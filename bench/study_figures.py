@@ -21,7 +21,9 @@ def draw_all(study) -> None:
     matplotlib.use("Agg")
     results, work = study.results, study.work
     if results:
-        label_plot(results, DOCS / "study_labels.png")
+        regions = [it.labels[0] for it in _test_items(study.test)]
+        majority = max(regions.count(r) for r in set(regions)) / len(regions)
+        label_plot(results, DOCS / "study_labels.png", majority)
     arms = [a for a in ("simclr", "simclr-no-gauge", "simclr-no-clean") if (work / "heads" / f"{a}_kall").exists()]
     if len(arms) > 1:
         gradcam_grid(work, arms, DOCS / "study_gradcam.png")
@@ -30,28 +32,32 @@ def draw_all(study) -> None:
     print_tables(results)
 
 
-def label_plot(results: dict, path: Path) -> None:
+def label_plot(results: dict, path: Path, majority: float | None = None) -> None:
+    """Top-1 (with 95% CIs) and macro recall against labels per region; `majority`: top-1 of always answering
+    the commonest test region."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    x = np.arange(len(SHOTS))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n, (arm, label) in enumerate(LABELS.items()):
         points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"]) for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
         if not points:
             continue
         xs = [i for i, _ in points]
-        ys = [r["top1"] for _, r in points]
-        low = [r["top1"] - r["ci95_top1"][0] for _, r in points]
-        high = [r["ci95_top1"][1] - r["top1"] for _, r in points]
         style = "--" if "no-" in arm else "-"
-        ax.errorbar(xs, ys, yerr=[low, high], fmt=style + "o", capsize=3, label=label, alpha=0.85)
-    ax.set_xticks(x, ["1", "5", "20", "all (~48)"])
-    ax.set_xlabel("labelled train images per region")
-    ax.set_ylabel("top-1 on the patient-held-out test split")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Linear head on frozen features (scratch: fine-tuned end to end)", fontsize=10)
+        top1 = [r["top1"] for _, r in points]
+        errors = [[r["top1"] - r["ci95_top1"][0] for _, r in points], [r["ci95_top1"][1] - r["top1"] for _, r in points]]
+        axes[0].errorbar(xs, top1, yerr=errors, fmt=style + "o", capsize=3, label=label, alpha=0.85)
+        axes[1].plot(xs, [r["macro_recall"] for _, r in points], style + "o", label=label, alpha=0.85)
+    if majority is not None:
+        axes[0].axhline(majority, color="grey", linestyle=":", label="always the commonest region (Chest)")
+    for ax, name in zip(axes, ("top-1 (95% CI)", "macro recall over regions")):
+        ax.set_xticks(range(len(SHOTS)), ["1", "5", "20", "all (~48)"])
+        ax.set_xlabel("labelled train images per region")
+        ax.set_ylabel(f"{name}, patient-held-out test split")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Linear head on frozen features (supervised from scratch: fine-tuned end to end)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
