@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LABELS = {"simclr": "SimCLR", "byol": "BYOL", "supcon": "SupCon (train labels)", "ensemble": "Ensemble S+B+SC",
@@ -39,7 +38,8 @@ def label_plot(results: dict, path: Path, majority: float | None = None) -> None
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n, (arm, label) in enumerate(LABELS.items()):
-        points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"]) for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
+        points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"])
+                  for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
         if not points:
             continue
         xs = [i for i, _ in points]
@@ -143,6 +143,6 @@ def print_tables(results: dict) -> None:
         cells = []
         for k in SHOTS:
             r = results.get(f"{arm}/{k}")
-            cells.append(f"{r['top1']:.3f} ({r['ci95_top1'][0]:.3f}–{r['ci95_top1'][1]:.3f}) / {r['macro_recall']:.3f}"
-                         if r else "–")
+            cells.append(f"{r['top1']:.3f} ({r['ci95_top1'][0]:.3f}–{r['ci95_top1'][1]:.3f}) / "
+                         f"{r['macro_recall']:.3f}" if r else "–")
         print(f"| {label} | " + " | ".join(cells) + " |")

@@ -104,8 +104,8 @@ def out_of_domain_regions(taxonomy, extra=()) -> set[str]:
 
 
 def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
-               folds=5, seed=0, fine_tune_epochs=0, fine_tune_lr=1e-4, data=None, command=None, workers=2, progress=False,
-               half_backbone=None):
+               folds=5, seed=0, fine_tune_epochs=0, fine_tune_lr=1e-4, data=None, command=None, workers=2,
+               progress=False, half_backbone=None):
     """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
 
     Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
@@ -134,8 +134,8 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     regions = [r for r in order if r in present] + sorted(present - set(order))
 
     if fine_tune_epochs:
-        backbone = fine_tune(bundle, in_items, in_labels, regions, epochs=fine_tune_epochs, lr=fine_tune_lr, seed=seed,
-                             workers=workers, progress=progress)
+        backbone = fine_tune(bundle, in_items, in_labels, regions, epochs=fine_tune_epochs, lr=fine_tune_lr,
+                             seed=seed, workers=workers, progress=progress)
     else:
         backbone = bundle.backbone()
     settings = bundle.settings

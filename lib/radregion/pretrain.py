@@ -142,8 +142,8 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
             torch.manual_seed(seed)
             if world.main:
                 _write_bundle(output, SSLModel(method, arch).backbone, arch, settings, dict(
-                    data=[str(Path(i).resolve()) for i in images], command=command if command is not None else sys.argv,
-                    stage="random initialisation", epochs=0, seed=seed, cleaning=clean))
+                    data=[str(Path(i).resolve()) for i in images], stage="random initialisation", epochs=0,
+                    command=command if command is not None else sys.argv, seed=seed, cleaning=clean))
             return output
         paths, entries, classes, skipped = prepare_images(images, load_settings, world, workers, show)
         n_labelled = sum(1 for c in classes if c >= 0)

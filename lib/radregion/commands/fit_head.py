@@ -66,8 +66,8 @@ def run(args) -> int:
     print(f"radregion fit-head: {data}", file=sys.stderr)
     result = train_head(bundle, in_domain + out_domain, args.output, exclude_regions=args.exclude_regions,
                         class_balanced=not args.no_class_balance, C=args.C if args.C is not None else DEFAULT_C,
-                        seed=args.seed, fine_tune_epochs=args.epochs if args.fine_tune else 0, fine_tune_lr=args.lr, data=data,
-                        command=command_line(args),
+                        seed=args.seed, fine_tune_epochs=args.epochs if args.fine_tune else 0, fine_tune_lr=args.lr,
+                        data=data, command=command_line(args),
                         workers=args.workers, progress=True, half_backbone=True if args.half else None)
     cv = result.meta["metrics"]["cross_validated"]
     ood = result.meta["metrics"]["ood"]
