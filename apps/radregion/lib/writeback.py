@@ -38,12 +38,14 @@ def _now(seconds=None) -> str:
 class WriteBack:
     """Sends (mode "stow") or exports (mode "csv") corrections; mode "off" does nothing."""
 
-    def __init__(self, mode, label_dir, client=None, url=""):
+    def __init__(self, mode, label_dir, client=None, url="", describe_error=str):
+        """`describe_error`: exception -> the text logged for a failed write-back."""
         if mode not in MODES:
             raise ValueError(f"writeback must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.client = client
         self.url = url
+        self.describe_error = describe_error
         self.label_dir = Path(label_dir)
         self.log_path = self.label_dir / "writeback.jsonl"
         self.csv_path = self.label_dir / "writeback.csv"
@@ -131,8 +133,9 @@ class WriteBack:
         try:
             entry.update(self._stow(entry["image"], entry, fetch), status="stored", error=None)
         except Exception as error:  # the label is saved; the write-back is logged and tried again later
-            logger.warning("write-back of %s to %s failed: %s", entry["image"], self.url, error)
-            entry.update(status="failed", error=str(error))
+            text = self.describe_error(error)
+            logger.warning("write-back of %s to %s failed: %s", entry["image"], self.url, text)
+            entry.update(status="failed", error=text)
         entry["time"] = _now()
         with self._lock:
             self._log(entry)

@@ -80,7 +80,7 @@ class RadRegionDICOMwebDatastore(Datastore):
         self.client = DICOMwebClient(self.url, session=self.session)
         self.client.set_http_retry_params(retry=False)  # retries live in the session (connection errors too)
         self.labels = LabelFolder(self.label_dir, lambda: self.taxonomy)
-        self.writeback = WriteBack(writeback, self.label_dir, self.client, self.url)
+        self.writeback = WriteBack(writeback, self.label_dir, self.client, self.url, describe_error=self._describe)
         self._name = f"PACS {self.url}"
         self._description = "Radiographs of a DICOMweb PACS"
         self._lock = threading.RLock()
@@ -105,6 +105,12 @@ class RadRegionDICOMwebDatastore(Datastore):
             error = PACSError(url, f"{what}: {describe(exc, self.retries + 1)}")
             self.last_error = str(error)
             raise error from exc
+
+    def _describe(self, exc: Exception) -> str:
+        """A failed write-back in words: `<url>: STOW-RS: cannot connect ...` for network errors."""
+        if isinstance(exc, requests.RequestException):
+            return f"{self.url}: STOW-RS: {describe(exc, self.retries + 1)}"
+        return str(exc)
 
     def _query(self) -> Dict[str, dict]:
         found: Dict[str, dict] = {}
