@@ -120,8 +120,7 @@ def test_connect_shows_model_version_regions_and_counts(session, radregion_serve
 
 def test_next_case_from_each_queue_loads_prediction_and_image(session, radregion_server):
     session.connect()
-    seen = set()
-    for queue in ("random", "uncertain", "ood"):
+    for queue in ("random", "uncertain", "ood"):  # each queue its own order: two may hand out the same image
         case = wait_for_case(session, queue)
         assert case is not None, f"queue {queue} gave no case in {SCORING_WAIT_S} s"
         result = case.result
@@ -131,8 +130,6 @@ def test_next_case_from_each_queue_loads_prediction_and_image(session, radregion
         assert result.model_version == session.summary.model_version
         assert Path(case.image_path).stat().st_size > 1000, f"{case.image_path} is not the image file"
         assert session.ranked_regions()[:len(result.top)] == [name for name, _ in result.top]
-        seen.add(case.image)
-    assert len(seen) == 3, "the queues handed out the same image twice"
 
     # the disagreement queue holds only archive-labelled images whose prediction contradicts the archive
     case = wait_for_case(session, "disagreement")

@@ -8,6 +8,7 @@ so a killed server never leaves half a label or an unreadable index behind.
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,9 @@ class RadRegionDatastore(LocalDatastore):
     def __init__(self, studies, taxonomy_fn, auto_reload=None, read_only=None):
         self._taxonomy_fn = taxonomy_fn  # the bundle's taxonomy, looked up when a label arrives
         self._dicom_names = {}
+        # MONAI Label's file watcher reconciles the datastore on its own thread while requests change it: without
+        # one lock a DELETE and the watcher iterate and resize the same dicts (a 500 "dictionary changed size")
+        self._state_lock = threading.RLock()
         super().__init__(
             studies,
             extensions=[f"*{s}" for s in IMAGE_SUFFIXES] + [f"*{LABEL_SUFFIX}"],
@@ -105,6 +109,15 @@ class RadRegionDatastore(LocalDatastore):
         if suffix.lower() in IMAGE_SUFFIXES + (LABEL_SUFFIX,):
             return file[: -len(suffix)], suffix
         return file, ""  # extension-less DICOM (often named by its UID, dots included)
+
+    # ---- state shared with the file watcher's thread -------------------------------------------------
+    def refresh(self):
+        with self._state_lock:
+            super().refresh()
+
+    def _init_from_datastore_file(self, *args, **kwargs):
+        with self._state_lock:
+            return super()._init_from_datastore_file(*args, **kwargs)
 
     # ---- writes -------------------------------------------------------------------------------------
     def _update_datastore_file(self, lock=True):
@@ -138,7 +151,7 @@ class RadRegionDatastore(LocalDatastore):
                             annotator=(label_info or {}).get("user"))
         label_dir = Path(self._datastore.label_path(label_tag))
         name = self._filename(image_id, LABEL_SUFFIX)
-        with FileLock(self._lock_file):
+        with self._state_lock, FileLock(self._lock_file):
             with atomic_write(label_dir / name, "w") as f:
                 json.dump(label, f, indent=2)
             info = {**(label_info or {}), "ts": int(time.time()), "name": name, "region": label["region"]}
@@ -148,6 +161,7 @@ class RadRegionDatastore(LocalDatastore):
         return image_id
 
     def remove_label(self, label_id, label_tag):
-        super().remove_label(label_id, label_tag)
-        if self._auto_reload:
-            self.refresh()  # at once, not when the file watcher gets to it
+        with self._state_lock:
+            super().remove_label(label_id, label_tag)
+            if self._auto_reload:
+                self.refresh()  # at once, not when the file watcher gets to it
