@@ -308,6 +308,31 @@ def test_eight_concurrent_clients(radregion_server):
     assert all(region == reference[i] for _, i, region in results)
 
 
+def test_concurrent_label_saves_and_deletes_never_fail(radregion_server):
+    """Requests and MONAI Label's file watcher change the datastore at once (a DELETE once raced it into a 500)."""
+    ids = list(radregion_server.truth)[:4]
+    before = {i: requests.get(f"{radregion_server.url}/datastore/label", params={"label": i, "tag": "final"},
+                              timeout=60) for i in ids}
+    before = {i: answer.json() for i, answer in before.items() if answer.status_code == 200}
+
+    def churn(image_id):
+        session, statuses = requests.Session(), []
+        for k in range(10):
+            answer = session.put(f"{radregion_server.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                                 files={"label": ("label.json", json.dumps({"region": "Chest"}))}, timeout=120)
+            statuses.append(answer.status_code)
+            answer = session.delete(f"{radregion_server.url}/datastore/label", params={"id": image_id, "tag": "final"},
+                                    timeout=120)
+            statuses.append(answer.status_code)
+        return statuses
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [s for ss in pool.map(churn, ids) for s in ss]
+    assert statuses == [200] * 80, statuses
+    for image_id, label in before.items():  # as the next tests expect
+        save_label(radregion_server, image_id, label)
+
+
 def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
     empty = tmp_path / "model"
     empty.mkdir()
