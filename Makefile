@@ -34,7 +34,7 @@ serve: install
 test: dev
 	$(PY) -m pytest -q tests
 
-# Speed and quality figures (minutes). The study (bench/study*.py) is `make study`: about 2 hours on 2 CPU cores.
+# Speed and quality figures (minutes). The study (bench/study*.py) is `make study`: more than an hour on 2 CPU cores.
 bench: dev
 	for b in $(filter-out bench/study%,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
