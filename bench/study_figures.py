@@ -90,9 +90,9 @@ def gradcam_grid(work: Path, arms, path: Path) -> None:
         bundle = load_bundle(work / "heads" / f"{arm}_kall")
         head = bundle.head()
         images = load_clean_images([it.path for it in items], bundle.settings)
-        classifier = Classifier(bundle.backbone(), head.weight, head.bias, head.feature_mean, head.feature_std)
+        classifier = Classifier.from_head(bundle.backbone(), head)
         maps = grad_cams(classifier, images, [head.regions.index(it.labels[0]) for it in items])
-        predicted = head.predict(extract_features(bundle.backbone(), images))
+        predicted = head.predict(extract_features(classifier.backbone, images))
         for col, item in enumerate(items):
             ax = axes[row, col]
             ax.imshow(overlay(images[col], maps[col]))

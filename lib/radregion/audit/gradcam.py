@@ -22,6 +22,11 @@ class Classifier(nn.Module):
             self.linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
             self.linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
+    @classmethod
+    def from_head(cls, backbone: nn.Module, head) -> "Classifier":
+        """A fitted `LinearHead` (its regions' order) on `backbone`."""
+        return cls(backbone, head.weight, head.bias, head.feature_mean, head.feature_std)
+
     def forward(self, x):
         return self.linear((self.backbone(x) - self.mean) / self.std)
 

@@ -190,7 +190,7 @@ def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
     keep = [(i, t) for i, t in zip(indices, targets) if t is not None]
     if not keep:
         return {}
-    classifier = Classifier(bundle.backbone(), head.weight, head.bias, head.feature_mean, head.feature_std)
+    classifier = Classifier.from_head(bundle.backbone(), head)
     stack = np.stack([images[i] for i, _ in keep])
     maps = grad_cams(classifier, stack, [t for _, t in keep])
     return {i: m for (i, _), m in zip(keep, maps)}
