@@ -64,6 +64,22 @@ def test_find_label_issues_finds_flips(method):
     assert scores[flipped].mean() > scores[~flipped].mean() + 0.3
 
 
+def test_find_label_issues_starts_no_process():
+    """The server audits in a process that runs threads: a process pool forked there hung (cleanlab's default)."""
+    import sys
+
+    forks = []
+    watching = [True]
+    sys.addaudithook(lambda event, _: forks.append(event) if watching[0] and event == "os.fork" else None)
+    try:
+        labels, probs, _ = noisy_probabilities()
+        for method in issues.METHODS:
+            issues.find_label_issues(labels, probs, method)
+    finally:
+        watching[0] = False
+    assert forks == []
+
+
 def test_unlabelled_and_out_of_domain_never_flagged():
     labels, probs, flipped = noisy_probabilities()
     labels[:10] = -1

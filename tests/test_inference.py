@@ -47,6 +47,28 @@ def test_worker_processes_give_the_same_answers(tiny_bundle, some_images):
     assert [p.region for p in parallel] == [p.region for p in serial]
 
 
+def test_a_process_with_threads_decodes_in_threads_not_forked_workers(tiny_bundle, some_images):
+    """A server runs threads; forking it copies their held locks into the workers (a batch hung forever in CI)."""
+    import threading
+
+    import psutil
+
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, daemon=True)
+    busy.start()
+    try:
+        children, preds = [], []
+        for p in Predictor(tiny_bundle, workers=2).predict(some_images, batch_size=8):
+            children.append(len(psutil.Process().children()))
+            preds.append(p)
+    finally:
+        stop.set()
+    serial = list(Predictor(tiny_bundle, workers=0).predict(some_images, batch_size=8))
+    assert max(children) == 0
+    assert [p.region for p in preds] == [p.region for p in serial]
+    np.testing.assert_allclose([p.ood_score for p in preds], [p.ood_score for p in serial], rtol=1e-5)
+
+
 def test_bf16_agrees_with_fp32(tiny_bundle, unifesp):
     items = sample_per_class(read_labels_csv(unifesp / "labels.csv"), 4, seed=2)
     images = load_clean_images([it.path for it in items], load_bundle(tiny_bundle).settings)

@@ -1,13 +1,16 @@
 """`Predictor`: the one inference engine of the CLI and the server.
 
-The model loads once. Files are decoded and cleaned by DataLoader worker processes while the model runs on
-the previous batch; errors of single files go into `Prediction.error` and never stop the run.
+The model loads once. Files are decoded and cleaned by DataLoader worker processes (threads in a process that
+already runs threads, such as the server) while the model runs on the previous batch; errors of single files go
+into `Prediction.error` and never stop the run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -71,6 +74,21 @@ class _Files(Dataset):
 
 def _as_list(batch):
     return batch
+
+
+def _thread_batches(dataset, batch_size, workers, ahead=2):
+    """Batches of `dataset` decoded by `workers` threads, at most `ahead` batches ahead of the consumer."""
+    starts = list(range(0, len(dataset), batch_size))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="radregion-decode") as pool:
+        def submit(start):
+            return [pool.submit(dataset.__getitem__, i) for i in range(start, min(start + batch_size, len(dataset)))]
+
+        pending = [submit(s) for s in starts[:ahead]]
+        for n in range(len(starts)):
+            batch = [future.result() for future in pending.pop(0)]
+            if n + ahead < len(starts):
+                pending.append(submit(starts[n + ahead]))
+            yield batch
 
 
 def _warm_decoder_imports():
@@ -155,6 +173,10 @@ class Predictor:
                 yield [dataset[i] for i in range(start, min(start + batch_size, len(paths)))]
             return
         _warm_decoder_imports()
+        if threading.active_count() > 1:
+            # fork copies the locks other threads hold (logging's, for one) into the worker, which can hang forever
+            yield from _thread_batches(dataset, batch_size, self.workers)
+            return
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.workers, collate_fn=_as_list,
                             prefetch_factor=2, persistent_workers=False)
         yield from loader

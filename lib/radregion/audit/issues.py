@@ -80,7 +80,8 @@ def _cleanlab_issues(labels, pred_probs) -> np.ndarray:
         return np.zeros(len(labels), dtype=bool)
     with warnings.catch_warnings():  # "too few examples in class k": expected for rare regions
         warnings.simplefilter("ignore", UserWarning)
-        return np.asarray(cleanlab.filter.find_label_issues(labels, probs), dtype=bool)
+        # n_jobs=1: its process pool forks, and a fork of a process that runs threads (the server) can hang
+        return np.asarray(cleanlab.filter.find_label_issues(labels, probs, n_jobs=1), dtype=bool)
 
 
 def _compact(labels, pred_probs):
