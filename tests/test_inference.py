@@ -48,7 +48,7 @@ def test_worker_processes_give_the_same_answers(tiny_bundle, some_images):
 
 
 def test_a_process_with_threads_decodes_in_threads_not_forked_workers(tiny_bundle, some_images):
-    """A server runs threads; forking it copies their held locks into the workers (a batch hung forever in CI)."""
+    """A server runs threads; a fork there copies the locks they hold into the workers, which may then wait forever."""
     import threading
 
     import psutil
