@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -77,11 +76,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def byol_momentum(step: int, total_steps: int, base: float = BYOL_BASE_MOMENTUM) -> float:
     """BYOL's schedule: from `base` up to 1 with a cosine over training."""
     return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
-
-
-def _worker_start(workers: int) -> str | None:
-    """Fork (fast) unless threads already run here (TensorBoard's writer): a fork copies their held locks."""
-    return "forkserver" if workers and threading.active_count() > 1 else None
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float):
@@ -228,9 +222,10 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
                 dataset.epoch = epoch
                 skip = start_step if epoch == start_epoch else 0
                 order = list(sampler)[skip * batch_size:]
+                # workers fork although TensorBoard's writer thread runs: they never take its locks, and
+                # forkserver workers cost 12 s an epoch here (measured) to import torch and MONAI again
                 loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                                    drop_last=True, pin_memory=world.device.type == "cuda",
-                                    multiprocessing_context=_worker_start(workers))
+                                    drop_last=True, pin_memory=world.device.type == "cuda")
                 model.train()
                 epoch_start, epoch_views = time.perf_counter(), 0
                 step_in_epoch = skip
