@@ -80,6 +80,7 @@ def main():
         n = args.requests
         pngs = distinct_copies(png, studies, n, "png")
         dicoms = distinct_copies(DICOM_2K, studies, n, "dcm")
+        os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"  # its scoring at start would cache every image
         os.environ["RADREGION_CACHE"] = str(work / "server-cache")
         server = start_server(studies, model, log_path=work / "server.log")
         os.environ["RADREGION_CACHE"] = str(work / "engine-cache")  # its own cache: cold misses there too
