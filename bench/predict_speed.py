@@ -5,7 +5,9 @@
 2. model-only img/s of the engine's path (bf16 autocast + channels_last on CPU, fp16 on GPU);
 3. a naive eager fp32 forward of the same architecture (NCHW, no autocast);
 4. the bound: measured GEMM GFLOP/s (bf16 and fp32) / the model's FLOPs per image;
-5. peak memory (RSS of the predict process; CUDA max allocated on GPU).
+5. peak memory (RSS of the predict process; CUDA max allocated on GPU);
+6. start-up (`radregion predict` on one image) and the end-to-end ceiling it leaves: images / (start-up +
+   images / model-only), the rate if decoding and cleaning cost nothing.
 
     .venv/bin/python bench/predict_speed.py [--model BUNDLE] [--limit N] [--batch-size 32] [--device cpu]
 
@@ -110,12 +112,16 @@ def main():
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "RADREGION_CACHE": str(tmp / "cache")}
     cmd = [sys.executable, "-m", "radregion.cli", "predict", "--model", str(model), "--output", str(tmp / "p.csv"),
            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
-           "--no-progress", *map(str, images)]
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    e2e_seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"radregion predict failed:\n{result.stderr}")
+           "--no-progress"]
+
+    def run_predict(paths):
+        start = time.perf_counter()
+        result = subprocess.run(cmd + list(map(str, paths)), capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            sys.exit(f"radregion predict failed:\n{result.stderr}")
+        return time.perf_counter() - start, result
+
+    e2e_seconds, result = run_predict(images)
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     e2e = len(images) / e2e_seconds
     print(f"end-to-end `radregion predict`: {len(images)} images in {e2e_seconds:.1f} s = {e2e:.1f} img/s "
@@ -156,6 +162,10 @@ def main():
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")
     print(f"GEMM: {gemm_low:.0f} GFLOP/s {low_name}, {gemm_fp32:.0f} GFLOP/s fp32 -> bound "
           f"{bound_low:.1f} img/s {low_name}, {bound_fp32:.1f} img/s fp32")
+    startup, _ = run_predict(images[:1])
+    ceiling = len(images) / (startup + len(images) / model_only)
+    print(f"start-up (`radregion predict` on one image): {startup:.1f} s -> end-to-end ceiling with free decoding "
+          f"{ceiling:.1f} img/s = {ceiling / naive_rate:.2f} x naive fp32")
     print(f"targets: end-to-end / naive fp32 = {e2e / naive_rate:.2f} (>= 2.5); "
           f"model-only / {low_name} bound = {model_only / bound_low:.0%} (>= 60%)")
     memory = f"peak RSS of `radregion predict`: {peak_rss:.0f} MiB"

@@ -12,6 +12,7 @@ from monai.transforms import (
     RandAdjustContrast,
     RandAffine,
     RandFlip,
+    RandRotate90,
     RandGaussianNoise,
     RandGaussianSmooth,
     RandScaleCrop,
@@ -57,7 +58,7 @@ class _Pipeline(Randomizable):
 
 
 def strong_view(size: int, gauge: bool = True) -> _Pipeline:
-    """SimCLR-style view: random resized crop, affine, flip, gamma/contrast/brightness jitter, blur, noise."""
+    """SimCLR-style view: random resized crop, affine, flip, quarter turns, gamma/contrast/brightness jitter, blur, noise."""
     return _Pipeline(
         ([GaugeAugment(prob=0.5)] if gauge else [])
         + [
@@ -65,6 +66,7 @@ def strong_view(size: int, gauge: bool = True) -> _Pipeline:
             Resize((size, size), mode="area"),
             RandAffine(prob=0.5, rotate_range=math.radians(15), scale_range=0.1, padding_mode="zeros"),
             RandFlip(prob=0.5, spatial_axis=1),  # mirrors the side marker too; the region stays the same
+            RandRotate90(prob=0.5, max_k=3),  # archives hold radiographs turned by 90 degrees
             RandAdjustContrast(prob=0.8, gamma=(0.6, 1.7)),
             RandScaleIntensity(factors=0.15, prob=0.8),
             RandShiftIntensity(offsets=0.08, prob=0.8),
@@ -95,13 +97,14 @@ def pretrain_views(size: int, gauge: bool = True) -> _TwoViews:
 
 
 def head_transform(size: int, gauge: bool = True) -> _Pipeline:
-    """The mild augmentation for training heads: a slight crop, small affine, a little intensity jitter."""
+    """The mild augmentation for training heads: a slight crop, small affine, quarter turns, a little intensity jitter."""
     return _Pipeline(
         ([GaugeAugment(prob=0.3)] if gauge else [])
         + [
             RandScaleCrop(roi_scale=0.85, max_roi_scale=1.0, random_size=True),
             Resize((size, size), mode="area"),
             RandAffine(prob=0.5, rotate_range=math.radians(5), scale_range=0.05, padding_mode="zeros"),
+            RandRotate90(prob=0.3, max_k=3),
             RandAdjustContrast(prob=0.3, gamma=(0.85, 1.2)),
             RandScaleIntensity(factors=0.1, prob=0.3),
         ]
