@@ -12,9 +12,9 @@ from monai.transforms import (
     RandAdjustContrast,
     RandAffine,
     RandFlip,
-    RandRotate90,
     RandGaussianNoise,
     RandGaussianSmooth,
+    RandRotate90,
     RandScaleCrop,
     RandScaleIntensity,
     RandShiftIntensity,
@@ -58,7 +58,8 @@ class _Pipeline(Randomizable):
 
 
 def strong_view(size: int, gauge: bool = True) -> _Pipeline:
-    """SimCLR-style view: random resized crop, affine, flip, quarter turns, gamma/contrast/brightness jitter, blur, noise."""
+    """SimCLR-style view: random resized crop, affine, flip, quarter turns, gamma/contrast/brightness jitter,
+    blur, noise."""
     return _Pipeline(
         ([GaugeAugment(prob=0.5)] if gauge else [])
         + [
@@ -97,7 +98,8 @@ def pretrain_views(size: int, gauge: bool = True) -> _TwoViews:
 
 
 def head_transform(size: int, gauge: bool = True) -> _Pipeline:
-    """The mild augmentation for training heads: a slight crop, small affine, quarter turns, a little intensity jitter."""
+    """The mild augmentation for training heads: a slight crop, small affine, quarter turns, a little intensity
+    jitter."""
     return _Pipeline(
         ([GaugeAugment(prob=0.3)] if gauge else [])
         + [
