@@ -85,8 +85,8 @@ def test_gauge_is_deterministic_under_a_seed(radiograph):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("make_view", [lambda: head_transform(64, gauge=False), lambda: pretrain_views(64, gauge=False)],
-                         ids=["head", "pretrain"])
+@pytest.mark.parametrize("make_view", [lambda: head_transform(64, gauge=False),
+                                       lambda: pretrain_views(64, gauge=False)], ids=["head", "pretrain"])
 def test_views_include_quarter_turns(radiograph, make_view):
     """Archives hold radiographs turned by 90 degrees: some training views must be turned too."""
     from radregion.cleaning import CleaningSettings, clean
