@@ -50,7 +50,7 @@ model: install
 	$(VENV)/bin/radregion pretrain --method supcon --images $(RUN)/train.csv $(DATA)/unlabelled \
 		--output $(RUN)/supcon --arch resnet10 --size 128 --epochs 30 --batch-size 64 --workers 2 --seed 0 \
 		--log-dir $(RUN)/tensorboard --no-progress
-	$(VENV)/bin/radregion fit-head --model $(RUN)/supcon --labels $(RUN)/train.csv --fine-tune --epochs 40 \
+	$(VENV)/bin/radregion fit-head --model $(RUN)/supcon --labels $(RUN)/train.csv --fine-tune --epochs 80 \
 		--lr 1e-3 --seed 0 --output $(RUN)/fine-tuned
 	$(VENV)/bin/radregion fit-head --model $(RUN)/fine-tuned --labels $(RUN)/train.csv --seed 0 --half \
 		--output $(RUN)/model
