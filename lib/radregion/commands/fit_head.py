@@ -29,7 +29,7 @@ def register(subparsers):
     parser.add_argument("--epochs", type=int, default=5, help="epochs of --fine-tune (default 5)")
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="peak learning rate of --fine-tune's one-cycle schedule (default 1e-4, a gentle "
-                             "update; the default model: 1e-3 for 40 epochs from its SupCon backbone)")
+                             "update; the default model: 1e-3 for 80 epochs from its SupCon backbone)")
     parser.add_argument("--size", type=int, metavar="PX",
                         help="input size of the new bundle (default: the backbone's; a ResNet takes any size)")
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
