@@ -3,13 +3,13 @@
 Flips 5%, 10% and 20% of the shared labelled UNIFESP images to another region, computes patient-held-out
 out-of-fold probabilities once per noise level, and prints precision, recall and AUROC of the flagged issues for
 the project's method ("ours") and cleanlab's default on the same probabilities, and the precision (= recall) of the
-ranking's top N when N is the true number of flips (what a perfect count estimate would give). Out-of-domain images (Others,
-and images the model's OOD detector flags) are never counted as label errors by either method.
+ranking's top N when N is the true number of flips (what a perfect count estimate would give). Out-of-domain images
+(Others, and images the model's OOD detector flags) are never counted as label errors by either method.
 
     .venv/bin/python bench/audit_quality.py [--model BUNDLE ...] [--labels CSV] [--rates 0.05 0.1 0.2]
 Default model: apps/radregion/model (the shipped model); without one, a random-weight resnet10 at 64 px
-(BatchNorm statistics of 200 labelled images): a floor for the method, not the product's figures. Images whose true labels reached the
-model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance) are left out.
+(BatchNorm statistics of 200 labelled images): a floor for the method, not the product's figures. Images whose true
+labels reached the model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance) are left out.
 """
 
 import argparse

@@ -45,7 +45,8 @@ def label_plot(results: dict, path: Path, majority: float | None = None) -> None
         xs = [i for i, _ in points]
         style = "--" if "no-" in arm else "-"
         top1 = [r["top1"] for _, r in points]
-        errors = [[r["top1"] - r["ci95_top1"][0] for _, r in points], [r["ci95_top1"][1] - r["top1"] for _, r in points]]
+        errors = [[r["top1"] - r["ci95_top1"][0] for _, r in points],
+                  [r["ci95_top1"][1] - r["top1"] for _, r in points]]
         axes[0].errorbar(xs, top1, yerr=errors, fmt=style + "o", capsize=3, label=label, alpha=0.85)
         axes[1].plot(xs, [r["macro_recall"] for _, r in points], style + "o", label=label, alpha=0.85)
     if majority is not None:

@@ -48,7 +48,8 @@ def offline_session(work):
     session.summary = parse_summary(CLOSED, {"models": {"radregion": {"labels": ["Chest", "Hand", "Knee"]}}},
                                     {"total": 10, "completed": 4})
     answer = {"prediction": [{"idx": 0, "label": "Hand", "score": 0.2}, {"idx": 1, "label": "Chest", "score": 0.7},
-                             {"idx": 2, "label": "Knee", "score": 0.1}], "pacs_label": "Knee", "agrees_with_pacs": False}
+                             {"idx": 2, "label": "Knee", "score": 0.1}],
+              "pacs_label": "Knee", "agrees_with_pacs": False}
     session.current = session._cases["img1"] = Case("img1", parse_infer(answer, "img1"))
     return session
 

@@ -1,4 +1,5 @@
-"""RadRegion.py imports with minimal stand-in slicer/qt/ctk/vtk modules; RadRegionLib stays Slicer-free and 3.9-clean."""
+"""RadRegion.py imports with minimal stand-in slicer/qt/ctk/vtk modules; RadRegionLib stays Slicer-free and
+3.9-clean."""
 
 import ast
 import importlib
@@ -138,10 +139,12 @@ def test_every_widget_the_module_uses_exists_in_the_ui_file():
 
     names = {w.get("name") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "RadRegion.py").read_text()))
-    used |= set(re.findall(r'"(\w+(?:Button|Edit|Widget|Label|Bar|ComboBox))"', (MODULE_DIR / "RadRegion.py").read_text()))
+    used |= set(re.findall(r'"(\w+(?:Button|Edit|Widget|Label|Bar|ComboBox))"',
+                           (MODULE_DIR / "RadRegion.py").read_text()))
     assert used, "found no widget use in RadRegion.py"
     assert used <= names, f"RadRegion.py uses widgets missing from RadRegion.ui: {sorted(used - names)}"
-    classes = {w.get("class") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
+    ui_file = MODULE_DIR / "Resources" / "UI" / "RadRegion.ui"
+    classes = {w.get("class") for w in ElementTree.parse(ui_file).iter("widget")}
     assert not {c for c in classes if c.startswith(("ctk", "qMRML"))}, "keep the .ui buildable by QUiLoader"
 
 

@@ -85,7 +85,8 @@ class ScoreTable:
                  ids=np.array(self.ids, dtype=str), probabilities=self.probabilities, features=self.features,
                  ood_score=self.ood_score, out_of_domain=self.out_of_domain,
                  pacs_label=np.array([p or "" for p in self.pacs_label], dtype=str),
-                 error_ids=np.array(err_ids, dtype=str), error_messages=np.array([self.errors[i] for i in err_ids], dtype=str))
+                 error_ids=np.array(err_ids, dtype=str),
+                 error_messages=np.array([self.errors[i] for i in err_ids], dtype=str))
         with atomic_write(path) as f:
             f.write(buffer.getvalue())
         return Path(path)

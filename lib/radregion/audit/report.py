@@ -143,7 +143,8 @@ def _issue_rows(result, order, thumbs, cams) -> str:
         region = result.regions[suggested[i]]
         rows.append(
             f'<tr data-image="{esc(result.images[i])}" data-suggested="{esc(region)}">'
-            f'<td class="num">{rank}</td><td>{thumb}</td><td>{cam}</td><td class="path" title="{esc(result.images[i])}">{esc(_short(result.images[i]))}</td>'
+            f'<td class="num">{rank}</td><td>{thumb}</td><td>{cam}</td>'
+            f'<td class="path" title="{esc(result.images[i])}">{esc(_short(result.images[i]))}</td>'
             f'<td class="given">{esc(result.given_text(i))}</td><td class="suggested">{esc(region)}</td>'
             f'<td class="num" data-v="{confidence[i]:.4f}"><span class="bar" style="width:{40 * confidence[i]:.0f}px">'
             f'</span>{confidence[i]:.0%}</td><td class="num" data-v="{result.issue_score[i]:.4f}">'
@@ -210,15 +211,18 @@ def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int 
         "method_note": esc(f"Probabilities: {result.probabilities_from}. Suspected errors: {method}{shown}. "
                            "Out-of-domain images are listed apart and never counted as label errors."),
         "issue_rows": _issue_rows(result, issues, thumbs, cam_uris),
-        "unlabelled": _gallery(result, unlabelled, thumbs, lambda i: f"<b class='suggested'>{esc(regions[suggested[i]])}"
-                                                                     f"</b> {result.confidence[i]:.0%}"),
-        "ood": _gallery(result, ood, thumbs, lambda i: f"score {result.ood_score[i]:.2f}"
-                                                       f"{' · given ' + esc(result.given_text(i)) if result.given[i] else ''}"),
+        "unlabelled": _gallery(result, unlabelled, thumbs,
+                               lambda i: f"<b class='suggested'>{esc(regions[suggested[i]])}</b> "
+                                         f"{result.confidence[i]:.0%}"),
+        "ood": _gallery(result, ood, thumbs,
+                        lambda i: f"score {result.ood_score[i]:.2f}"
+                                  f"{' · given ' + esc(result.given_text(i)) if result.given[i] else ''}"),
         "confusion": confusion_html(result),
         "tsne": tsne,
         "region_counts": region_counts_html(result),
         "errors": errors,
-        "footer": "RadRegion label audit. label_issues.csv holds every image, corrections.csv the accepted suggestions.",
+        "footer": "RadRegion label audit. label_issues.csv holds every image, corrections.csv the accepted "
+                  "suggestions.",
     }
     text = TEMPLATE.read_text(encoding="utf-8")
     for key, value in fields.items():
