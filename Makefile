@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= apps/radregion/model
 
-.PHONY: install dev serve test bench study model clean
+.PHONY: install dev serve lint test bench study model clean shell
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py constraints.txt
 
 install: $(VENV)/.installed
 
-$(VENV)/.dev: $(VENV)/.installed
+$(VENV)/.dev: $(VENV)/.installed setup.py constraints.txt
 	$(PIP) -q -e '.[dev]'
 	touch $@
 
@@ -30,6 +30,15 @@ serve: install
 	mkdir -p $(STUDIES)
 	MONAILABEL_PYEXE=$(abspath $(PY)) $(VENV)/bin/monailabel start_server --app apps/radregion --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT) --conf model $(MODEL)
+
+# a shell with the venv on PATH, so that `radregion ...` works (exit to leave)
+shell: install
+	@echo "make shell: $(abspath $(VENV))/bin is on PATH; exit to leave"
+	@VIRTUAL_ENV="$(abspath $(VENV))" PATH="$(abspath $(VENV))/bin:$$PATH" $${SHELL:-/bin/bash} -i
+
+# ruff's lint rules (pyproject.toml); `ruff format --check` is not switched on yet
+lint: dev
+	$(VENV)/bin/ruff check .
 
 test: dev
 	$(PY) -m pytest -q tests

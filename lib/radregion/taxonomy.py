@@ -101,6 +101,16 @@ class Taxonomy:
     def index(self, name: str) -> int:
         return self.names.index(self.get(name).name)
 
+    def check_names(self, names, source, where: str = "") -> tuple[str, ...]:
+        """`names` spelled as the taxonomy spells them (case-insensitive): the one check of user-given region names
+        (labels CSVs, --exclude-regions). RadiographError(source, "WHERE: unknown region(s) ... (known: ...)")."""
+        known = {name.casefold(): name for name in self.names}
+        unknown = [str(name) for name in names if str(name).casefold() not in known]
+        if unknown:
+            raise RadiographError(source, f"{where + ': ' if where else ''}unknown region(s) {', '.join(unknown)} "
+                                          f"(known: {', '.join(self.names)})")
+        return tuple(known[str(name).casefold()] for name in names)
+
     def body_part_term(self, name: str) -> str | None:
         """The first CID 4031 defined term of a region (for BodyPartExamined); None where DICOM defines none."""
         terms = self.get(name).body_part_terms

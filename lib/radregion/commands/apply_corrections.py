@@ -30,12 +30,16 @@ def run(args) -> int:
     from radregion.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(args.taxonomy)
-    fixes = read_labels_csv(args.corrections, taxonomy=taxonomy, check_files=bool(args.dicom_out))
+    fixes = read_labels_csv(args.corrections, taxonomy=taxonomy, check_files=bool(args.dicom_out), allow_empty=True)
+    if not fixes:
+        print(f"radregion apply-corrections: {args.corrections} lists no corrections (the audit found nothing to "
+              f"correct): nothing to do, {args.output} not written")
+        return 0
     pending = {fix.path.resolve(): fix for fix in fixes}
     changed = 0
     rows = []
     if args.labels:
-        items = read_labels_csv(args.labels, args.images_root, check_files=False)
+        items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy, check_files=False)
         for item, row in zip(items, raw_rows(args.labels)):
             fix = pending.pop(item.path.resolve(), None)
             if fix is not None:

@@ -10,7 +10,7 @@ def register(subparsers):
     parser = subparsers.add_parser(
         "evaluate", help="measure a model on labelled images",
         description="Top-1 (an image with several regions is right if the prediction is any of them), macro "
-                    "recall, per-region recall, bootstrap 95%% CIs (patients resampled), a confusion-matrix PNG, "
+                    "recall, per-region recall, bootstrap 95% CIs (patients resampled), a confusion-matrix PNG, "
                     "and the out-of-domain AUROC when the labels include out-of-domain images (Others).")
     parser.add_argument("--model", action="append", metavar="BUNDLE",
                         help="bundle (default: the shipped model); repeat to evaluate an ensemble")
@@ -18,8 +18,9 @@ def register(subparsers):
     parser.add_argument("--images-root", metavar="DIR", help="default: the CSV's folder")
     parser.add_argument("--output", default="evaluation", metavar="DIR",
                         help="writes figures.json, confusion.png, predictions.csv here (default ./evaluation)")
-    parser.add_argument("--exclude-regions", nargs="+", default=["Others"], metavar="REGION",
-                        help="out-of-domain regions: scored by the OOD flag only (default Others)")
+    parser.add_argument("--exclude-regions", nargs="+", default=[], metavar="REGION",
+                        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): scored "
+                             "by the OOD flag only")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the CIs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -32,24 +33,28 @@ def run(args) -> int:
     import numpy as np
 
     from radregion.atomic import atomic_write
-    from radregion.bundle import resolve_model
-    from radregion.commands.predict import write_predictions
+    from radregion.bundle import load_bundle, resolve_model
+    from radregion.cli import print_problems
     from radregion.datasets import read_labels_csv
     from radregion.evaluate import evaluate_predictions, plot_confusion, write_json
     from radregion.head import out_of_domain_regions
     from radregion.inference import Predictor
+    from radregion.prediction_csv import write_predictions
 
     models = [resolve_model(m) for m in args.model] if args.model else [resolve_model()]
-    items = read_labels_csv(args.labels, args.images_root, check_files=False)  # missing files count as unreadable
-    if not items:
-        raise ValueError(f"{args.labels}: no labelled images")
-    predictor = Predictor(models if len(models) > 1 else models[0], workers=args.workers, precision=args.precision)
+    bundles = [load_bundle(m) for m in models]
+    taxonomy = bundles[0].taxonomy()
+    exclude = taxonomy.check_names(args.exclude_regions, "--exclude-regions")
+    # missing files count as unreadable; labels the model's taxonomy does not know are an error
+    items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy, check_files=False)
+    predictor = Predictor(bundles if len(bundles) > 1 else bundles[0], workers=args.workers,
+                          precision=args.precision)
     for bundle in predictor.model.bundles:
         if str(Path(args.labels).resolve()) in str(bundle.meta.get("training", {}).get("data", "")):
             print(f"radregion evaluate: warning: {bundle.path} was fitted on {args.labels}; these figures are "
                   "in-sample (use a held-out split)", file=sys.stderr)
     predictions = list(predictor.predict([it.path for it in items], batch_size=args.batch_size, progress=True))
-    ood_regions = out_of_domain_regions(predictor.taxonomy, args.exclude_regions)
+    ood_regions = out_of_domain_regions(taxonomy, exclude)
     figures = evaluate_predictions(predictions, items, predictor.regions, ood_regions, args.bootstrap, args.seed)
     figures.update({"model": [str(m) for m in models], "model_version": predictor.version,
                     "labels": str(args.labels), "precision": args.precision})
@@ -76,6 +81,8 @@ def run(args) -> int:
         for r, v in figures["per_region_recall"].items() if v is not None))
     lines.append(f"written: {out / 'figures.json'}, {out / 'confusion.png'}, {out / 'predictions.csv'}")
     print("\n".join(lines))
+    print_problems("evaluate", [f"{e['path']}: {e['error']}" for e in figures["unreadable"]],
+                   where_all=f" (all in {out / 'figures.json'})")
     return 0
 
 

@@ -21,8 +21,12 @@ def register(subparsers):
     few.add_argument("--per-class", type=int, metavar="K", help="use K labelled images per region")
     few.add_argument("--fraction", type=float, metavar="F", help="use this fraction of the labelled images")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
-    parser.add_argument("--exclude-regions", nargs="+", default=["Others"], metavar="REGION",
-                        help="out-of-domain regions: kept out of the head, used for the OOD AUROC (default Others)")
+    parser.add_argument("--exclude-regions", nargs="+", default=[], metavar="REGION",
+                        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): kept out "
+                             "of the head, used for the OOD AUROC")
+    parser.add_argument("--taxonomy", metavar="NAME_OR_FILE",
+                        help="the region names the labels may use: a built-in taxonomy (unifesp22, paper14) or a "
+                             "JSON/YAML file (default: the bundle's taxonomy)")
     parser.add_argument("--C", type=float, default=None, dest="C", help="inverse L2 strength (default 0.5)")
     parser.add_argument("--no-class-balance", action="store_true", help="do not weight regions by 1/frequency")
     parser.add_argument("--fine-tune", action="store_true", help="fine-tune the whole backbone first (slow)")
@@ -30,6 +34,12 @@ def register(subparsers):
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="peak learning rate of --fine-tune's one-cycle schedule (default 1e-4, a gentle "
                              "update; the default model: 1e-3 for 80 epochs from its SupCon backbone)")
+    parser.add_argument("--class-weights", choices=("sqrt", "balanced", "none"), default="sqrt",
+                        help="--fine-tune's loss weight per region: sqrt (default) or fully balanced inverse "
+                             "frequency, or none")
+    parser.add_argument("--outlier-exposure", action="store_true",
+                        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ...")
     parser.add_argument("--size", type=int, metavar="PX",
                         help="input size of the new bundle (default: the backbone's; a ResNet takes any size)")
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
@@ -41,15 +51,23 @@ def register(subparsers):
 def run(args) -> int:
     from radregion.bundle import load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
-    from radregion.head import DEFAULT_C, _taxonomy, out_of_domain_regions, train_head
+    from radregion.fitting import train_head
+    from radregion.head import DEFAULT_C, out_of_domain_regions
+    from radregion.taxonomy import load_taxonomy
 
     bundle = load_bundle(resolve_model(args.model))
     if args.size is not None:
         if args.size < 32:
             raise ValueError("--size must be at least 32")
         bundle.meta["cleaning"]["size"] = args.size
-    items = read_labels_csv(args.labels, args.images_root)
-    ood_regions = out_of_domain_regions(_taxonomy(bundle), args.exclude_regions)
+    if args.taxonomy:
+        taxonomy = load_taxonomy(args.taxonomy)
+        bundle.meta["taxonomy"] = {"name": taxonomy.name, "definition": taxonomy.to_dict()}  # the new head's
+    else:
+        taxonomy = bundle.taxonomy()
+    args.exclude_regions = list(taxonomy.check_names(args.exclude_regions, "--exclude-regions"))
+    items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy)
+    ood_regions = out_of_domain_regions(taxonomy, args.exclude_regions)
     in_domain = [it for it in items if any(lab not in ood_regions for lab in it.labels)]
     out_domain = [it for it in items if not any(lab not in ood_regions for lab in it.labels)]
     if args.per_class is not None:
@@ -68,6 +86,7 @@ def run(args) -> int:
     result = train_head(bundle, in_domain + out_domain, args.output, exclude_regions=args.exclude_regions,
                         class_balanced=not args.no_class_balance, C=args.C if args.C is not None else DEFAULT_C,
                         seed=args.seed, fine_tune_epochs=args.epochs if args.fine_tune else 0, fine_tune_lr=args.lr,
+                        class_weights=args.class_weights, outlier_exposure=args.outlier_exposure, device=args.device,
                         data=data, command=command_line(args),
                         workers=args.workers, progress=True, half_backbone=True if args.half else None)
     cv = result.meta["metrics"]["cross_validated"]
@@ -86,13 +105,14 @@ def command_line(args) -> str:
     """The command as it could be typed again (rebuilt from the parsed options)."""
     parts = ["radregion", "fit-head"]
     for option in ("model", "labels", "images_root", "per_class", "fraction", "seed", "C", "epochs", "size",
-                   "output"):
+                   "taxonomy", "output"):
         value = getattr(args, option)
         if value is not None and not (option == "epochs" and not args.fine_tune):
             parts += [f"--{option.replace('_', '-')}", str(value)]
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
-    parts += ["--exclude-regions", *args.exclude_regions]
-    parts += ["--fine-tune"] if args.fine_tune else []
+    parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
+    parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
+    parts += ["--outlier-exposure"] if args.fine_tune and args.outlier_exposure else []
     parts += ["--half"] if args.half else []
     parts += ["--no-class-balance"] if args.no_class_balance else []
     return " ".join(shlex.quote(p) for p in parts)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from pathlib import Path
 
 from radregion.atomic import atomic_write
-
-COLUMNS = ("path", "region", "confidence", "ood_score", "out_of_domain", "pacs_label", "agrees_with_pacs", "error")
+from radregion.prediction_csv import COLUMNS, write_predictions  # noqa: F401  (COLUMNS: the CSV's, for callers)
 
 
 def register(subparsers):
@@ -50,39 +48,13 @@ def collect_inputs(inputs) -> tuple[list[str], dict[str, str]]:
     return paths, errors
 
 
-def _number(value, digits=4) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _flag(value) -> str:
-    return "" if value is None else ("true" if value else "false")
-
-
-def prediction_row(pred, regions) -> list[str]:
-    return [pred.path, pred.region or "", _number(pred.confidence), _number(pred.ood_score),
-            "" if pred.error else _flag(pred.out_of_domain), pred.pacs_label or "", _flag(pred.agrees_with_pacs),
-            pred.error or ""] + [_number(pred.probabilities.get(r)) if pred.probabilities else "" for r in regions]
-
-
-def write_predictions(predictions, regions, handle) -> dict:
-    """CSV rows to `handle`; returns counts {"total", "read", "out_of_domain"}."""
-    writer = csv.writer(handle, lineterminator="\n")
-    writer.writerow(list(COLUMNS) + list(regions))
-    counts = {"total": 0, "read": 0, "out_of_domain": 0}
-    for pred in predictions:
-        writer.writerow(prediction_row(pred, regions))
-        counts["total"] += 1
-        counts["read"] += pred.error is None
-        counts["out_of_domain"] += bool(pred.error is None and pred.out_of_domain)
-    return counts
-
-
 def run(args) -> int:
     from radregion.startup import skip_unused_imports
 
     if getattr(args, "fresh_process", False):
         skip_unused_imports()
     from radregion.bundle import resolve_model
+    from radregion.cli import print_problems
     from radregion.inference import Prediction, Predictor
 
     models = [resolve_model(m) for m in args.model] if args.model else [resolve_model()]
@@ -105,6 +77,7 @@ def run(args) -> int:
     print(f"radregion predict: {counts['read']} of {counts['total']} images predicted, {unreadable} unreadable, "
           f"{counts['out_of_domain']} out of domain (model {predictor.version})"
           + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+    print_problems("predict", counts["errors"], where_all=" (every reason is in the CSV's error column)")
     if counts["read"] == 0:
         print("radregion predict: error: no image could be read", file=sys.stderr)
         return 1

@@ -1,0 +1,130 @@
+"""The command line refuses what it cannot mean, and says what went wrong on screen (issue 15).
+
+Unknown region names (labels CSV rows, --exclude-regions) fail with the row and the known names; `split` without
+patient ids refuses unless --by-image; `predict` and `evaluate` print the reasons of unreadable files; "nothing to
+do" is exit 0 with a message.
+"""
+
+import csv
+import shutil
+
+import pytest
+
+from radregion.cli import main
+
+
+def _labels_csv(unifesp, path, rows, patient=True):
+    """A labels CSV over real UNIFESP images: `rows` are label strings, one image each (absolute paths)."""
+    images = sorted((unifesp / "images").glob("*.png"))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "labels"] + (["PatientID"] if patient else []))
+        for i, labels in enumerate(rows):
+            writer.writerow([images[i], labels] + ([f"p{i}"] if patient else []))
+    return path
+
+
+@pytest.mark.parametrize("command", ["fit-head", "evaluate"])
+def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, tiny_bundle, unifesp, tmp_path,
+                                                                      capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Kneee", "Hand"])
+    code = main([command, "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{labels}: row 4 (" in err and "unknown region(s) Kneee (known: Abdomen, Ankle" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["fit-head", "evaluate"])
+def test_unknown_exclude_region_is_refused(command, tiny_bundle, unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Others", "Hand"])
+    code = main([command, "--model", str(tiny_bundle), "--labels", str(labels), "--exclude-regions", "Other",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--exclude-regions: unknown region(s) Other (known: Abdomen" in err and "Others" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_exclude_regions_are_spelled_as_the_taxonomy_does(tiny_bundle, unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Hand", "Knee", "Chest", "Hand"])
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(tiny_bundle), "--labels", str(labels), "--exclude-regions", "hand",
+                 "--output", str(out), "--bootstrap", "0"]) == 0, capsys.readouterr().err
+    assert "images: 4 in-domain" in capsys.readouterr().out  # the two Hand images are out of domain now
+
+
+def test_split_without_patient_ids_refuses_unless_by_image(unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"] * 5, patient=False)
+    out = tmp_path / "split"
+    assert main(["split", "--labels", str(labels), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{labels}: no PatientID in 10 of 10 rows (row 2, 3, 4, 5, 6 and 5 more)" in err and "--by-image" in err
+    assert not out.exists()
+    assert main(["split", "--labels", str(labels), "--output", str(out), "--by-image"]) == 0
+    assert (out / "train.csv").is_file() and (out / "test.csv").is_file()
+
+
+def test_split_with_patient_ids_needs_no_flag(unifesp, tmp_path):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"] * 5)
+    assert main(["split", "--labels", str(labels), "--output", str(tmp_path / "split")]) == 0
+
+
+def test_predict_prints_the_reasons_of_wrong_paths(tiny_bundle, unifesp, tmp_path, capsys):
+    good = shutil.copy(sorted((unifesp / "images").glob("*.png"))[0], tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    missing = [str(tmp_path / f"typo{i}.dcm") for i in range(6)]
+    out = tmp_path / "preds.csv"
+    code = main(["predict", "--model", str(tiny_bundle), "--no-progress", "--output", str(out), str(good),
+                 str(tmp_path / "bad.png"), *missing])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 of 8 images predicted, 7 unreadable" in err
+    assert f"radregion predict: {missing[0]}: no such file or folder" in err  # on screen, not only in the CSV
+    assert "... and 2 more (every reason is in the CSV's error column)" in err
+    assert sum(line.startswith("radregion predict: /") for line in err.splitlines()) == 5
+
+
+def test_predict_prints_why_a_file_is_unreadable(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert main(["predict", "--model", str(tiny_bundle), "--no-progress", str(tmp_path / "bad.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"radregion predict: {tmp_path / 'bad.png'}: " in err and "... and" not in err
+
+
+def test_evaluate_prints_the_reasons_of_unreadable_images(tiny_bundle, unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Hand"])
+    with open(labels, "a", newline="") as handle:
+        csv.writer(handle).writerow([tmp_path / "gone.png", "Knee", "p9"])
+    assert main(["evaluate", "--model", str(tiny_bundle), "--labels", str(labels), "--output",
+                 str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
+    assert f"radregion evaluate: {tmp_path / 'gone.png'}: " in capsys.readouterr().err
+
+
+def test_apply_corrections_with_nothing_to_correct_is_not_an_error(unifesp, tmp_path, capsys):
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text("image,labels,PatientID\n")  # what `radregion audit` writes when it found nothing
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"])
+    output = tmp_path / "fixed.csv"
+    code = main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels),
+                 "--output", str(output)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "nothing to do" in captured.out and not output.exists()
+
+
+def test_apply_corrections_checks_the_labels_csv_too(unifesp, tmp_path, capsys):
+    image = sorted((unifesp / "images").glob("*.png"))[0]
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text(f"image,labels\n{image},Knee\n")
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Chset"])
+    assert main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels),
+                 "--output", str(tmp_path / "fixed.csv")]) == 2
+    assert "row 4 (" in capsys.readouterr().err
+
+
+def test_evaluate_help_prints_a_plain_percent(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CIs" in out and "%%" not in out
