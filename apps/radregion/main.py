@@ -1,7 +1,9 @@
 """RadRegion MONAI Label app: predicts the anatomical region of every radiograph, ranks images for review,
 stores confirmed labels and retrains the head from them.
 
-    monailabel start_server --app apps/radregion --studies STUDIES --conf model MODEL_BUNDLE [--conf key value]
+    monailabel start_server --app apps/radregion --studies STUDIES [--conf model MODEL_BUNDLE] [--conf key value]
+
+Without --conf model the server uses the bundle installed with the package (apps/radregion/model).
 
 Options: apps/radregion/README.md. All model work goes through the engine (lib/radregion).
 """
@@ -24,6 +26,9 @@ from lib.context import ModelNotFoundError, RadRegionContext, read_json, write_j
 from lib.errors import install_http_errors
 from lib.infers.audit_batch import AuditBatchInfer
 from lib.infers.radregion import RadRegionInfer
+from lib.lifecycle import bind_to_server
+from lib.model_api import install_model_routes
+from lib.offload import install_offload
 from lib.scoring.radregion_scores import RadRegionScores
 from lib.trainers.radregion import RadRegionTrainer
 
@@ -38,8 +43,9 @@ class RadRegionApp(MONAILabelApp):
             import torch
 
             torch.set_num_threads(self.app_config.threads)
+        task_process = bind_to_server()  # a training/scoring child dies with the server
         try:
-            self.context = RadRegionContext(self.app_config, studies)
+            self.context = RadRegionContext(self.app_config, studies, server=not task_process)
         except ModelNotFoundError as error:
             # an admin's mistake, not a bug: one clear line and exit 2 instead of uvicorn's lifespan traceback
             logger.error(str(error))
@@ -96,6 +102,8 @@ class RadRegionApp(MONAILabelApp):
         super().server_mode(mode)
         if mode:
             install_http_errors()
+            install_model_routes(self, MODEL)
+            install_offload()  # last: the outermost middleware, every request on a worker thread
 
     def infer(self, request, datastore=None):
         image = request.get("image")

@@ -22,12 +22,10 @@ class AppConfig:
     threads: int = 0                 # torch CPU threads (0 = torch's default: one per core)
     taxonomy: str = ""               # label validation; default: the bundle's taxonomy
     auto_train_every: int = 0        # retrain after every N new confirmed labels (0 = never)
-    fine_tune: bool = False          # also fine-tune the backbone when training (slow on CPU)
-    fine_tune_epochs: int = 3
-    val_fraction: float = 0.25       # stratified validation split of the confirmed labels
+    fine_tune: bool = False          # refused: the server fits heads only (fine-tune with `radregion fit-head`)
+    val_fraction: float = 0.25       # patient-grouped validation split of the confirmed labels
     min_labels: int = 4              # fewer confirmed labels: training refuses
-    keep_regions: bool = True        # regions without confirmed labels keep the current model's confident images
-    pseudo_confidence: float = 0.9
+    heldout_tolerance: float = 0.01  # allowed drop of the held-out macro recall of the original data (refit noise)
     diverse_pool: int = 50           # `diverse` picks among this many most uncertain images
     skip_served_s: int = 300         # a strategy does not hand out the same image again within this time
     audit_csv: str = ""              # batch run output; default <state_dir>/audit.csv

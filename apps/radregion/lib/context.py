@@ -1,23 +1,27 @@
 """What every task of the app shares: the published model, its predictor, the cached scores, the state folder.
 
-The shipped model (--conf model) stays read-only; training publishes into <state_dir>/model. The predictor is
-built once and rebuilt only when a new bundle appears there (a folder rename by `save_bundle`).
+The shipped model (--conf model, else the bundle installed with the package as `radregion_model`) stays
+read-only; it is published into <state_dir>/models as the first generation and training publishes the next ones
+(published.py). The predictor is built once and rebuilt when the `model` link points at another generation.
 """
 
 import json
 import logging
+import os
 import shutil
-import tempfile
 import threading
+import time
 from pathlib import Path
 
-from radregion.atomic import atomic_write
+from radregion.atomic import atomic_write, remove_temp_files
 from radregion.errors import RadiographError
 
 from .config import AppConfig
+from .published import ModelStore
 from .scores import ScoreStore, ScoreTable
 
 logger = logging.getLogger(__name__)
+SAVE_EVERY_S = 5.0
 
 
 class ModelNotFoundError(RuntimeError):
@@ -25,26 +29,42 @@ class ModelNotFoundError(RuntimeError):
 
 
 class RadRegionContext:
-    def __init__(self, config: AppConfig, studies: str):
+    def __init__(self, config: AppConfig, studies: str, server: bool = True):
+        """`server`: the server process (settles crash leftovers, installs the shipped model); False in the task
+        processes MONAI Label starts (training, scoring, batch runs), which use what the server published."""
         self.config = config
         self.state_dir = config.state_path(studies)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.model_dir = self.state_dir / "model"
+        self.model_dir = self.state_dir / "model"  # a link to the current generation (published.py)
+        self.models = ModelStore(self.state_dir)
         self.scores = ScoreStore(self.state_dir / "scores")
         self._lock = threading.RLock()
         self._predictor = None
+        self._predictor_folder = None
+        self._unloadable = None
         self._taxonomy = None
-        self._install_model()
+        if server:
+            self._clean_start(studies)
+            self._install_model()
+        elif self.models.current_folder() is None:
+            raise ModelNotFoundError(f"no published model at {self.model_dir}: the server installs one at start")
+
+    def _clean_start(self, studies: str):
+        """Leftovers of a crash: unfinished publishes and trainings, temp files of interrupted label writes."""
+        done = self.models.recover()
+        if not studies.startswith(("http://", "https://")):
+            removed = remove_temp_files(studies, recursive=False) + remove_temp_files(Path(studies) / "labels")
+            if removed:
+                done.append(f"removed {len(removed)} temp file(s) of interrupted label writes")
+        for line in done:
+            logger.warning(f"start-up: {line}")
 
     # ---- model --------------------------------------------------------------------------------------
     def _install_model(self):
-        """Copy the shipped bundle into the state folder unless a model derived from it is already there."""
-        from radregion.bundle import _replace_folder, load_bundle
+        """Publish the shipped bundle unless the published model derives from this very shipped bundle."""
+        from radregion.bundle import load_bundle
 
-        if not self.config.model:
-            raise ModelNotFoundError("RadRegion needs a model: start the server with --conf model PATH "
-                                     "(a bundle folder with bundle.json and model.safetensors)")
-        shipped_path = Path(self.config.model).expanduser().resolve()
+        shipped_path = shipped_model_path(self.config)
         try:
             shipped = load_bundle(shipped_path)
         except RadiographError as error:
@@ -57,42 +77,53 @@ class RadRegionContext:
                                      f"head (fit one with `radregion fit-head`)")
         source_file = self.state_dir / "model_source.json"
         source = read_json(source_file)
-        if source.get("version") == shipped.version and (self.model_dir / "bundle.json").is_file():
-            try:
-                load_bundle(self.model_dir)
+        if self.models.current_folder() is not None:
+            if source.get("version") == shipped.version:
                 return
-            except RadiographError as error:
-                logger.warning(f"published model unusable ({error}); reinstalling the shipped one")
-        elif source:
             logger.warning(f"shipped model changed ({source.get('version')} -> {shipped.version}): "
-                           f"replacing the published model {self.model_dir}")
-        tmp = Path(tempfile.mkdtemp(dir=self.state_dir, prefix=".model.copy-"))
-        try:
-            shutil.copytree(shipped_path, tmp / "model")
-            _replace_folder(tmp / "model", self.model_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                           f"publishing it over {self.models.current().get('version')} (rollback restores that)")
+        staging = self.models.staging()
+        os.rmdir(staging)
+        shutil.copytree(shipped_path, staging, ignore=shutil.ignore_patterns("__init__.py", "__pycache__", "*.pyc"))
+        self.models.publish(staging, f"shipped model {shipped.version} from {shipped_path}")
         with atomic_write(source_file, "w") as f:
             json.dump({"path": str(shipped_path), "version": shipped.version}, f)
         logger.info(f"installed model {shipped.version} from {shipped_path} into {self.model_dir}")
 
+    def rollback(self) -> dict:
+        """Serve again the model the current one replaced (a new generation); NothingToRollBack if none."""
+        record = self.models.rollback("rollback requested over REST")
+        self.predictor()
+        return record
+
     def predictor(self):
-        """The engine Predictor of the published model; swapped in place when a new bundle was published."""
+        """The engine Predictor of the published model; replaced when another generation is published."""
         from radregion.inference import Predictor
 
         with self._lock:
-            if self._predictor is None:
-                self._predictor = Predictor(self.model_dir, device=self.config.device, workers=self.config.workers,
-                                            cache=self.config.cache)
-                logger.info(f"model {self._predictor.version} loaded from {self.model_dir}")
-            elif self._predictor.reload_if_changed():
-                logger.info(f"new model {self._predictor.version} published: loaded")
-            return self._predictor
+            folder = self.models.current_folder()
+            if folder is None or folder == self._predictor_folder or folder == self._unloadable:
+                if self._predictor is None:
+                    raise ModelNotFoundError(f"no usable published model at {self.model_dir}")
+                return self._predictor
+            try:
+                predictor = Predictor(folder, device=self.config.device, workers=self.config.workers,
+                                      cache=self.config.cache)
+            except (RadiographError, ValueError, OSError) as error:
+                if self._predictor is None:
+                    raise
+                self._unloadable = folder
+                logger.error(f"published model {folder} cannot be loaded ({error}): still serving "
+                             f"{self._predictor.version}")
+                return self._predictor
+            logger.info(f"model {predictor.version} loaded from {folder}")
+            self._predictor, self._predictor_folder = predictor, folder
+            return predictor
 
     def bundle(self):
         from radregion.bundle import load_bundle
 
-        return load_bundle(self.model_dir)
+        return load_bundle(self.models.current_folder() or self.model_dir)
 
     @property
     def version(self) -> str:
@@ -135,13 +166,34 @@ class RadRegionContext:
                     continue
                 paths.append(uri)
                 known.append(image_id)
-            predictions = list(predictor.predict(paths, batch_size=self.config.batch_size))
-            table.add(predictions, known)
+            # saved every few seconds: the queues serve from a partial table while scoring runs
+            done, saved_at = [], time.monotonic()
+            for image_id, prediction in zip(known, predictor.predict(paths, batch_size=self.config.batch_size)):
+                done.append((image_id, prediction))
+                if time.monotonic() - saved_at > SAVE_EVERY_S:
+                    table.add([p for _, p in done], [i for i, _ in done])
+                    self.scores.save(table)
+                    done, saved_at = [], time.monotonic()
+            table.add([p for _, p in done], [i for i, _ in done])
             self.scores.save(table)
             self.scores.prune({predictor.version})
             logger.info(f"scored {len(known)} images with model {predictor.version} "
                         f"({len(table)} scored, {len(table.errors)} unreadable)")
             return table
+
+
+def shipped_model_path(config: AppConfig) -> Path:
+    """--conf model, else the bundle installed with the package (`radregion_model`: apps/radregion/model)."""
+    if config.model:
+        return Path(config.model).expanduser().resolve()
+    from importlib.util import find_spec
+
+    spec = find_spec("radregion_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("RadRegion needs a model: no bundle was installed with this package "
+                                 "(`radregion_model`); start the server with --conf model PATH (a bundle folder "
+                                 "with bundle.json and model.safetensors)")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def read_json(path) -> dict:

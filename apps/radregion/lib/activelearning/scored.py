@@ -1,17 +1,27 @@
-"""Common part of the strategies that rank unlabelled images by the cached scores of the current model."""
+"""Common part of the queues: rank unlabelled images by the cached scores of the current model, hand out the
+best one that no queue has handed out recently.
+
+- An image handed out by any queue within `skip_served_s` seconds is skipped (another annotator has it open)
+  unless nothing else is left; the choice and its record happen under one lock, so two concurrent requests never
+  get the same image.
+- While scoring runs (no scores yet, scores of the previous model, or images not scored yet) the queues still
+  serve: scored images in their order, then the unscored ones in id order, marked `"provisional": true` with how
+  far scoring has come.
+"""
 
 import logging
+import threading
 import time
 
 from monailabel.interfaces.tasks.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
+_LOCK = threading.Lock()
+_SERVED = {}  # image id -> time it was handed out by any queue of this server
+
 
 class ScoredStrategy(Strategy):
-    """Hands out the best-ranked unlabelled image; skips images this strategy handed out within
-    `skip_served_s` seconds (another annotator has them open) unless nothing else is left."""
-
     name = ""
 
     def __init__(self, context, description):
@@ -22,36 +32,53 @@ class ScoredStrategy(Strategy):
         """[(row, score)] best first; `rows` index the unlabelled, readable images of `table`."""
         raise NotImplementedError
 
-    def ranked_ids(self, datastore) -> list:
-        """[(image_id, score)] in the order this strategy hands images out (for clients and tests)."""
-        table = self.context.current_scores()
+    def ranked_ids(self, datastore, table=None, unlabelled=None) -> list:
+        """[(image_id, score)] of the scored unlabelled images, in the order this queue hands them out."""
+        table = self.context.current_scores() if table is None else table
         if table is None:
             return []
-        unlabelled = set(datastore.get_unlabeled_images("final"))
+        unlabelled = set(datastore.get_unlabeled_images("final") if unlabelled is None else unlabelled)
         rows = [k for k, image_id in enumerate(table.ids) if image_id in unlabelled]
         return [(table.ids[k], float(score)) for k, score in self.rank(table, rows, datastore)]
 
     def __call__(self, request, datastore):
         table = self.context.current_scores()
-        if table is None:
-            logger.info(f"{self.name}: no scores yet (the scoring method has not finished)")
+        unlabelled = datastore.get_unlabeled_images("final")
+        ranked = self.ranked_ids(datastore, table, unlabelled)
+        scored = {image_id for image_id, _ in ranked}
+        pending = sorted(i for i in unlabelled if i not in scored and (table is None or i not in table.errors))
+        candidates = ranked + [(image_id, None) for image_id in pending]
+        if not candidates:
             return None
-        ranked = self.ranked_ids(datastore)
-        if not ranked:
-            return None
-        now = int(time.time())
-        skip = self.context.config.skip_served_s
-        strategy = request.get("strategy", self.name)
+        version = self.context.version
+        provisional = table is None or table.version != version or bool(pending)
+        with _LOCK:
+            now = time.time()
+            skip = self.context.config.skip_served_s
+            position = next((n for n, (image_id, _) in enumerate(candidates)
+                             if now - _last_served(datastore, image_id) >= skip), 0)
+            image_id, score = candidates[position]
+            _SERVED[image_id] = now
+        result = {"id": image_id, "score": score, "rank": position + 1, "candidates": len(candidates),
+                  "model_version": table.version if table is not None else None, "provisional": provisional}
+        k = table.index(image_id) if table is not None else None
+        if k is not None:
+            result.update(region=table.predicted()[k], confidence=float(table.confidence()[k]),
+                          ood_score=float(table.ood_score[k]), pacs_label=table.pacs_label[k])
+        if provisional:
+            result["scoring"] = {"model_version": version, "scored": len(table) if table is not None else 0,
+                                 "images": len(datastore.list_images()),
+                                 "scores_of": table.version if table is not None else None}
+            logger.info(f"{self.name}: provisional choice {image_id} (scoring in progress)")
+        return result
 
-        def served_recently(image_id):
-            info = datastore.get_image_info(image_id).get("strategy", {}).get(strategy, {})
-            return now - int(info.get("ts", 0)) < skip
 
-        position = next((n for n, (image_id, _) in enumerate(ranked) if not served_recently(image_id)), 0)
-        image_id, score = ranked[position]
-        k = table.index(image_id)
-        predicted = table.predicted()
-        return {"id": image_id, "score": score, "rank": position + 1, "candidates": len(ranked),
-                "model_version": table.version, "region": predicted[k],
-                "confidence": float(table.confidence()[k]), "ood_score": float(table.ood_score[k]),
-                "pacs_label": table.pacs_label[k]}
+def _last_served(datastore, image_id) -> float:
+    """When any queue last handed out the image: this server's memory, else the datastore's record."""
+    seen = _SERVED.get(image_id, 0.0)
+    try:
+        info = datastore.get_image_info(image_id).get("strategy", {}) or {}
+        seen = max([seen] + [float(v.get("ts", 0)) for v in info.values() if isinstance(v, dict)])
+    except Exception:  # an image that just left the datastore: never served
+        pass
+    return seen

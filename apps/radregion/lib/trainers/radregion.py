@@ -1,15 +1,24 @@
-"""Train task `radregion`: a new head on the confirmed labels, validated, published only if not worse.
+"""Train task `radregion`: a new head over every region of the model, published only if it is not worse.
 
-Frozen backbone (features from the score cache, so training takes seconds on CPU): the engine's `fit_head` on
-the confirmed labels, plus, for regions nobody has confirmed yet, the current model's most confident images
-(so a few confirmed regions do not erase the others). Validation: a stratified split of the confirmed labels,
-new head against the current model on the same images. `--conf fine_tune true` fine-tunes the backbone
-through the engine's `train_head` instead.
+Frozen backbone: training takes seconds on CPU and reads no image twice.
+- Training data: the features the current head was fitted on, stored in its bundle (`Bundle.training_set()`:
+  the model's own training images, every region of the taxonomy), plus the confirmed labels (features from the
+  score cache). A confirmed image that is also in the stored set (same features) counts once, with its confirmed
+  label: confirmed labels win where they disagree.
+- Two checks, both must hold to publish:
+  1. confirmed labels: a patient-grouped split (the engine's `patient_split`); a head fitted without the
+     validation patients against the current model on them, macro recall (the engine's `summarise`);
+  2. the original data: bundles record no held-out test set, so the held-out figure is the patient-grouped
+     cross-validation of the stored training set (the engine's `patient_folds`): each fold's head fitted with and
+     without the confirmed labels, out-of-fold macro recall with them not lower than without
+     (up to `--conf heldout_tolerance`, default 0.01: refitting alone moves it by that much).
+- Then the head is fitted on everything for all regions, carries the stored training set unchanged (the next
+  training starts from the same base) and is published as the next generation, unless a newer model was
+  published since this run started. The status (train_stats.json, GET /info/) says published or kept, why, and
+  on how many images.
 """
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,119 +27,144 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..context import read_json, read_label, write_json
 from ..errors import TrainingError
+from ..published import PublishConflict
 from ..scores import ScoreTable
 
 logger = logging.getLogger(__name__)
-PSEUDO_PER_REGION = 20
+HELDOUT_FOLDS = 5
+SAME_IMAGE_COSINE = 0.999  # stored and served features of one image differ by fp16/bf16 rounding only
 
 
 class RadRegionTrainer(TrainTask):
     def __init__(self, context):
-        super().__init__("Fit a new head on the confirmed labels; publish it if validation is not worse")
+        super().__init__("Fit a new head on the model's training data plus the confirmed labels; publish it if "
+                         "it is not worse on the confirmed labels nor on the original data")
         self.context = context
         self.stats_file = context.state_dir / "train_stats.json"
 
     def config(self):
         c = self.context.config
-        return {"fine_tune": c.fine_tune, "val_fraction": c.val_fraction, "min_labels": c.min_labels,
-                "auto_train_every": c.auto_train_every}
+        return {"val_fraction": c.val_fraction, "min_labels": c.min_labels, "auto_train_every": c.auto_train_every,
+                "heldout_tolerance": c.heldout_tolerance}
 
     def stats(self):
         return read_json(self.stats_file)
 
     def __call__(self, request, datastore):
         start = time.time()
-        previous = self.context.version
+        base = self.context.models.current()
+        previous = base.get("version")
         try:
-            result = self._train(request, datastore)
+            result = self._train(request, datastore, base)
         except Exception as error:
-            write_json(self.stats_file, {"status": "failed", "published": False, "error": str(error),
-                                         "model_version": previous, "previous_version": previous,
-                                         "seconds": round(time.time() - start, 2), "finished_at": _now()})
+            write_json(self.stats_file, {"status": "failed", "published": False, "reason": str(error),
+                                         "error": str(error), "model_version": previous,
+                                         "previous_version": previous, "seconds": round(time.time() - start, 2),
+                                         "finished_at": _now()})
             logger.error(f"training failed, model {previous} kept: {error}")
             raise
         result.update({"previous_version": previous, "seconds": round(time.time() - start, 2),
                        "finished_at": _now()})
         write_json(self.stats_file, result)
-        logger.info(f"training: {result}")
+        logger.info(f"training {result['status']}: {result['reason']}")
         return result
 
     # ---- steps --------------------------------------------------------------------------------------
-    def _train(self, request, datastore):
-        config = self.context.config
-        fine_tune = _flag(request.get("fine_tune", config.fine_tune))
-        bundle = self.context.bundle()
-        labels = confirmed_labels(datastore, bundle.regions)
-        regions_seen = sorted(set(labels.values()))
-        if len(labels) < config.min_labels or len(regions_seen) < 2:
-            raise TrainingError(f"training needs at least {config.min_labels} confirmed in-domain labels of at least "
-                                f"2 regions; have {len(labels)} of {len(regions_seen)} ({', '.join(regions_seen)})")
-        table = self.context.refresh_scores(datastore, list(labels))
-        ids = [i for i in labels if table.index(i) is not None]
-        train_ids, val_ids = stratified_split(ids, [labels[i] for i in ids], config.val_fraction)
-        if not val_ids:
-            raise TrainingError("no validation images: confirm at least 2 images of one region")
-        pseudo = pseudo_labels(table, datastore, bundle.regions, set(regions_seen), config) \
-            if config.keep_regions else {}
-        current_score = balanced_accuracy([labels[i] for i in val_ids], _rows(table, val_ids, table.predicted()))
-        if fine_tune:
-            return self._fine_tune(bundle, datastore, labels, pseudo, train_ids, val_ids, current_score)
+    def _train(self, request, datastore, base):
+        from radregion.bundle import load_bundle
         from radregion.head import fit_head
 
-        train_labels = {**pseudo, **{i: labels[i] for i in train_ids}}
-        head = fit_head(_features(table, list(train_labels)), list(train_labels.values()),
-                        _ordered(bundle.regions, train_labels.values()))
-        new_score = balanced_accuracy([labels[i] for i in val_ids], head.predict(_features(table, val_ids)))
-        report = {"n_labels": len(ids), "n_pseudo_labels": len(pseudo), "regions": regions_seen,
-                  "validation": {"n_images": len(val_ids), "metric": "balanced_accuracy",
-                                 "new": round(new_score, 4), "current": round(current_score, 4)},
-                  "fine_tune": False}
-        if new_score < current_score:
-            return {"status": "kept", "published": False, "model_version": bundle.version,
-                    "reason": "validation got worse", **report}
-        all_labels = {**pseudo, **labels}
-        all_labels = {i: r for i, r in all_labels.items() if table.index(i) is not None}
-        head = fit_head(_features(table, list(all_labels)), list(all_labels.values()),
-                        _ordered(bundle.regions, all_labels.values()))
-        new = bundle.with_head(self.context.model_dir, head, ood=bundle.ood_detector(),
-                               meta_updates={"server_training": {**report, "date": _now()}})
-        self._rescore(table, head, new)
-        return {"status": "published", "published": True, "model_version": new.version, **report}
+        config = self.context.config
+        if _flag(request.get("fine_tune", config.fine_tune)):
+            raise TrainingError("the server fits heads only: fine-tuning the backbone needs the model's original "
+                                "training images (run `radregion fit-head --fine-tune` and serve that bundle)")
+        bundle = load_bundle(self.context.models.root / base["folder"])
+        regions = bundle.regions
+        stored = bundle.training_set()
+        if stored is None:
+            raise TrainingError(f"model {bundle.version} does not store the features its head was fitted on, so a "
+                                f"new head would lose every region nobody confirmed; refit it with `radregion "
+                                f"fit-head` (which stores them) and serve that bundle")
+        labels = confirmed_labels(datastore, regions)
+        if len(labels) < config.min_labels:
+            raise TrainingError(f"training needs at least {config.min_labels} confirmed in-domain labels; "
+                                f"have {len(labels)}")
+        table = self.context.refresh_scores(datastore, list(labels))
+        ids = [i for i in labels if table.index(i) is not None]
+        x_conf = _features(table, ids)
+        y_conf = np.array([regions.index(labels[i]) for i in ids], int)
+        x_stored = np.asarray(stored.features, np.float32)
+        same = same_images(x_stored, x_conf)
+        x_base, y_base, g_base = x_stored[~same], np.asarray(stored.targets)[~same], np.asarray(stored.groups)[~same]
+        counts = {"stored": int(len(x_stored)), "stored_replaced_by_confirmed": int(same.sum()),
+                  "confirmed": len(ids), "confirmed_unreadable": len(labels) - len(ids)}
+        missing = [regions[r] for r in range(len(regions)) if not np.any(y_base == r) and not np.any(y_conf == r)]
+        if missing:
+            raise TrainingError(f"no training image left for region(s) {', '.join(missing)}")
+
+        # 1. patient-grouped validation on the confirmed labels
+        train_rows, val_rows, n_patients = self._split(datastore, table, ids, labels)
+        counts.update(confirmed_train=len(train_rows), validation=len(val_rows))
+        report = {"regions": len(regions), "n_images": counts, "labels_by_region": _count(labels.values())}
+        if not val_rows:
+            return self._kept(bundle, report, "no validation images: confirm images of at least two patients "
+                                              "for a region so one can be held out")
+        truths = [regions[y_conf[k]] for k in val_rows]
+        head = fit_head(np.concatenate([x_base, x_conf[train_rows]]),
+                        [regions[t] for t in np.concatenate([y_base, y_conf[train_rows]])], regions)
+        new = _macro_recall(head.predict(x_conf[val_rows]), truths, regions)
+        current = _macro_recall(bundle.head().predict(x_conf[val_rows]), truths, regions)
+        report["validation"] = {"n_images": len(val_rows), "n_patients": n_patients, "metric": "macro_recall",
+                                "new": round(new, 4), "current": round(current, 4)}
+        # 2. the original data's held-out figure, with and without the confirmed labels
+        held = heldout_check(x_base, y_base, g_base, x_conf[train_rows], y_conf[train_rows], regions)
+        report["heldout"] = held
+        if new < current:
+            return self._kept(bundle, report, f"worse on the {len(val_rows)} validation images of {n_patients} "
+                                              f"patient(s): macro recall {new:.3f} < current {current:.3f}")
+        if held["new"] < held["current"] - config.heldout_tolerance:
+            return self._kept(bundle, report, f"worse on the original training data's held-out folds "
+                                              f"({held['n_images']} images): macro recall {held['new']:.3f} < "
+                                              f"{held['current']:.3f} without the confirmed labels")
+
+        # publish: a head on everything, every region
+        head = fit_head(np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])],
+                        regions)
+        models = self.context.models
+        path = models.staging()
+        path.rmdir()
+        reason = (f"not worse on {len(val_rows)} validation images of {n_patients} patient(s) (macro recall "
+                  f"{new:.3f} vs {current:.3f}) nor on the original data's held-out folds ({held['new']:.3f} vs "
+                  f"{held['current']:.3f}); fitted on {len(x_base)} stored + {len(ids)} confirmed images")
+        new_bundle = bundle.with_head(path, head, ood=bundle.ood_detector(), training_set=stored,
+                                      meta_updates={"server_training": {**report, "date": _now()}})
+        try:
+            record = models.publish(path, reason, expect_generation=int(base["generation"]), trained_from=base)
+        except PublishConflict as error:
+            return self._kept(bundle, report, str(error))
+        self._rescore(table, head, new_bundle)
+        return {"status": "published", "published": True, "reason": reason, "model_version": record["version"],
+                "generation": record["generation"], **report}
+
+    def _kept(self, bundle, report, reason):
+        return {"status": "kept", "published": False, "reason": reason, "model_version": bundle.version, **report}
+
+    def _split(self, datastore, table, ids, labels):
+        """Rows of `ids` for training and validation: patient-grouped, stratified (the engine's split)."""
+        from radregion.datasets import LabelledImage, patient_split
+
+        items = [LabelledImage(Path(f"{k}"), (labels[i],), _patient(datastore, i)) for k, i in enumerate(ids)]
+        try:
+            train, val = patient_split(items, test_fraction=self.context.config.val_fraction, seed=0)
+        except ValueError as error:
+            raise TrainingError(f"cannot split the confirmed labels: {error}") from None
+        return [int(it.path.name) for it in train], [int(it.path.name) for it in val], len({it.group for it in val})
 
     def _rescore(self, table: ScoreTable, head, bundle):
         """Scores of the new model from the cached features: same backbone, so no image is read again."""
         new = ScoreTable(bundle.version, head.regions, table.ids, head.probabilities(table.features),
                          table.features, table.ood_score, table.out_of_domain, table.pacs_label, table.errors)
         self.context.scores.save(new)
-
-    def _fine_tune(self, bundle, datastore, labels, pseudo, train_ids, val_ids, current_score):
-        from radregion.bundle import _replace_folder
-        from radregion.datasets import LabelledImage
-        from radregion.head import train_head
-        from radregion.inference import Predictor
-
-        config = self.context.config
-        train_labels = {**pseudo, **{i: labels[i] for i in train_ids}}
-        items = [LabelledImage(Path(datastore.get_image_uri(i)), (r,), i) for i, r in train_labels.items()]
-        tmp = Path(tempfile.mkdtemp(dir=self.context.state_dir, prefix=".train-"))
-        try:
-            new = train_head(bundle, items, tmp / "model", folds=min(5, max(2, len(items) // 4)),
-                             fine_tune_epochs=config.fine_tune_epochs, workers=config.workers,
-                             command="monailabel train radregion (fine_tune)")
-            predictor = Predictor(new.path, device=config.device, workers=config.workers, cache=config.cache)
-            predicted = [p.region for p in predictor.predict([datastore.get_image_uri(i) for i in val_ids])]
-            new_score = balanced_accuracy([labels[i] for i in val_ids], predicted)
-            report = {"n_labels": len(labels), "n_pseudo_labels": len(pseudo), "fine_tune": True,
-                      "validation": {"n_images": len(val_ids), "metric": "balanced_accuracy",
-                                     "new": round(new_score, 4), "current": round(current_score, 4)}}
-            if new_score < current_score:
-                return {"status": "kept", "published": False, "model_version": bundle.version,
-                        "reason": "validation got worse", **report}
-            version = new.version
-            _replace_folder(tmp / "model", self.context.model_dir)
-            return {"status": "published", "published": True, "model_version": version, **report}
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def confirmed_labels(datastore, regions) -> dict:
@@ -143,54 +177,66 @@ def confirmed_labels(datastore, regions) -> dict:
     return out
 
 
-def stratified_split(ids, labels, val_fraction, seed=0):
-    """Per region, round(fraction * n) images (at least one when the region has two) go to validation."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for region in sorted(set(labels)):
-        members = [i for i, r in zip(ids, labels) if r == region]
-        rng.shuffle(members)
-        n_val = max(1, round(val_fraction * len(members))) if len(members) >= 2 else 0
-        val += members[:n_val]
-        train += members[n_val:]
-    return train, val
+def same_images(stored: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
+    """Mask of the stored rows whose features are those of a confirmed image (cosine >= SAME_IMAGE_COSINE)."""
+    if not len(stored) or not len(confirmed):
+        return np.zeros(len(stored), bool)
+    a = stored / (np.linalg.norm(stored, axis=1, keepdims=True) + 1e-12)
+    b = confirmed / (np.linalg.norm(confirmed, axis=1, keepdims=True) + 1e-12)
+    return (a @ b.T).max(1) >= SAME_IMAGE_COSINE
 
 
-def pseudo_labels(table, datastore, regions, confirmed_regions, config) -> dict:
-    """The current model's most confident unlabelled in-domain images of each region nobody confirmed yet."""
-    unlabelled = set(datastore.get_unlabeled_images("final"))
-    predicted, confidence = table.predicted(), table.confidence()
-    out = {}
-    for region in regions:
-        if region in confirmed_regions:
-            continue
-        rows = [k for k, i in enumerate(table.ids) if i in unlabelled and predicted[k] == region
-                and confidence[k] >= config.pseudo_confidence and not table.out_of_domain[k]]
-        rows.sort(key=lambda k: -confidence[k])
-        out.update({table.ids[k]: region for k in rows[:PSEUDO_PER_REGION]})
-    return out
+def heldout_check(x, y, groups, x_extra, y_extra, regions, folds=HELDOUT_FOLDS) -> dict:
+    """Out-of-fold macro recall on the stored set (patient-grouped folds): heads fitted on each fold's training
+    part alone (`current`) and with the extra (confirmed) rows (`new`)."""
+    from radregion.datasets import LabelledImage, patient_folds
+    from radregion.head import fit_head
+
+    items = [LabelledImage(Path(f"{n}"), (regions[t],), f"group-{g}") for n, (t, g) in enumerate(zip(y, groups))]
+    k = min(folds, len(set(groups.tolist())))
+    fold_of = np.asarray(patient_folds(items, k=k, seed=0))
+    current, new = [None] * len(y), [None] * len(y)
+    for fold in np.unique(fold_of):
+        train, test = fold_of != fold, np.flatnonzero(fold_of == fold)
+        for out, (fx, fy) in ((current, (x[train], y[train])),
+                              (new, (np.concatenate([x[train], x_extra]), np.concatenate([y[train], y_extra])))):
+            present = sorted(set(fy.tolist()))
+            if len(present) < 2:
+                continue
+            head = fit_head(fx, [regions[t] for t in fy], [regions[t] for t in present])
+            for row, region in zip(test, head.predict(x[test])):
+                out[row] = region
+    truths = [regions[t] for t in y]
+    return {"n_images": int(len(y)), "folds": int(len(np.unique(fold_of))), "metric": "macro_recall",
+            "new": round(_macro_recall(new, truths, regions), 4),
+            "current": round(_macro_recall(current, truths, regions), 4)}
 
 
-def balanced_accuracy(truth, predicted) -> float:
-    """Mean recall over the regions present in `truth`."""
-    recalls = []
-    for region in sorted(set(truth)):
-        hits = [p == t for t, p in zip(truth, predicted) if t == region]
-        recalls.append(sum(hits) / len(hits))
-    return float(np.mean(recalls)) if recalls else 0.0
+def _macro_recall(predicted, truths, regions) -> float:
+    from radregion.evaluate import summarise
+
+    return float(summarise(predicted, truths, regions, n_boot=0)["macro_recall"])
+
+
+def _patient(datastore, image_id):
+    """PatientID from the image's DICOM header (None for PNG/JPEG: the image is its own patient)."""
+    from radregion.io import read_metadata
+
+    try:
+        return read_metadata(datastore.get_image_uri(image_id)).get("PatientID") or None
+    except Exception:  # an unreadable header: the image is its own group
+        return None
 
 
 def _features(table, ids):
     return table.features[[table.index(i) for i in ids]]
 
 
-def _rows(table, ids, values):
-    return [values[table.index(i)] for i in ids]
-
-
-def _ordered(regions, present):
-    present = set(present)
-    return [r for r in regions if r in present]
+def _count(values) -> dict:
+    out = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _flag(value) -> bool:
