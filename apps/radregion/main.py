@@ -21,15 +21,19 @@ from lib.activelearning.disagreement import Disagreement
 from lib.activelearning.diverse import Diverse
 from lib.activelearning.ood import OutOfDomain
 from lib.activelearning.uncertain import Uncertain
-from lib.config import AppConfig
+from lib.api_token import load_api_token
+from lib.config import SECRET_KEYS, AppConfig, ConfigError
 from lib.context import ModelNotFoundError, RadRegionContext, read_json, write_json
-from lib.errors import install_http_errors
+from lib.errors import AppError, install_http_errors
 from lib.infers.audit_batch import AuditBatchInfer
 from lib.infers.radregion import RadRegionInfer
 from lib.lifecycle import bind_to_server
+from lib.logsafe import install_safe_logging, scrub_log_files
 from lib.model_api import install_model_routes
+from lib.names import is_plain_name, show
 from lib.offload import install_offload
 from lib.scoring.radregion_scores import RadRegionScores
+from lib.security import install_security
 from lib.trainers.radregion import RadRegionTrainer
 
 logger = logging.getLogger(__name__)
@@ -38,7 +42,11 @@ MODEL = "radregion"
 
 class RadRegionApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.app_config = AppConfig.from_conf(conf)
+        try:
+            self.app_config = AppConfig.from_conf(conf)
+        except ConfigError as error:
+            scrub_log_files([conf.get(key) for key in SECRET_KEYS])  # MONAI Label logged the conf already
+            refuse_start(error)
         if self.app_config.threads > 0:
             import torch
 
@@ -46,11 +54,12 @@ class RadRegionApp(MONAILabelApp):
         task_process = bind_to_server()  # a training/scoring child dies with the server
         try:
             self.context = RadRegionContext(self.app_config, studies, server=not task_process)
-        except ModelNotFoundError as error:
-            # an admin's mistake, not a bug: one clear line and exit 2 instead of uvicorn's lifespan traceback
-            logger.error(str(error))
-            print(f"\nERROR: {error}\n", file=sys.stderr, flush=True)
-            os._exit(2)
+            self.api_token, token_source = load_api_token(self.context.state_dir)
+            secrets = [self.api_token, self.app_config.pacs_secret("password"), self.app_config.pacs_secret("token")]
+        except (ModelNotFoundError, ConfigError) as error:
+            refuse_start(error)
+        install_safe_logging(secrets)
+        logger.info(f"API token: {token_source}")
         self._label_lock = threading.Lock()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="RadRegion",
                          description="Anatomical region of every radiograph in the archive", version="1.0")
@@ -71,8 +80,8 @@ class RadRegionApp(MONAILabelApp):
             self.studies.rstrip("/"), self.context.state_dir / "pacs",
             modalities=modalities,
             username=conf.get("username") or os.environ.get("MONAI_LABEL_DATASTORE_USERNAME") or None,
-            password=conf.get("password") or os.environ.get("MONAI_LABEL_DATASTORE_PASSWORD") or None,
-            token=conf.get("token") or None,
+            password=self.app_config.pacs_secret("password"),
+            token=self.app_config.pacs_secret("token"),
             writeback=conf.get("writeback", "off"),
             taxonomy=self.context.taxonomy,
         )
@@ -102,17 +111,23 @@ class RadRegionApp(MONAILabelApp):
         super().server_mode(mode)
         if mode:
             install_http_errors()
+            install_security(self, self.api_token, self.app_config,
+                             dataset_archive=lambda limit: self.datastore().get_dataset_archive(limit))
             install_model_routes(self, MODEL)
             install_offload()  # last: the outermost middleware, every request on a worker thread
 
     def infer(self, request, datastore=None):
+        """Images by datastore id only (query or `params`): never a path. Unknown, malformed and outside ids
+        get the same 404."""
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            datastore = datastore or self.datastore()
-            if not datastore.get_image_uri(image):
-                raise ImageNotFoundException(f"image {image} not found in the datastore")
-            request = {**request, "_image_id": image}
-        return super().infer(request, datastore)
+        if not isinstance(image, str) or not image:
+            raise AppError("no image given: POST /infer/radregion?image=ID" if not image else
+                           "image must be an image id (text)")
+        datastore = datastore or self.datastore()
+        uri = datastore.get_image_uri(image) if is_plain_name(image) else ""
+        if not uri:
+            raise ImageNotFoundException(f"image {show(image)} not found in the datastore")
+        return super().infer({**request, "image": uri, "_image_id": image}, datastore)
 
     def async_scoring(self, method, params=None):
         """MONAI Label rescores after every request; start the (subprocess) scoring only when the current
@@ -143,3 +158,10 @@ class RadRegionApp(MONAILabelApp):
             logger.info(f"{count} new confirmed labels: starting training")
             self.async_training(MODEL, enqueue=True)
         return {"auto_train": {"new_labels": 0 if start else count, "every": every, "started": start}}
+
+
+def refuse_start(error):
+    """An admin's mistake, not a bug: one clear line and exit 2 instead of uvicorn's lifespan traceback."""
+    logger.error(str(error))
+    print(f"\nERROR: {error}\n", file=sys.stderr, flush=True)
+    os._exit(2)

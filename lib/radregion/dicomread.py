@@ -16,7 +16,7 @@ from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, JPEG2000, JPEG2000Lossless
 
 from radregion.errors import RadiographError
-from radregion.pixels import CHUNK_PIXELS, block_mean, shrink_factors, to_unit_range
+from radregion.pixels import CHUNK_PIXELS, block_mean, check_content, check_dimensions, shrink_factors, to_unit_range
 
 PREAMBLE_MAGIC_OFFSET = 128
 # First element tag of a preamble-less file: group 0x0002 (file meta) or 0x0008 (identifying), either byte order.
@@ -140,6 +140,7 @@ def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndar
     """Decoded image, float32 [0, 1], bone bright; and the metadata `fields` the file has."""
     ds = read_header(path, pixels=True)
     check_image(ds, path)
+    check_dimensions(ds.Rows, ds.Columns, path)
     check_pixel_length(ds, path)
     syntax = ds.file_meta.TransferSyntaxUID
     stored = _decode_jpeg2000_reduced(ds, max_size)
@@ -154,7 +155,9 @@ def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndar
     ds._pixel_array = None
     stored = _honour_bits_stored(stored, ds)
     stored = block_mean(stored, shrink_factors(stored.shape, max_size))
-    image = to_unit_range(_apply_luts(stored, ds))
+    image = _apply_luts(stored, ds)
+    check_content(image, path, _lut_values(ds))
+    image = to_unit_range(image)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if (photometric == "MONOCHROME1") != (str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"):
         np.subtract(1.0, image, out=image)
@@ -215,6 +218,12 @@ def _apply_luts(stored: np.ndarray, ds) -> np.ndarray:
         chunk = apply_modality_lut(stored[start : start + step], ds)
         out[start : start + step] = apply_voi_lut(chunk, ds)
     return out
+
+
+def _lut_values(ds) -> str:
+    """How check_content names the values of a DICOM image: after which LUT, with the rescale it used."""
+    rescale = [f"{k} {ds.get(k)}" for k in ("RescaleSlope", "RescaleIntercept") if ds.get(k) is not None]
+    return "pixel values after the modality/VOI LUT" + (f" ({', '.join(rescale)})" if rescale else "")
 
 
 def dicom_meta(ds, fields) -> dict:

@@ -17,7 +17,7 @@ from radregion.dicomread import (
     read_header,
 )
 from radregion.errors import RadiographError
-from radregion.pixels import block_mean, shrink_factors, to_unit_range
+from radregion.pixels import block_mean, check_content, check_dimensions, shrink_factors, to_unit_range
 
 META_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
                "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "ViewPosition",
@@ -228,6 +228,10 @@ def _pillow_name(path: Path) -> str:
 def _open_pillow(path: Path):
     try:
         return Image.open(path)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as handle:
+            size = _png_size(handle.read(24))
+        raise RadiographError(path, f"image too large: {size} pixels" if size else "image too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
 
@@ -235,6 +239,7 @@ def _open_pillow(path: Path):
 def _read_pillow(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
     with _open_pillow(path) as img:
         meta = {"Rows": img.height, "Columns": img.width}
+        check_dimensions(img.height, img.width, path)  # before decoding: a PNG bomb never reaches memory
         try:
             if max_size and img.format == "JPEG":
                 img.draft("L", (max_size, max_size))  # the JPEG decoder shrinks by 1/2..1/8 for free
@@ -251,6 +256,7 @@ def _read_pillow(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
         raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
     meta["BitsStored"] = bits
     array = block_mean(array, shrink_factors(array.shape, max_size))
+    check_content(array, path)
     image = array.astype(np.float32) / 255.0 if bits == 8 else to_unit_range(array)
     return image, meta
 
@@ -275,5 +281,14 @@ def _read_itk(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
     if array.size == 0:
         raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
     meta = {"Rows": int(array.shape[0]), "Columns": int(array.shape[1]), "PixelSpacing": [spacing[1], spacing[0]]}
+    check_dimensions(array.shape[0], array.shape[1], path)
     array = block_mean(np.ascontiguousarray(array), shrink_factors(array.shape, max_size))
+    check_content(array, path)
     return to_unit_range(array.astype(np.float32)), meta
+
+
+def _png_size(head: bytes) -> str:
+    """'W x H' from a PNG's IHDR (the first 24 bytes), '' for anything else."""
+    if len(head) < 24 or not head.startswith(b"\x89PNG"):
+        return ""
+    return f"{int.from_bytes(head[20:24], 'big')} x {int.from_bytes(head[16:20], 'big')}"

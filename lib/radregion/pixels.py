@@ -1,10 +1,43 @@
-"""Pixel-array helpers shared by the readers: integer block-mean downscaling and [0, 1] scaling."""
+"""Pixel-array helpers shared by the readers: integer block-mean downscaling, [0, 1] scaling, and the checks
+that a decoded array can be a radiograph at all (size, shape, content)."""
 
 import math
+import os
 
 import numpy as np
 
+from radregion.errors import RadiographError
+
 CHUNK_PIXELS = 1 << 22  # work on ~4 M pixels at a time so big images never get a full-size float copy
+MIN_SIDE = 32  # a radiograph smaller than this on a side holds nothing to classify (icons, 1x1 placeholders)
+MAX_ASPECT = 10.0  # long side / short side; the longest stitched leg views are about 1:4
+# decoding is refused above this many pixels (a 43 x 43 cm detector at 100 um is 18.5 MP); $RADREGION_MAX_PIXELS
+MAX_PIXELS = int(os.environ.get("RADREGION_MAX_PIXELS", 100_000_000))
+
+
+def check_dimensions(rows: int, columns: int, path) -> None:
+    """Refuse, from the header alone, sizes no radiograph has: too small, degenerate aspect, too many pixels."""
+    rows, columns = int(rows), int(columns)
+    if rows * columns > MAX_PIXELS:
+        raise RadiographError(path, f"image too large: {rows} x {columns} pixels ({rows * columns / 1e6:.0f} MP); "
+                                    f"the limit is {MAX_PIXELS / 1e6:.0f} MP")
+    if min(rows, columns) < MIN_SIDE:
+        raise RadiographError(path, f"image too small: {rows} x {columns} pixels (a radiograph needs at least "
+                                    f"{MIN_SIDE} on each side)")
+    if max(rows, columns) / min(rows, columns) > MAX_ASPECT:
+        raise RadiographError(path, f"degenerate shape: {rows} x {columns} pixels (aspect ratio above "
+                                    f"{MAX_ASPECT:.0f}:1)")
+
+
+def check_content(array: np.ndarray, path, what: str = "pixel values") -> None:
+    """Refuse an array with no image in it: non-finite values (a broken rescale), or one value everywhere."""
+    finite = np.isfinite(array) if array.dtype.kind == "f" else None
+    if finite is not None and not finite.all():
+        share = 1.0 - float(finite.mean())
+        raise RadiographError(path, f"{what} are not numbers ({share:.0%} NaN or infinite)")
+    low, high = array.min(), array.max()
+    if low == high:
+        raise RadiographError(path, f"blank image: every pixel has the value {low.item():g}")
 
 
 def shrink_factors(shape, max_size: int | None) -> tuple[int, int]:

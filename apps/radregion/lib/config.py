@@ -8,7 +8,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
-OTHER_KEYS = ("server_mode", "modalities", "username", "password", "token", "writeback")  # MONAI Label's, PACS
+OTHER_KEYS = ("server_mode", "modalities", "username", "writeback")  # MONAI Label's, PACS
+# secrets never come from --conf: a command line is visible in `ps` and MONAI Label logs its conf
+SECRET_KEYS = {"password": "MONAI_LABEL_DATASTORE_PASSWORD or --conf password_file PATH",
+               "token": "RADREGION_PACS_TOKEN or --conf token_file PATH"}
+
+
+class ConfigError(ValueError):
+    """A --conf option the server cannot start with; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +36,21 @@ class AppConfig:
     diverse_pool: int = 50           # `diverse` picks among this many most uncertain images
     skip_served_s: int = 300         # a strategy does not hand out the same image again within this time
     audit_csv: str = ""              # batch run output; default <state_dir>/audit.csv
+    cors_origins: str = ""           # comma-separated browser origins allowed to call the server (none by default)
+    model_upload: bool = False       # PUT /model/radregion accepted (verified before it is served)
+    max_upload_mb: int = 200         # largest image upload
+    max_label_kb: int = 64           # largest label upload
+    password_file: str = ""          # PACS password, read from this file (else $MONAI_LABEL_DATASTORE_PASSWORD)
+    token_file: str = ""             # PACS bearer token, read from this file (else $RADREGION_PACS_TOKEN)
 
     @classmethod
     def from_conf(cls, conf: dict) -> "AppConfig":
         values = {}
         known = {f.name: f for f in fields(cls)}
         for key, raw in (conf or {}).items():
+            if key in SECRET_KEYS:
+                raise ConfigError(f"--conf {key}: secrets are not taken from the command line (visible in `ps` "
+                                  f"and in the logs); use {SECRET_KEYS[key]}")
             field = known.get(key)
             if field is None:
                 if key not in OTHER_KEYS:
@@ -46,10 +62,25 @@ class AppConfig:
                 try:
                     values[key] = field.type(raw)
                 except ValueError:
-                    raise ValueError(f"--conf {key} {raw!r}: expected a number") from None
+                    raise ConfigError(f"--conf {key} {raw!r}: expected a number") from None
             else:
                 values[key] = str(raw)
         return cls(**values)
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    def pacs_secret(self, key: str) -> str | None:
+        """The PACS `password` or `token`: from its --conf *_file, else from the environment."""
+        file = self.password_file if key == "password" else self.token_file
+        if file:
+            try:
+                return Path(file).expanduser().read_text(encoding="utf-8").strip() or None
+            except OSError as error:
+                raise ConfigError(f"--conf {key}_file {file}: cannot read it ({error.strerror or error})") from None
+        env = "MONAI_LABEL_DATASTORE_PASSWORD" if key == "password" else "RADREGION_PACS_TOKEN"
+        return os.environ.get(env) or None
 
     def state_path(self, studies: str) -> Path:
         if self.state_dir:

@@ -35,8 +35,11 @@ class RequestRejected(ServerError):
         self.detail = detail
 
 
+TOKEN_ENV = "RADREGION_API_TOKEN"
+
+
 class RadRegionClient:
-    """One server: `RadRegionClient("http://127.0.0.1:8000", token=None)`."""
+    """One server: `RadRegionClient("http://127.0.0.1:8000", token=None)`; no token: $RADREGION_API_TOKEN."""
 
     def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30.0):
         url = (url or "").strip()
@@ -48,7 +51,7 @@ class RadRegionClient:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"not a server URL: {url!r} (expected http://host:port)")
         self.url = url.rstrip("/")
-        self.token = token or None
+        self.token = token or os.environ.get(TOKEN_ENV) or None  # the server's API token (writes need it)
         self.timeout = timeout
 
     # -- the routes -------------------------------------------------------------------------------------------

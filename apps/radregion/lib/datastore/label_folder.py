@@ -1,5 +1,6 @@
 """Class labels of a remote datastore, kept locally: <root>/<tag>/<image id>.json, validated and written
-(atomically) exactly as the folder datastore (local.py) does."""
+(atomically) exactly as the folder datastore (local.py) does. Ids and tags are plain names (lib/names.py):
+a label is never read, written or deleted outside <root>."""
 
 import json
 import logging
@@ -8,6 +9,7 @@ from typing import Dict, List, Optional
 
 from radregion.atomic import atomic_write
 
+from ..names import BadNameError, check_name, check_tag, inside
 from .local import LABEL_SUFFIX, parse_label
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,11 @@ class LabelFolder:
         self.taxonomy_fn = taxonomy_fn
 
     def path(self, image_id: str, tag: str) -> Path:
-        return self.root / _tag(tag) / f"{image_id}{LABEL_SUFFIX}"
+        """BadNameError for an id or tag that is not a plain name or leads outside the label folder."""
+        path = self.root / check_tag(tag) / f"{check_name(image_id)}{LABEL_SUFFIX}"
+        if not inside(self.root, path):
+            raise BadNameError(f"invalid image id {image_id!r}")
+        return path
 
     def save(self, image_id: str, label_filename, tag: str, label_info: dict) -> str:
         label = parse_label(image_id, Path(label_filename).read_bytes(), self.taxonomy_fn(),
@@ -44,7 +50,7 @@ class LabelFolder:
     def read(self, image_id: str, tag: str) -> Optional[dict]:
         try:
             return json.loads(self.path(image_id, tag).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, BadNameError):
             return None
         except ValueError:
             logger.warning("%s: unreadable label, ignored", self.path(image_id, tag))
@@ -64,11 +70,14 @@ class LabelFolder:
             json.dump(notes, f, indent=1)
 
     def uri(self, image_id: str, tag: str) -> str:
-        path = self.path(image_id, tag)
-        return str(path) if path.exists() else ""
+        try:
+            path = self.path(image_id, tag)
+        except BadNameError:
+            return ""
+        return str(path) if path.is_file() else ""
 
     def exists(self, image_id: str, tag: str) -> bool:
-        return self.path(image_id, tag).exists()
+        return bool(self.uri(image_id, tag))
 
     def remove(self, image_id: str, tag: str):
         self.path(image_id, tag).unlink(missing_ok=True)
@@ -83,7 +92,7 @@ class LabelFolder:
     def tags(self, image_id: str) -> Dict[str, str]:
         if not self.root.is_dir():
             return {}
-        return {t.name: image_id for t in self.root.iterdir() if t.is_dir() and self.path(image_id, t.name).exists()}
+        return {t.name: image_id for t in self.root.iterdir() if t.is_dir() and self.exists(image_id, t.name)}
 
     def tag_counts(self) -> Dict[str, int]:
         if not self.root.is_dir():

@@ -15,6 +15,7 @@ from radregion.audit.issues import find_label_issues, issue_scores
 from radregion.audit.writer import write_audit_csv
 
 from ..context import read_label
+from ..names import BadNameError, inside, is_plain_name, show
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,9 @@ class AuditBatchInfer(BatchInferTask):
 
     def __call__(self, request, datastore, infer=None):
         start = time.time()
+        path = self.output_path(request.get("output"))
         image_ids = sorted(self.get_images(request, datastore))
         table = self.context.refresh_scores(datastore, image_ids)
-        path = Path(request.get("output") or self.context.config.audit_csv or self.context.state_dir / "audit.csv")
         rows = audit_rows(table, image_ids, datastore)
         write_audit_csv(rows, path)
         flagged = sum(1 for r in rows if r["is_issue"])
@@ -37,6 +38,16 @@ class AuditBatchInfer(BatchInferTask):
                   "model_version": table.version, "seconds": round(time.time() - start, 2)}
         logger.info(f"batch audit: {result}")
         return result
+
+    def output_path(self, requested) -> Path:
+        """The admin's `audit_csv` (or <state_dir>/audit.csv); a request may only name a file in the state folder."""
+        if not requested:
+            return Path(self.context.config.audit_csv or self.context.state_dir / "audit.csv")
+        path = self.context.state_dir / str(requested)
+        if not is_plain_name(requested) or not str(requested).endswith(".csv") or not inside(
+                self.context.state_dir, path):
+            raise BadNameError(f"output {show(requested)}: a .csv file name in the server's state folder")
+        return path
 
 
 def audit_rows(table, image_ids, datastore) -> list:

@@ -1,0 +1,403 @@
+"""The server's security holes (issue 13), each probed on a real `monailabel start_server` as a hospital's IT
+reviewer would: paths outside the studies folder, writes without the token, CORS, secrets in logs, model
+routes, bad uploads, images without content, malformed requests. Every test here failed on the code before.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import dicom_factory
+from fixtures.server import APP_DIR, AUTH, REPO, RadRegionServer, make_studies
+
+TWIN = "twin"  # twin.png and twin.dcm side by side
+NO_CONTENT = {  # file in the studies folder -> words the 422 must contain
+    "blank.png": "blank image",
+    "one_pixel.png": "too small",
+    "sliver.png": "too small",
+    "thin.png": "degenerate shape",
+    "nan_rescale.dcm": "not numbers",
+    "huge.png": "too large",
+}
+
+
+def _png(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _noise(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
+    """Studies with a link pointing out, two files of one stem, images without content; an `outside` folder
+    the server must never touch; the server's own temp folder (TMPDIR) to prove it leaves nothing there."""
+    root = tmp_path_factory.mktemp("security")
+    studies = root / "studies"
+    make_studies(studies, unifesp, real_dicoms)
+    pngs = sorted(studies.glob("*.png"))
+    outside = root / "outside"
+    outside.mkdir()
+    shutil.copy(pngs[0], outside / "secret.png")
+    (outside / "victim.txt").write_text("do not delete")
+    (studies / "linked.png").symlink_to(outside / "secret.png")
+    shutil.copy(pngs[1], studies / f"{TWIN}.png")
+    shutil.copy(real_dicoms[0], studies / f"{TWIN}.dcm")
+    _png(studies / "blank.png", np.zeros((512, 512), np.uint8))
+    _png(studies / "one_pixel.png", np.full((1, 1), 200, np.uint8))
+    _png(studies / "sliver.png", _noise((1, 10000)))
+    _png(studies / "thin.png", _noise((40, 2000)))
+    dicom_factory.write(studies / "nan_rescale.dcm", RescaleSlope="NaN", RescaleIntercept="0")
+    huge = np.zeros((13000, 13000), np.uint8)  # 169 MP, compresses to a small file
+    huge[::97, :] = 255
+    _png(studies / "huge.png", huge)
+    del huge
+    server_tmp = root / "server-tmp"
+    server_tmp.mkdir()
+    model = Path(shutil.copytree(tiny_bundle, root / "model"))
+    server = RadRegionServer(studies, model, log_path=root / "server.log", env={"TMPDIR": str(server_tmp)},
+                             extra_conf={"max_upload_mb": 2})
+    server.root, server.outside, server.tmp, server.pngs = root, outside, server_tmp, pngs
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        print(f"---- server log ({server.log_path}) ----\n{server.log_tail()}")
+
+
+def put_image(server, image_id, name, data, headers=AUTH):
+    params = {"image": image_id} if image_id is not None else {}
+    return requests.put(f"{server.url}/datastore/image", params=params, headers=headers,
+                        files={"file": (name, data, "application/octet-stream")}, timeout=120)
+
+
+def put_label(server, image_id, label, tag="final", headers=AUTH, params=None):
+    data = {"params": params} if params is not None else None
+    return requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": tag}, headers=headers,
+                        data=data, files={"label": ("label.json", label, "application/json")}, timeout=60)
+
+
+def infer(server, image=None, params=None):
+    query = {"output": "json", **({"image": image} if image is not None else {})}
+    data = {"params": params} if params is not None else None
+    return requests.post(f"{server.url}/infer/radregion", params=query, data=data, headers=AUTH, timeout=120)
+
+
+def listing(server):
+    return set(requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"])
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+# ---- nothing outside the studies folder ------------------------------------------------------------------
+
+def test_image_upload_under_a_path_id_writes_nothing_outside(env):
+    png = env.pngs[2].read_bytes()
+    before = files_under(env.root)
+    for image_id in ["../outside/x", str(env.outside / "abs"), "..", ".hidden", "a/b"]:
+        answer = put_image(env, image_id, "x.png", png)
+        assert answer.status_code == 400 and "invalid image id" in answer.json()["detail"], (image_id, answer.text)
+    assert files_under(env.root) == before
+
+
+def test_label_tag_outside_the_labels_folder_is_refused(env):
+    image = env.pngs[0].stem
+    before = files_under(env.root)
+    for tag in ["../../outside/t", str(env.outside / "t"), "..", "a/b"]:
+        answer = put_label(env, image, json.dumps({"region": "Chest"}), tag=tag)
+        assert answer.status_code == 400 and "invalid label tag" in answer.json()["detail"], (tag, answer.text)
+    assert files_under(env.root) == before
+
+
+def test_delete_with_a_path_id_deletes_nothing_outside(env):
+    for image_id in ["../outside/victim", "../outside/victim.txt", str(env.outside / "victim.txt")]:
+        answer = requests.delete(f"{env.url}/datastore/image", params={"id": image_id}, headers=AUTH, timeout=60)
+        assert 400 <= answer.status_code < 500, answer.text
+        answer = requests.delete(f"{env.url}/datastore/label", params={"id": image_id, "tag": "final"},
+                                 headers=AUTH, timeout=60)
+        assert 400 <= answer.status_code < 500, answer.text
+    assert (env.outside / "victim.txt").read_text() == "do not delete"
+
+
+def test_a_link_pointing_out_of_the_studies_folder_is_not_an_image(env):
+    assert "linked" not in listing(env)
+    assert requests.get(f"{env.url}/datastore/image", params={"image": "linked"}, timeout=60).status_code == 404
+    assert infer(env, "linked").status_code == 404
+    answer = requests.delete(f"{env.url}/datastore/image", params={"id": "linked"}, headers=AUTH, timeout=60)
+    assert answer.status_code == 404
+    assert (env.outside / "secret.png").is_file() and (env.root / "studies" / "linked.png").is_symlink()
+
+
+def test_infer_takes_ids_only_and_answers_one_message_for_everything_unknown(env):
+    outside_png = str(env.outside / "secret.png")
+    probes = {"/etc/passwd": infer(env, "/etc/passwd"), "../../x": infer(env, "../../x"),
+              outside_png: infer(env, outside_png), "no-such-image": infer(env, "no-such-image"),
+              "/no/such/file.png": infer(env, "/no/such/file.png")}
+    probes["params"] = infer(env, "no-such-image", params=json.dumps({"image": outside_png}))
+    for probe, answer in probes.items():
+        assert answer.status_code == 404, (probe, answer.text)
+        assert set(answer.json()) == {"detail", "error"}, answer.text
+        assert answer.json()["detail"].endswith("not found in the datastore"), answer.text
+    real = infer(env, env.pngs[0].stem)
+    assert real.status_code == 200 and real.json()["prediction"], real.text
+
+
+def test_session_uploads_that_unpack_archives_are_off(env):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = b"escaped"
+        member = tarfile.TarInfo("../../../escaped.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    before = files_under(env.root)
+    answer = requests.put(f"{env.url}/session/", params={"uncompress": "true"}, headers=AUTH,
+                          files={"files": ("x.tar.gz", buffer.getvalue())}, timeout=60)
+    assert answer.status_code == 403 and "sessions are off" in answer.json()["detail"]
+    assert files_under(env.root) == before and not (APP_DIR / "escaped.txt").exists()
+
+
+def test_batch_run_writes_its_csv_only_in_the_state_folder(env):
+    target = env.outside / "audit.csv"
+    answer = requests.post(f"{env.url}/batch/infer/radregion", params={"run_sync": "true"}, headers=AUTH,
+                           json={"output": str(target)}, timeout=300)
+    assert answer.status_code == 400, answer.text
+    assert not target.exists()
+
+
+# ---- the token, CORS, secrets ---------------------------------------------------------------------------
+
+def test_every_write_needs_the_token(env):
+    image = env.pngs[0].stem
+    label = json.dumps({"region": "Chest"})
+    wrong = {"Authorization": "Bearer wrong-token-of-some-length"}
+    calls = [
+        lambda h: put_label(env, image, label, headers=h),
+        lambda h: requests.delete(f"{env.url}/datastore/label", params={"id": image, "tag": "final"}, headers=h),
+        lambda h: requests.delete(f"{env.url}/datastore/image", params={"id": image}, headers=h),
+        lambda h: put_image(env, "new-id", "x.png", env.pngs[3].read_bytes(), headers=h),
+        lambda h: requests.post(f"{env.url}/train/radregion", params={"run_sync": "true"}, headers=h, timeout=60),
+        lambda h: requests.delete(f"{env.url}/train/", headers=h, timeout=60),
+        lambda h: requests.post(f"{env.url}/scoring/radregion_scores", headers=h, timeout=60),
+        lambda h: requests.post(f"{env.url}/infer/radregion", params={"image": image}, headers=h, timeout=60),
+        lambda h: requests.put(f"{env.url}/model/radregion", files={"file": ("m.safetensors", b"x")}, headers=h,
+                               timeout=60),
+        lambda h: requests.get(f"{env.url}/model/radregion", headers=h, timeout=60),
+        lambda h: requests.get(f"{env.url}/logs/", headers=h, timeout=60),
+        lambda h: requests.get(f"{env.url}/datastore/dataset", headers=h, timeout=60),
+    ]
+    for n, call in enumerate(calls):
+        for headers in ({}, wrong, {"Authorization": AUTH["Authorization"].replace("Bearer", "Basic")}):
+            answer = call(headers)
+            assert answer.status_code == 401, (n, headers, answer.text)
+            assert answer.headers.get("WWW-Authenticate") == "Bearer"
+    assert image in listing(env), "nothing was deleted"
+    assert requests.get(f"{env.url}/info/", timeout=60).status_code == 200, "reads stay open on loopback"
+
+
+def test_model_cannot_be_replaced_deleted_or_downloaded_without_the_admin(env):
+    weights = env.model / "model.safetensors"
+    before = weights.read_bytes()
+    published = env.studies / ".radregion" / "model" / "model.safetensors"
+    served = published.read_bytes()
+    answer = requests.put(f"{env.url}/model/radregion", headers=AUTH, timeout=60,
+                          files={"file": ("model.safetensors", b"not weights")})
+    assert answer.status_code == 403 and "model upload over REST is off" in answer.json()["detail"]
+    answer = requests.delete(f"{env.url}/model/radregion", headers=AUTH, timeout=60)
+    assert answer.status_code == 403
+    assert weights.read_bytes() == before and published.read_bytes() == served
+    assert requests.get(f"{env.url}/model/radregion", timeout=60).status_code == 401
+
+
+def test_cors_allows_no_origin_by_default(env):
+    evil = "https://evil.example"
+    answer = requests.get(f"{env.url}/info/", headers={"Origin": evil, "Cookie": "a=b"}, timeout=60)
+    assert "access-control-allow-origin" not in {k.lower() for k in answer.headers}
+    preflight = requests.options(f"{env.url}/datastore/label", timeout=60, headers={
+        "Origin": evil, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.headers.get("access-control-allow-origin") not in (evil, "*")
+    assert "access-control-allow-credentials" not in {k.lower() for k in preflight.headers}
+
+
+def small_studies(env, folder) -> Path:
+    folder.mkdir()
+    for png in env.pngs[:2]:
+        shutil.copy(png, folder / png.name)
+    return folder
+
+
+def test_a_password_on_the_command_line_is_refused_and_never_logged(env, tiny_bundle, tmp_path):
+    secret = f"pacs-secret-{os.getpid()}-{time.time_ns()}"
+    server = RadRegionServer(small_studies(env, tmp_path / "studies"), tiny_bundle, log_path=tmp_path / "server.log",
+                             extra_conf={"password": secret})
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start()
+    log = server.log_path.read_text(errors="replace")
+    assert "MONAI_LABEL_DATASTORE_PASSWORD" in log and "password_file" in log
+    assert secret not in (APP_DIR / "logs" / "app.log").read_text(errors="replace"), "GET /logs/ serves app.log"
+
+
+def test_off_loopback_every_request_needs_the_token_which_is_generated_into_an_admin_only_file(
+        env, tiny_bundle, tmp_path):
+    state = tmp_path / "state"
+    server = RadRegionServer(small_studies(env, tmp_path / "studies"), tiny_bundle, host="0.0.0.0",
+                             log_path=tmp_path / "server.log", env={"RADREGION_API_TOKEN": None},
+                             extra_conf={"state_dir": state, "cors_origins": "https://viewer.example"})
+    token_file = state / "api_token"
+    try:
+        server.launch()
+        deadline = time.monotonic() + 240
+        while not token_file.exists() and server.running and time.monotonic() < deadline:
+            time.sleep(0.5)
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        server.auth = {"Authorization": f"Bearer {token}"}
+        server._wait_ready()
+        log = server.log_path.read_text(errors="replace")
+        assert str(token_file) in log and token not in log
+        for path in ("/info/", "/datastore/", "/datastore/image?image=" + env.pngs[0].stem):
+            assert requests.get(f"{server.url}{path}", timeout=60).status_code == 401, path
+        assert requests.get(f"{server.url}/info/", headers=server.auth, timeout=60).status_code == 200
+        allowed = requests.get(f"{server.url}/info/", timeout=60,
+                               headers={**server.auth, "Origin": "https://viewer.example"})
+        assert allowed.headers.get("access-control-allow-origin") == "https://viewer.example"
+    finally:
+        server.stop()
+
+
+# ---- uploads ---------------------------------------------------------------------------------------------
+
+def test_bad_uploads_are_refused_before_they_are_stored_and_leave_no_temp_file(env):
+    png = env.pngs[3].read_bytes()
+    bomb = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(bomb, format="PNG")  # 400 MP of zeros in a few hundred KB
+    temp_before = files_under(env.tmp)
+    studies_before = files_under(env.studies)
+    bad = {
+        "text.png": (b"this is not an image\n" * 10, 422, "not PNG"),
+        "empty.png": (b"", 422, "empty file"),
+        "truncated.png": (png[: len(png) // 3], 422, "unreadable PNG"),
+        "zeros.dcm": (bytes(1 << 20), 422, "not a DICOM file"),
+        "bomb.png": (bomb.getvalue(), 422, "too large"),
+        "big.dcm": (bytes(3 << 20), 413, "too large"),
+    }
+    for name, (data, status, words) in bad.items():
+        answer = put_image(env, Path(name).stem + "-upload", name, data)
+        assert answer.status_code == status and words in answer.json()["detail"], (name, answer.text)
+        assert str(env.tmp) not in answer.text
+    assert files_under(env.studies) == studies_before
+    assert files_under(env.tmp) == temp_before, "MONAI Label's temp copies of refused uploads are removed"
+
+
+def test_an_upload_never_replaces_an_image_and_twins_are_two_images(env):
+    original = env.pngs[4]
+    before = original.read_bytes()
+    answer = put_image(env, original.stem, "other.png", env.pngs[5].read_bytes())
+    assert answer.status_code == 409 and "already exists" in answer.json()["detail"]
+    assert original.read_bytes() == before
+    ids = listing(env)
+    assert {TWIN, f"{TWIN}.dcm"} <= ids or {TWIN, f"{TWIN}.png"} <= ids, sorted(ids)
+    bodies = {requests.get(f"{env.url}/datastore/image", params={"image": i}, timeout=60).content
+              for i in ids if i.startswith(TWIN)}
+    assert bodies == {(env.studies / f"{TWIN}.png").read_bytes(), (env.studies / f"{TWIN}.dcm").read_bytes()}
+    fresh = put_image(env, "fresh-upload", "fresh.png", env.pngs[5].read_bytes())
+    assert fresh.status_code == 200 and (env.studies / "fresh-upload.png").read_bytes() == env.pngs[5].read_bytes()
+
+
+def test_label_size_is_limited(env):
+    image = env.pngs[0].stem
+    big_comment = json.dumps({"region": "Chest", "comment": "x" * (20 << 20)})
+    answer = put_label(env, image, big_comment)
+    assert answer.status_code == 413, answer.text
+    answer = put_label(env, image, json.dumps({"region": "Chest", "comment": "x" * 10000}))
+    assert answer.status_code == 422 and "comment too long" in answer.json()["detail"]
+
+
+def test_dataset_export_leaves_no_zip_behind(env):
+    image = env.pngs[6].stem
+    assert put_label(env, image, json.dumps({"region": "Knee"})).status_code == 200
+    before = files_under(env.tmp)
+    answer = requests.get(f"{env.url}/datastore/dataset", headers=AUTH, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert any(name.endswith(".json") for name in zipfile.ZipFile(io.BytesIO(answer.content)).namelist())
+    time.sleep(0.5)  # the removal runs after the response is sent
+    assert files_under(env.tmp) == before
+
+
+# ---- images with no content ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(NO_CONTENT))
+def test_images_without_content_answer_422_naming_the_problem(env, name):
+    image_id = Path(name).stem
+    answer = infer(env, image_id)
+    assert answer.status_code == 422, answer.text
+    assert NO_CONTENT[name] in answer.json()["problem"], answer.text
+    assert answer.json()["image"] == image_id
+
+
+# ---- malformed requests ----------------------------------------------------------------------------------
+
+def test_malformed_requests_answer_4xx_with_a_message(env):
+    image = env.pngs[0].stem
+    answers = {
+        "params not JSON": infer(env, image, params="{not json"),
+        "params a list": infer(env, image, params="[1, 2]"),
+        "params a number": infer(env, image, params="5"),
+        "params image not text": infer(env, image, params=json.dumps({"image": ["a"]})),
+        "no image": infer(env),
+        "label params not JSON": put_label(env, image, json.dumps({"region": "Chest"}), params="{oops"),
+        "label nested 100000 deep": put_label(env, image, "[" * 100000 + "]" * 100000),
+        "label nested 10000 deep": put_label(env, image, '{"region": ' * 5000 + '"Chest"' + "}" * 5000),
+        "label info not JSON": requests.put(f"{env.url}/datastore/label/info", headers=AUTH, timeout=60,
+                                            params={"label": image, "tag": "final"}, data={"info": "{x"}),
+    }
+    for what, answer in answers.items():
+        assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text)
+        assert answer.json().get("detail"), (what, answer.text)
+
+
+def test_ids_are_escaped_in_the_log(env):
+    forged = "x\n[2026-01-01 00:00:00] [1] [MainThread] [INFO] (forged:1) - FORGED LINE"
+    for image_id in (forged, "nul\x00byte"):
+        put_label(env, image_id, json.dumps({"region": "Chest"}))
+        infer(env, image_id)
+    time.sleep(0.5)
+    log = env.log_path.read_text(errors="replace")
+    assert not any(line.startswith("[2026-01-01") for line in log.splitlines())
+    assert "\x00" not in log
+
+
+# ---- how the server is started -------------------------------------------------------------------------
+
+def test_every_documented_start_command_binds_loopback():
+    dry = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True)
+    assert "--host 127.0.0.1" in dry.stdout, dry.stdout + dry.stderr
+    for doc in [REPO / "README.md", APP_DIR / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for command in re.findall(r"monailabel start_server(?:[^\n]*\\\n)*[^\n]*", text):
+            assert "--host 127.0.0.1" in command, (doc.name, command)
+
+
+def test_app_readme_and_pacs_doc_describe_the_security_model():
+    for doc in (APP_DIR / "README.md", REPO / "docs" / "pacs.md"):
+        text = doc.read_text()
+        assert "## Security model" in text, doc
+        for words in ("RADREGION_API_TOKEN", "Authorization: Bearer", "api_token", "TLS", "cors_origins"):
+            assert words in text, (doc.name, words)
