@@ -82,14 +82,15 @@ def main():
             os.environ["RADREGION_CACHE"] = str(root / "image-cache")  # nor a cleaned image from an earlier run
             state = root / "state"
             server = RadRegionServer(pacs.dicomweb_url, model, log_path=root / "server.log", extra_conf={
-                "state_dir": state, "username": pacs.username, "password": pacs.password}).start()
+                "state_dir": state, "username": pacs.username},
+                env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password}).start()
             first, cached, prefetched = {}, {}, 0
             for sop in sorted(kind):
                 prefetched += any(state.rglob(f"{sop}.dcm"))
                 for bucket in (first, cached):
                     start = time.perf_counter()
                     answer = requests.post(f"{server.url}/infer/radregion", params={"image": sop, "output": "json"},
-                                           timeout=600)
+                                           timeout=600, headers=server.auth)
                     answer.raise_for_status()
                     bucket.setdefault(kind[sop], []).append(time.perf_counter() - start)
 

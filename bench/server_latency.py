@@ -49,7 +49,10 @@ def distinct_copies(source: Path, folder: Path, n: int, stem: str) -> list:
 
 def timed_infer(session, url, image_id):
     start = time.perf_counter()
-    answer = session.post(f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300)
+    from fixtures.server import AUTH  # the API token the benchmark's servers get
+
+    answer = session.post(f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300,
+                          headers=AUTH)
     elapsed = time.perf_counter() - start
     if answer.status_code != 200:
         raise RuntimeError(f"{image_id}: HTTP {answer.status_code} {answer.text[:200]}")

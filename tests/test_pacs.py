@@ -232,7 +232,8 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
 
     state = tmp_path / "state"
     server = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "server.log", extra_conf={
-        "state_dir": state, "username": pacs.username, "password": pacs.password, "writeback": "stow"})
+        "state_dir": state, "username": pacs.username, "writeback": "stow"},
+        env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password})  # secrets never on the command line
     api = server.url
     images = sorted(set(pacs.stored) - {pacs.mammo})
     wrong_knee, abdomen = list(pacs.truth)[1], list(pacs.truth)[3]
@@ -246,7 +247,8 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
 
         local = dict(zip(images, Predictor(tiny_bundle, workers=0).predict([pacs.paths[s] for s in images])))
         for sop in images:  # through DICOMweb, the same answers as the engine on the uploaded files
-            answer = requests.post(f"{api}/infer/radregion", params={"image": sop, "output": "json"}, timeout=300)
+            answer = requests.post(f"{api}/infer/radregion", params={"image": sop, "output": "json"}, timeout=300,
+                                   headers=server.auth)
             assert answer.status_code == 200, answer.text
             result = answer.json()
             assert (result["region"], result["pacs_label"]) == (local[sop].region, local[sop].pacs_label)
@@ -258,10 +260,11 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
 
         for sop, region in ((wrong_knee, "Knee"), (abdomen, "Abdomen")):
             answer = requests.put(f"{api}/datastore/label", params={"image": sop, "tag": "final"}, timeout=120,
+                                  headers=server.auth,
                                   files={"label": ("l.json", json.dumps({"region": region, "annotator": "e2e"}))})
             assert answer.status_code == 200, answer.text
         bad = requests.put(f"{api}/datastore/label", params={"image": abdomen, "tag": "final"}, timeout=60,
-                           files={"label": ("l.json", json.dumps({"region": "Abdomenn"}))})
+                           headers=server.auth, files={"label": ("l.json", json.dumps({"region": "Abdomenn"}))})
         assert bad.status_code == 422 and "Abdomen" in bad.text
 
         # restart both ends
@@ -292,7 +295,8 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         next(state.rglob(f"{uncached}.dcm")).unlink()
         pacs.stop(kill=True)
         assert requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60).status_code == 200
-        answer = requests.post(f"{api}/infer/radregion", params={"image": images[0], "output": "json"}, timeout=300)
+        answer = requests.post(f"{api}/infer/radregion", params={"image": images[0], "output": "json"}, timeout=300,
+                               headers=server.auth)
         assert answer.status_code == 200, answer.text
         down = requests.get(f"{api}/datastore/image", params={"image": uncached}, timeout=120)
         assert down.status_code == 502 and pacs.dicomweb_url in down.json()["detail"], down.text

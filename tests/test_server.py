@@ -5,13 +5,14 @@ training, bad files, restarts and concurrent clients.
 """
 
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from fixtures.server import EXTENSIONLESS_DICOM, start_server
+from fixtures.server import AUTH, EXTENSIONLESS_DICOM, start_server
 
 SWAP = {"Chest": "Knee", "Knee": "Chest", "Abdomen": "Pelvis", "Pelvis": "Abdomen"}
 RESULT_KEYS = {"prediction", "region", "confidence", "ood_score", "out_of_domain", "pacs_label", "agrees_with_pacs",
@@ -19,13 +20,14 @@ RESULT_KEYS = {"prediction", "region", "confidence", "ood_score", "out_of_domain
 
 
 def infer(server, image_id, expect=200):
-    answer = requests.post(f"{server.url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=120)
+    answer = requests.post(f"{server.url}/infer/radregion", headers=AUTH,
+                           params={"image": image_id, "output": "json"}, timeout=120)
     assert answer.status_code == expect, answer.text
     return answer.json()
 
 
 def save_label(server, image_id, label, expect=200):
-    answer = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "final"},
+    answer = requests.put(f"{server.url}/datastore/label", headers=AUTH, params={"image": image_id, "tag": "final"},
                           files={"label": ("label.json", json.dumps(label), "application/json")}, timeout=60)
     assert answer.status_code == expect, answer.text
     return answer.json()
@@ -50,13 +52,13 @@ def wait_for_scores(server, timeout=240):
         scores = info["scores"]
         if scores["model_version"] == info["model_version"] and scores["images"] + scores["unreadable"] >= total:
             return info
-        requests.post(f"{server.url}/scoring/radregion_scores", timeout=60)  # 429 while one runs: fine
+        requests.post(f"{server.url}/scoring/radregion_scores", headers=AUTH, timeout=60)  # 429 while one runs: fine
         time.sleep(1)
     raise AssertionError(f"scores not ready after {timeout} s; log:\n{server.log_tail()}")
 
 
 def next_image(server, strategy):
-    answer = requests.post(f"{server.url}/activelearning/{strategy}", json={}, timeout=60)
+    answer = requests.post(f"{server.url}/activelearning/{strategy}", headers=AUTH, json={}, timeout=60)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -170,7 +172,8 @@ def test_unknown_region_is_422_with_the_valid_names(radregion_server):
     answer = save_label(radregion_server, image_id, {"region": "Elbw"}, expect=422)
     assert "Elbw" in answer["detail"] and "Elbow" in answer["valid_regions"]
     assert save_label(radregion_server, image_id, "not json", expect=422)["detail"]
-    answer = requests.put(f"{radregion_server.url}/datastore/label", params={"image": image_id, "tag": "final"},
+    answer = requests.put(f"{radregion_server.url}/datastore/label", headers=AUTH,
+                          params={"image": image_id, "tag": "final"},
                           files={"label": ("label.json", b"{oops")}, timeout=60)
     assert answer.status_code == 422 and "not JSON" in answer.json()["detail"]
     assert requests.get(f"{radregion_server.url}/datastore/label", params={"label": image_id, "tag": "final"},
@@ -180,13 +183,15 @@ def test_unknown_region_is_422_with_the_valid_names(radregion_server):
 
 def test_train_publishes_a_new_head_that_infer_uses(radregion_server):
     before = model_info(radregion_server)["model_version"]
-    answer = requests.post(f"{radregion_server.url}/train/radregion", params={"run_sync": "true"}, timeout=300)
+    answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
+                           params={"run_sync": "true"}, timeout=300)
     assert answer.status_code == 422 and "at least" in answer.json()["detail"]  # 1 in-domain label: refused
     assert model_info(radregion_server)["model_version"] == before
     # swapped regions: the current model is wrong on every one, a head fitted on them is not
     for image_id, region in radregion_server.truth.items():
         save_label(radregion_server, image_id, {"region": SWAP[region], "annotator": "trainer"})
-    answer = requests.post(f"{radregion_server.url}/train/radregion", params={"run_sync": "true"}, timeout=300)
+    answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
+                           params={"run_sync": "true"}, timeout=300)
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert result["published"] is True, result
@@ -216,7 +221,8 @@ def test_train_keeps_the_model_when_validation_gets_worse(radregion_server):
     results = []
     for _ in range(2):
         before = model_info(radregion_server)["model_version"]
-        answer = requests.post(f"{radregion_server.url}/train/radregion", params={"run_sync": "true"}, timeout=300)
+        answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
+                               params={"run_sync": "true"}, timeout=300)
         assert answer.status_code == 200, answer.text
         results.append((before, answer.json()))
     kept = [(before, r) for before, r in results if not r["published"]]
@@ -232,7 +238,7 @@ def test_train_keeps_the_model_when_validation_gets_worse(radregion_server):
 def test_batch_run_writes_the_audit_csv(radregion_server):
     import csv
 
-    answer = requests.post(f"{radregion_server.url}/batch/infer/radregion",
+    answer = requests.post(f"{radregion_server.url}/batch/infer/radregion", headers=AUTH,
                            params={"images": "all", "run_sync": "true"}, timeout=300)
     assert answer.status_code == 200, answer.text
     result = answer.json()
@@ -253,15 +259,22 @@ def test_corrupt_or_unsupported_files_are_4xx_and_the_server_keeps_serving(radre
     url = radregion_server.url
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)
-    answer = requests.put(f"{url}/datastore/image", params={"image": "broken"},
+    answer = requests.put(f"{url}/datastore/image", headers=AUTH, params={"image": "broken"},
                           files={"file": ("broken.png", bad.read_bytes())}, timeout=60)
-    assert answer.status_code == 200, answer.text
-    answer = requests.post(f"{url}/infer/radregion", params={"image": "broken", "output": "json"}, timeout=60)
+    assert answer.status_code == 422 and answer.json()["image"] == "broken", answer.text  # decoded before stored
+    assert "unreadable PNG" in answer.json()["problem"]
+    shutil.copy(bad, radregion_server.studies / "broken.png")  # put there by hand: found unusable at inference
+    radregion_server.get_json("/datastore/?output=stats")
+    deadline = time.monotonic() + 30
+    while (answer := requests.post(f"{url}/infer/radregion", headers=AUTH, timeout=60,
+                                   params={"image": "broken", "output": "json"})).status_code == 404:
+        assert time.monotonic() < deadline, "the datastore never listed broken.png"
+        time.sleep(0.5)
     assert answer.status_code == 422 and answer.json()["image"] == "broken", answer.text
     assert answer.json()["problem"]
-    answer = requests.put(f"{url}/datastore/image", files={"file": ("notes.txt", b"hello")}, timeout=60)
-    assert answer.status_code == 422 and "unsupported" in answer.json()["detail"], answer.text
-    answer = requests.post(f"{url}/infer/radregion", params={"output": "json"},
+    answer = requests.put(f"{url}/datastore/image", headers=AUTH, files={"file": ("notes.txt", b"hello")}, timeout=60)
+    assert answer.status_code == 422 and "unknown format" in answer.json()["detail"], answer.text
+    answer = requests.post(f"{url}/infer/radregion", headers=AUTH, params={"output": "json"},
                            files={"file": ("notes.txt", b"not an image")}, timeout=60)
     assert 400 <= answer.status_code < 500 and answer.json()["detail"], answer.text
     assert infer(radregion_server, "nope", expect=404)["detail"]
@@ -296,7 +309,7 @@ def test_eight_concurrent_clients(radregion_server):
         out = []
         for k in range(25):
             image_id = ids[(n + k) % len(ids)]
-            answer = session.post(f"{radregion_server.url}/infer/radregion",
+            answer = session.post(f"{radregion_server.url}/infer/radregion", headers=AUTH,
                                   params={"image": image_id, "output": "json"}, timeout=120)
             out.append((answer.status_code, image_id, answer.json().get("region")))
         return out
@@ -318,10 +331,12 @@ def test_concurrent_label_saves_and_deletes_never_fail(radregion_server):
     def churn(image_id):
         session, statuses = requests.Session(), []
         for k in range(10):
-            answer = session.put(f"{radregion_server.url}/datastore/label", params={"image": image_id, "tag": "final"},
+            answer = session.put(f"{radregion_server.url}/datastore/label", headers=AUTH,
+                                 params={"image": image_id, "tag": "final"},
                                  files={"label": ("label.json", json.dumps({"region": "Chest"}))}, timeout=120)
             statuses.append(answer.status_code)
-            answer = session.delete(f"{radregion_server.url}/datastore/label", params={"id": image_id, "tag": "final"},
+            answer = session.delete(f"{radregion_server.url}/datastore/label", headers=AUTH,
+                                    params={"id": image_id, "tag": "final"},
                                     timeout=120)
             statuses.append(answer.status_code)
         return statuses
