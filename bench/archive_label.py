@@ -5,14 +5,13 @@ and validate a built-in taxonomy. A PACS listing of 100,000 instances is labelle
 """
 
 import argparse
-import sys
+import csv
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_archive_label import TABLE  # noqa: E402  the realistic header strings of the tests
+from radregion.taxonomy import Taxonomy, load_taxonomy
 
-from radregion.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
+HEADERS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "archive_headers.csv"  # the tests' strings
 
 
 def main() -> None:
@@ -28,7 +27,8 @@ def main() -> None:
         Taxonomy.from_dict(definition)
     print(f"load + validate {taxonomy.name}: {(time.perf_counter() - start) / 20 * 1000:.1f} ms")
 
-    texts = [row[0] for row in TABLE]
+    with open(HEADERS, newline="", encoding="utf-8") as handle:
+        texts = [row["text"] for row in csv.DictReader(handle)]
     records = [{"BodyPartExamined": texts[i % len(texts)], "StudyDescription": texts[(i * 7) % len(texts)],
                 "SeriesDescription": texts[(i * 13) % len(texts)], "ProtocolName": texts[(i * 29) % len(texts)]}
                for i in range(args.records)]

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from radregion.audit import issues  # noqa: E402
-from radregion.audit.oof import bundle_features, out_of_fold_probabilities, patient_fold_ids  # noqa: E402
+from radregion.cache import bundle_features  # noqa: E402
+from radregion.validation import label_set_fold_ids, out_of_fold_probabilities  # noqa: E402
 from radregion.audit.pipeline import audit_regions, combine_ood  # noqa: E402
 from radregion.bundle import load_bundle  # noqa: E402
 from radregion.datasets import read_labels_csv  # noqa: E402
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             rng = np.random.default_rng(seed)
             noisy, truth = flip_labels(clean, present, rate, rng)
-            folds = patient_fold_ids(noisy, patients, paths, k=args.folds, seed=seed)
+            folds = label_set_fold_ids(noisy, patients, paths, k=args.folds, seed=seed)
             probs = np.mean([out_of_fold_probabilities(f, noisy, regions, folds) for f in feats], axis=0)
             given = issues.primary_labels([[regions.index(r) for r in labels] for labels in noisy], probs)
             for method in issues.METHODS:

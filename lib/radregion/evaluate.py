@@ -32,6 +32,14 @@ def _macro(recalls: dict) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def macro_recall(predicted, truths, regions=None) -> float:
+    """Mean per-region recall over `regions` (default: every region in `truths`) that have images; a prediction
+    of None is wrong. `truths`: a region name or a tuple of them per image."""
+    truths = [tuple(t) if not isinstance(t, str) else (t,) for t in truths]
+    regions = sorted({r for t in truths for r in t}) if regions is None else regions
+    return _macro(_recalls(_correct(predicted, truths), truths, regions))
+
+
 def summarise(predicted, truths, regions, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """top1, macro_recall, per_region_recall (+ counts), and bootstrap 95% CIs of top1 and macro recall."""
     truths = [tuple(t) if not isinstance(t, str) else (t,) for t in truths]

@@ -12,8 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from radregion.audit import issues as label_issues
-from radregion.audit.oof import (bundle_features, can_fit_out_of_fold, out_of_fold_probabilities,
-                                 patient_fold_ids)
+from radregion.cache import bundle_features
+from radregion.validation import can_fit_out_of_fold, label_set_fold_ids, out_of_fold_probabilities
 from radregion.audit.result import AuditResult
 from radregion.errors import RadiographError
 
@@ -120,7 +120,7 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
     in_domain = [tuple(r for r in labels if r in regions) for labels in given]
 
     use_oof = can_fit_out_of_fold(in_domain)
-    fold_ids = patient_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
+    fold_ids = label_set_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
     probs, ood_scores, thresholds = [], [], []
     for bundle, feats in zip(bundles, features_per_bundle):
         feats = feats[rows]
