@@ -401,3 +401,19 @@ def test_app_readme_and_pacs_doc_describe_the_security_model():
         assert "## Security model" in text, doc
         for words in ("RADREGION_API_TOKEN", "Authorization: Bearer", "api_token", "TLS", "cors_origins"):
             assert words in text, (doc.name, words)
+
+
+def test_a_pacs_image_id_cannot_name_a_file_outside_its_cache(tmp_path):
+    """DICOMweb datastore: the id is a file name in the image cache (and part of a WADO-RS URL)."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore.dicomweb import RadRegionDICOMwebDatastore
+    from lib.names import BadNameError
+
+    outside = tmp_path / "outside.dcm"
+    dicom_factory.write(outside)
+    store = RadRegionDICOMwebDatastore("http://127.0.0.1:9", tmp_path / "cache", retries=0)
+    for image_id in ("../../outside", str(tmp_path / "outside"), "a/b", "x\ny"):
+        with pytest.raises(BadNameError):
+            store.get_image_uri(image_id)

@@ -20,6 +20,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from radregion.atomic import atomic_write
 from radregion.errors import RadiographError
 
+from ..names import check_name
 from .label_folder import LabelFolder, read_json
 from .pacs_http import PACSError, describe, pacs_session
 from ..writeback import WRITEBACK_MARKER, WriteBack
@@ -192,7 +193,7 @@ class RadRegionDICOMwebDatastore(Datastore):
         return self._index
 
     def cached_path(self, image_id: str) -> Path:
-        return self.image_dir / f"{image_id}.dcm"
+        return self.image_dir / f"{check_name(image_id)}.dcm"  # a plain name: no path out of the cache, no URL
 
     def fetch(self, image_id: str) -> Path:
         """The cached .dcm of an instance; WADO-RS on the first call."""
