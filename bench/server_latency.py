@@ -1,6 +1,7 @@
 """Server latency: p50/p95 of `POST /infer/radregion` for a PNG and a 2k x 2k JPEG 2000 DICOM (cold = the image
-was never decoded, warm = cleaned image in the image cache), throughput with 8 concurrent clients, and the server's
-overhead per image against the engine's Predictor (what `radregion predict` runs) on the same files.
+was never decoded, warm = cleaned image in the image cache), throughput and p95 with 1 and 8 concurrent clients,
+each with and without label saves running at the same time (one client saving labels back to back), and the
+server's overhead per image against the engine's Predictor (what `radregion predict` runs) on the same files.
 
     .venv/bin/python bench/server_latency.py [--model BUNDLE] [--requests 30] [--clients 8] [--per-client 25]
 
@@ -14,6 +15,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +49,16 @@ def distinct_copies(source: Path, folder: Path, n: int, stem: str) -> list:
     return out
 
 
+def session_with_token():
+    import requests
+
+    from fixtures.server import AUTH
+
+    session = requests.Session()
+    session.headers.update(AUTH)  # every POST needs the API token
+    return session
+
+
 def timed_infer(session, url, image_id):
     start = time.perf_counter()
     from fixtures.server import AUTH  # the API token the benchmark's servers get
@@ -67,8 +79,6 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=25)
     args = parser.parse_args()
-
-    import requests
 
     from fixtures.bundle import bench_model
     from fixtures.server import start_server
@@ -93,7 +103,7 @@ def main():
             model_dir = studies / ".radregion" / "model"
             engine = Predictor(model_dir, workers=0, cache=True)  # as the server: through the image cache
             engines = {"cold": engine, "warm": engine}
-            session = requests.Session()
+            session = session_with_token()
             timed_infer(session, server.url, "png000")  # first request: lazy imports, model warm-up
             list(engine.predict([pngs[0]]))
 
@@ -118,18 +128,14 @@ def main():
                       f"{statistics.median([(a - b) * 1000 for a, b in pairs]):>10.1f}")
 
             ids = [f.stem for f in pngs[:8]] + [f.stem for f in dicoms[:8]]
-
-            def client(c):
-                s = requests.Session()
-                return [timed_infer(s, server.url, ids[(c + k) % len(ids)]) for k in range(args.per_client)]
-
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                latencies = [t for ts in pool.map(client, range(args.clients)) for t in ts]
-            wall = time.perf_counter() - start
-            p50, p95 = percentiles(latencies)
-            print(f"{args.clients} clients x {args.per_client} requests (warm PNG+DICOM): "
-                  f"{len(latencies) / wall:.1f} images/s, latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, 0 errors")
+            label_ids = [f.stem for f in pngs[8:]] or [f.stem for f in pngs]
+            print(f"\n{'clients':>7} {'label saves':>11} {'images/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
+                  f"{'saves/s':>8} {'save p95 ms':>11}  (warm PNG+DICOM, {args.per_client} requests per client)")
+            for saving in (False, True):
+                for clients in sorted({1, args.clients}):
+                    row = load(server.url, ids, label_ids, clients, args.per_client, saving)
+                    print(f"{clients:>7} {'yes' if saving else 'no':>11} {row['images_s']:>9.1f} {row['p50']:>7.0f} "
+                          f"{row['p95']:>7.0f} {row['saves_s']:>8.1f} {row['save_p95']:>11.0f}")
             start = time.perf_counter()
             list(Predictor(model_dir, workers=0, cache=False).predict(pngs, batch_size=32))
             print(f"engine, one batch of {len(pngs)} PNGs (as `radregion predict` runs a folder): "
@@ -138,6 +144,43 @@ def main():
             server.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def load(url, ids, label_ids, clients, per_client, saving) -> dict:
+    """`clients` threads x `per_client` infers; with `saving`, one more client saves labels back to back meanwhile."""
+    import json
+
+    stop, saves = threading.Event(), []
+
+    def saver():
+        s, k = session_with_token(), 0
+        while not stop.is_set():
+            image_id = label_ids[k % len(label_ids)]
+            k += 1
+            start = time.perf_counter()
+            answer = s.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, timeout=300,
+                           files={"label": ("label.json", json.dumps({"region": "Chest", "annotator": "bench"}))})
+            if answer.status_code != 200:
+                raise RuntimeError(f"label save {image_id}: HTTP {answer.status_code} {answer.text[:200]}")
+            saves.append(time.perf_counter() - start)
+
+    def client(c):
+        s = session_with_token()
+        return [timed_infer(s, url, ids[(c + k) % len(ids)]) for k in range(per_client)]
+
+    save_thread = threading.Thread(target=saver, daemon=True) if saving else None
+    start = time.perf_counter()
+    if save_thread:
+        save_thread.start()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = [t for ts in pool.map(client, range(clients)) for t in ts]
+    wall = time.perf_counter() - start
+    stop.set()
+    if save_thread:
+        save_thread.join()
+    p50, p95 = percentiles(latencies)
+    return {"images_s": len(latencies) / wall, "p50": p50, "p95": p95, "saves_s": len(saves) / wall,
+            "save_p95": percentiles(saves)[1] if saves else float("nan")}
 
 
 if __name__ == "__main__":

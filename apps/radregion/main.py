@@ -116,6 +116,13 @@ class RadRegionApp(MONAILabelApp):
             install_model_routes(self, MODEL)
             install_offload()  # last: the outermost middleware, every request on a worker thread
 
+    def info(self):
+        """MONAI Label adds info()["config"]["train"] to every training request: the generation of the model served
+        now, so a run publishes only if no newer model (another run, a rollback) came first."""
+        info = super().info()
+        info.setdefault("config", {}).setdefault("train", {})["base_generation"] = self.context.models.generation()
+        return info
+
     def infer(self, request, datastore=None):
         """Images by datastore id only (query or `params`): never a path. Unknown, malformed and outside ids
         get the same 404."""

@@ -47,10 +47,11 @@ def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def crash_point(name: str):
-    """Fault injection for the crash tests: RADREGION_CRASH_AT=<name> kills this process (SIGKILL) here."""
-    if os.environ.get("RADREGION_CRASH_AT") == name:
-        logger.warning(f"RADREGION_CRASH_AT={name}: killing this process")
+def crash_point(name: str, crash_at):
+    """Fault injection for the crash tests (a training request's `crash_at`, honoured only while the server runs
+    with RADREGION_TEST_FAULTS=1): kill this process (SIGKILL) at that step of a publish."""
+    if crash_at == name:
+        logger.warning(f"crash_at {name}: killing this process")
         os.kill(os.getpid(), 9)
 
 
@@ -112,13 +113,13 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
 
-    def publish(self, folder, reason: str, expect_generation: int | None = None, **details) -> dict:
+    def publish(self, folder, reason: str, expect_generation: int | None = None, crash_at=None, **details) -> dict:
         """Publish the complete bundle in `folder` (moved, not copied) as the next generation; returns its
         record. PublishConflict when `expect_generation` is given and no longer current."""
         with self.locked():
-            return self._publish(Path(folder), reason, expect_generation, REPLACED, details)
+            return self._publish(Path(folder), reason, expect_generation, REPLACED, details, crash_at)
 
-    def _publish(self, folder: Path, reason, expect_generation, previous, details) -> dict:
+    def _publish(self, folder: Path, reason, expect_generation, previous, details, crash_at=None) -> dict:
         from radregion.bundle import load_bundle
 
         current = self.current()
@@ -135,15 +136,15 @@ class ModelStore:
         with atomic_write(folder / RECORD, "w") as f:
             json.dump(record, f, indent=2)
         fsync_tree(folder)
-        crash_point("publish:written")
+        crash_point("publish:written", crash_at)
         target = self.root / name
         if target.exists():
             shutil.rmtree(target)  # left by a crash between this rename and the link swap: never served
         os.replace(folder, target)
         fsync_dir(self.root)
-        crash_point("publish:renamed")
+        crash_point("publish:renamed", crash_at)
         replace_symlink(self.link, os.path.join("models", name))
-        crash_point("publish:linked")
+        crash_point("publish:linked", crash_at)
         logger.info(f"published model {bundle.version} as generation {generation + 1} ({reason})")
         self._prune()
         return record

@@ -45,8 +45,7 @@ class ScoredStrategy(Strategy):
         table = self.context.current_scores()
         unlabelled = datastore.get_unlabeled_images("final")
         ranked = self.ranked_ids(datastore, table, unlabelled)
-        scored = {image_id for image_id, _ in ranked}
-        pending = sorted(i for i in unlabelled if i not in scored and (table is None or i not in table.errors))
+        pending = sorted(i for i in unlabelled if table is None or i not in table)  # not scored (nor unreadable)
         candidates = ranked + [(image_id, None) for image_id in pending]
         if not candidates:
             return None

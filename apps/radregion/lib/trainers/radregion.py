@@ -14,11 +14,12 @@ Frozen backbone: training takes seconds on CPU and reads no image twice.
      (up to `--conf heldout_tolerance`, default 0.01: refitting alone moves it by that much).
 - Then the head is fitted on everything for all regions, carries the stored training set unchanged (the next
   training starts from the same base) and is published as the next generation, unless a newer model was
-  published since this run started. The status (train_stats.json, GET /info/) says published or kept, why, and
-  on how many images.
+  published since this run was requested (the server adds `base_generation` to every training request).
+  The status (train_stats.json, GET /info/) says published or kept, why, and on how many images.
 """
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,10 @@ class RadRegionTrainer(TrainTask):
             raise TrainingError("the server fits heads only: fine-tuning the backbone needs the model's original "
                                 "training images (run `radregion fit-head --fine-tune` and serve that bundle)")
         bundle = load_bundle(self.context.models.root / base["folder"])
+        requested = int(request.get("base_generation", base["generation"]))  # set when the run was requested
+        if requested != int(base["generation"]):
+            return self._kept(bundle, {}, f"a newer model (generation {base['generation']}, {bundle.version}) was "
+                                          f"published since this training was requested (generation {requested})")
         regions = bundle.regions
         stored = bundle.training_set()
         if stored is None:
@@ -139,7 +144,9 @@ class RadRegionTrainer(TrainTask):
         new_bundle = bundle.with_head(path, head, ood=bundle.ood_detector(), training_set=stored,
                                       meta_updates={"server_training": {**report, "date": _now()}})
         try:
-            record = models.publish(path, reason, expect_generation=int(base["generation"]), trained_from=base)
+            crash_at = request.get("crash_at") if os.environ.get("RADREGION_TEST_FAULTS") == "1" else None
+            record = models.publish(path, reason, expect_generation=requested, crash_at=crash_at,
+                                    trained_from=base.get("folder"))
         except PublishConflict as error:
             return self._kept(bundle, report, str(error))
         self._rescore(table, head, new_bundle)
