@@ -256,10 +256,12 @@ def test_a_password_on_the_command_line_is_refused_and_never_logged(env, tiny_bu
 
 def test_off_loopback_every_request_needs_the_token_which_is_generated_into_an_admin_only_file(
         env, tiny_bundle, tmp_path):
+    """Also: CORS for a configured origin, and a model upload the admin enabled is verified before served."""
     state = tmp_path / "state"
     server = RadRegionServer(small_studies(env, tmp_path / "studies"), tiny_bundle, host="0.0.0.0",
                              log_path=tmp_path / "server.log", env={"RADREGION_API_TOKEN": None},
-                             extra_conf={"state_dir": state, "cors_origins": "https://viewer.example"})
+                             extra_conf={"state_dir": state, "cors_origins": "https://viewer.example",
+                                         "model_upload": "true"})
     token_file = state / "api_token"
     try:
         server.launch()
@@ -278,8 +280,37 @@ def test_off_loopback_every_request_needs_the_token_which_is_generated_into_an_a
         allowed = requests.get(f"{server.url}/info/", timeout=60,
                                headers={**server.auth, "Origin": "https://viewer.example"})
         assert allowed.headers.get("access-control-allow-origin") == "https://viewer.example"
+        check_model_upload(server, state)
     finally:
         server.stop()
+
+
+def check_model_upload(server, state):
+    from safetensors.torch import load_file, save
+
+    def upload(data, headers=server.auth):
+        return requests.put(f"{server.url}/model/radregion", headers=headers, timeout=120,
+                            files={"file": ("model.safetensors", data, "application/octet-stream")})
+
+    def served_version():
+        return requests.get(f"{server.url}/info/", headers=server.auth, timeout=60).json()[
+            "models"]["radregion"]["model_version"]
+
+    before = served_version()
+    tensors = load_file(str(state / "model" / "model.safetensors"))
+    assert upload(save(tensors), headers={}).status_code == 401
+    wrong_shape = {**tensors, "head.weight": tensors["head.weight"][:3].clone()}
+    not_finite = {**tensors, "head.bias": tensors["head.bias"] * float("nan")}
+    extra = {**tensors, "backdoor": tensors["head.bias"].clone()}
+    for data, words in [(b"not weights", "not a safetensors"), (save(wrong_shape), "head.weight"),
+                        (save(not_finite), "not finite"), (save(extra), "unexpected")]:
+        answer = upload(data)
+        assert answer.status_code == 422 and words in answer.json()["detail"], answer.text
+        assert served_version() == before
+    flipped = {**tensors, "head.weight": -tensors["head.weight"]}
+    answer = upload(save(flipped))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] != before and served_version() == answer.json()["model_version"]
 
 
 # ---- uploads ---------------------------------------------------------------------------------------------

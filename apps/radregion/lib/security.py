@@ -272,10 +272,13 @@ async def _form_problem(scope, body: bytes, path: str):
     return None
 
 
-def install_security(app_instance, token: str, config, dataset_archive=None, model_upload=None):
+def install_security(app_instance, token: str, config, dataset_archive=None):
     """Put the CORS rule and the gate in front of MONAI Label's FastAPI app (replacing its allow-all CORS)."""
     from monailabel.app import app
 
+    from .model_upload import model_upload_app
+
+    model_upload = model_upload_app(app_instance.context, config.max_upload_mb << 20) if config.model_upload else None
     host = bound_host()
     loopback = is_loopback(host)
     app.user_middleware = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RequestGate)]
