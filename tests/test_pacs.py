@@ -150,6 +150,28 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path, shared_data):
     assert copy.BodyPartExamined == "KNEE" and copy.SeriesDescription.startswith(WRITEBACK_MARKER)
     assert copy.SOPInstanceUID != wrong_knee and copy.SeriesInstanceUID != log[0]["series"]
     assert copy.StudyInstanceUID == log[0]["study"]
+    # marked as derived: image type, a series number of its own, what changed, and the source instance
+    original = pydicom.dcmread(pacs.paths[wrong_knee], stop_before_pixels=True)
+    assert copy.ImageType[0] == "DERIVED" and original.ImageType[0] == "ORIGINAL"
+    assert copy.SeriesNumber == original.SeriesNumber + 1000
+    assert "BodyPartExamined corrected to KNEE" in copy.DerivationDescription
+    assert wrong_knee in copy.DerivationDescription
+    assert copy.SourceImageSequence[0].ReferencedSOPInstanceUID == wrong_knee
+    assert copy.SourceImageSequence[0].ReferencedSOPClassUID == original.SOPClassUID
+    # the decision log: who, when, what the archive and the model said, the decision, what was written where
+    decisions = [json.loads(line) for line in (tmp_path / "labels" / "decisions.jsonl").read_text().splitlines()]
+    knee = [d for d in decisions if d["image"] == wrong_knee and d["event"] != "written"]
+    assert [d["event"] for d in knee] == ["label", "confirm"], "the same label again changes and writes nothing"
+    first = knee[0]
+    assert first["who"] == "dr.test" and first["time"].endswith("Z") and first["decision"]["region"] == "Knee"
+    assert first["archive"]["region"] == "Chest" and first["archive"]["BodyPartExamined"] == "CHEST"
+    assert first["patient"] == original.PatientID and first["previous"] is None
+    assert first["written"] == {"mode": "stow", "to": pacs.dicomweb_url, "status": "queued", "sop": log[0]["new_sop"],
+                                "series": log[0]["new_series"], "study": log[0]["study"]}
+    written = [d for d in decisions if d["event"] == "written"]
+    assert [(w["decision"], w["status"], w["sop"]) for w in written] == [(first["id"], "stored", log[0]["new_sop"])]
+    agrees = next(d for d in decisions if d["image"] == missing_chest)
+    assert agrees["written"]["status"] == "none" and agrees["written"]["why"] == "the archive already names Chest"
     assert {sop: stored_hash(pacs, sop) for sop in pacs.stored} == before, "originals never change"
 
     # the new instance is never listed; labels and the cache survive a restart of both ends
@@ -385,3 +407,211 @@ def test_bearer_token_and_a_slow_pacs(token_pacs, tmp_path):
         slow._query()
     assert token_pacs.url in str(error.value) and "timed out (3 attempts)" in str(error.value)
     assert token_pacs.requests == 3, "bounded retries"
+
+
+# -- issue 14: a truthful PACS trail ------------------------------------------------------------------------------
+
+def label_json(tmp_path, **fields) -> str:
+    path = tmp_path / f"label-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+def live_copies(store, image) -> dict:
+    """{region: write-back entry} of the copies of `image` that stand (stored, not superseded)."""
+    return {region: e for (i, region), e in store.writeback.latest().items() if i == image and e["status"] == "stored"}
+
+
+def test_knee_ankle_undo_knee_leaves_one_knee_decision_and_supersedes_the_ankle_copy(pacs, tmp_path):
+    store = datastore(pacs, tmp_path, writeback="stow")
+    wrong_knee = list(pacs.truth)[1]  # the archive says CHEST
+    count = pacs.instance_count()
+
+    store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="first"), "final", {})
+    assert store.writeback.wait(60)
+    store.save_label(wrong_knee, label_json(tmp_path, region="Ankle", annotator="second"), "final", {})
+    assert store.writeback.wait(60)
+    ankle = live_copies(store, wrong_knee)["Ankle"]
+    assert set(live_copies(store, wrong_knee)) == {"Ankle"}, "the Ankle decision superseded the Knee copy"
+
+    # undo (what the panel sends): the earlier label back, naming the decision it takes back and who undid it
+    store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="first", undo_of="d-ankle",
+                                            undone_by="second"), "final", {})
+    # and the annotator, shown the restored Knee label, confirms Knee
+    store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="second"), "final", {})
+    assert store.writeback.wait(60)
+
+    decisions = [d for d in store.writeback.decisions(wrong_knee) if d["event"] != "written"]
+    assert [(d["event"], d["decision"]["region"], d["who"]) for d in decisions] == [
+        ("label", "Knee", "first"), ("label", "Ankle", "second"), ("undo", "Knee", "second"),
+        ("confirm", "Knee", "second")]
+    undo = decisions[2]
+    assert undo["undo_of"] == "d-ankle" and undo["previous"]["region"] == "Ankle"
+    assert [s["region"] for s in undo["supersedes"]] == ["Ankle"] and undo["supersedes"][0]["sop"] == ankle["new_sop"]
+    assert undo["written"]["status"] == "stored" and "current again" in undo["written"]["why"]
+    changes = [d for d in decisions if d["event"] != "confirm"]
+    standing = store.writeback.current_decisions()[wrong_knee]
+    assert standing["decision"]["region"] == "Knee" and sum(
+        1 for d in changes if d["decision"]["region"] == "Knee" and d["event"] == "label") == 1, \
+        "one Knee decision; the undo restored it, the confirmation changed nothing"
+
+    live = live_copies(store, wrong_knee)
+    assert set(live) == {"Knee"}, f"one copy stands, the Knee one: {live}"
+    ankle_line = store.writeback.latest()[(wrong_knee, "Ankle")]
+    assert ankle_line["status"] == "superseded" and ankle_line["was"] == "stored"
+    assert ankle_line["superseded_by"] == undo["id"]
+    assert pacs.instance_count() == count + 2, "Knee stored once (restored, not stored again), Ankle once"
+    # the superseded copy is still never listed as an image
+    store.refresh()
+    assert ankle["new_sop"] not in store.list_images() and live["Knee"]["new_sop"] not in store.list_images()
+
+    # removing the label: recorded, and the Knee copy superseded too
+    store.remove_label(wrong_knee, "final")
+    last = store.writeback.decisions(wrong_knee)[-1]
+    assert last["event"] == "remove" and last["decision"] is None and last["previous"]["region"] == "Knee"
+    assert live_copies(store, wrong_knee) == {}
+
+
+def test_out_of_domain_findings_in_the_decision_log_and_the_csv(pacs, tmp_path):
+    store = datastore(pacs, tmp_path, writeback="csv")
+    image = list(pacs.truth)[3]  # header says FOOT
+    store.save_label(image, label_json(tmp_path, region=None, out_of_domain=True, annotator="ana",
+                                       comment="calibration phantom"), "final", {})
+    decision = store.writeback.decisions(image)[-1]
+    assert decision["decision"]["out_of_domain"] is True and decision["who"] == "ana"
+    assert decision["written"]["status"] == "exported" and decision["written"]["why"] == "out of domain"
+    rows = list(csv.DictReader(open(tmp_path / "labels" / "writeback.csv", newline="")))
+    assert [(r["SOPInstanceUID"], r["out_of_domain"], r["region"], r["archive_BodyPartExamined"], r["status"])
+            for r in rows] == [(image, "true", "", "FOOT", "current")]
+
+    store.save_label(image, label_json(tmp_path, region="Abdomen", annotator="ana"), "final", {})
+    rows = list(csv.DictReader(open(tmp_path / "labels" / "writeback.csv", newline="")))
+    assert [(r["out_of_domain"], r["region"], r["status"]) for r in rows] == [
+        ("true", "", "superseded"), ("false", "Abdomen", "current")]
+
+    stow = datastore(pacs, tmp_path / "stow", writeback="stow")  # a STOW-RS site: logged, nothing stored
+    stow.save_label(image, label_json(tmp_path, out_of_domain=True, annotator="ana"), "final", {})
+    assert stow.writeback.decisions(image)[-1]["written"]["why"] == "out of domain: no body part to write"
+    assert pacs.instance_count() == len(pacs.stored)
+
+
+def test_multi_region_archive_string_agrees_with_any_of_its_regions(pacs, tmp_path, tiny_bundle):
+    """"HAND WRIST" names two regions: a prediction of either agrees (the first one alone used to be compared)."""
+    from radregion.inference import Predictor
+
+    predictor = Predictor(tiny_bundle, workers=0)
+    plain = next(iter(pacs.truth))
+    region = next(iter(predictor.predict([pacs.paths[plain]]))).region
+    taxonomy = predictor.taxonomy
+    other = next(r for r in taxonomy.in_domain if r != region and taxonomy.body_part_term(r))
+    named = f"{taxonomy.body_part_term(other)} {taxonomy.body_part_term(region) or region.upper()}"
+    ds = pydicom.dcmread(pacs.paths[plain])
+    ds.BodyPartExamined = named
+    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName"):  # the body part alone decides
+        if keyword in ds:
+            delattr(ds, keyword)
+    two = tmp_path / "two.dcm"
+    ds.save_as(two)
+    prediction = next(iter(predictor.predict([two])))
+    assert prediction.region == region and prediction.pacs_label == other
+    assert prediction.pacs_labels == (other, region) and prediction.agrees_with_pacs is True
+
+    store = datastore(pacs, tmp_path)
+    assert store.taxonomy.archive_label({"BodyPartExamined": "HAND WRIST"}).regions == ("Hand", "Wrist")
+    from lib.infers.radregion import to_result
+
+    answer = to_result(prediction, predictor)
+    assert answer["pacs_labels"] == [other, region] and answer["agrees_with_pacs"] is True
+
+
+def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_is_down(pacs, tmp_path, tiny_bundle):
+    """Real server on Orthanc, driven by the panel's RadRegionLib: Knee -> Ankle -> undo -> Knee ends with one
+    standing Knee decision and the Ankle copy superseded; the admin exports the log; infer while the PACS is down
+    (on a server started while it is down) is a 502 with the PACS's reason."""
+    from fixtures.server import RadRegionServer
+
+    sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
+    from RadRegionLib import RadRegionClient, ReviewSession
+
+    state = tmp_path / "state"
+    secret = {"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password}  # never on the command line
+    server = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "server.log", extra_conf={
+        "state_dir": state, "username": pacs.username, "writeback": "stow"}, env=secret)
+    api, auth = server.url, server.auth
+    wrong_knee = list(pacs.truth)[1]  # the archive says CHEST
+    count = pacs.instance_count()
+    try:
+        server.start()
+        first = ReviewSession(RadRegionClient(api), str(tmp_path / "first"), annotator="first")
+        second = ReviewSession(RadRegionClient(api), str(tmp_path / "second"), annotator="second")
+        first.connect()
+        second.connect()
+        deadline = time.monotonic() + 240  # the model's answer in the log comes from the scores
+        while time.monotonic() < deadline:
+            scores = first.client.info()["models"]["radregion"]["scores"]
+            if scores["images"] + scores["unreadable"] >= first.client.stats()["total"]:
+                break
+            time.sleep(2)
+
+        first.open_case(wrong_knee)
+        first.choose("Knee")
+        first.submit(load_next=False)
+        case = second.open_case(wrong_knee)
+        assert case.existing["region"] == "Knee" and case.existing["annotator"] == "first"
+        second.choose("Ankle")
+        with pytest.raises(ValueError, match="already labelled Knee by first"):
+            second.submit(load_next=False)
+        second.submit(load_next=False)
+        second.undo()
+        assert second.client.get_label(wrong_knee)["annotator"] == "first", "undo restored the earlier label"
+        second.choose("Knee")
+        second.submit(load_next=False)
+
+        def export(**params):
+            answer = requests.get(f"{api}/radregion/decisions", params=params, headers=auth, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return [json.loads(line) for line in answer.text.splitlines()]
+
+        deadline = time.monotonic() + 120
+        while sum(1 for d in export(image=wrong_knee) if d["event"] == "written") < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        log = export(image=wrong_knee)
+        decisions = [d for d in log if d["event"] != "written"]
+        assert [(d["event"], d["decision"]["region"], d["who"]) for d in decisions] == [
+            ("label", "Knee", "first"), ("label", "Ankle", "second"), ("undo", "Knee", "second"),
+            ("confirm", "Knee", "second")]
+        assert all(d["model"] and d["model"]["region"] and d["model"]["model_version"] for d in decisions)
+        assert all(d["archive"]["region"] == "Chest" for d in decisions)
+        assert [(w["status"], w["to"]) for w in log if w["event"] == "written"] == [
+            ("stored", pacs.dicomweb_url)] * 2
+        assert decisions[2]["supersedes"][0]["region"] == "Ankle"
+        standing = export(image=wrong_knee, current="true")
+        assert len(standing) == 1 and standing[0]["decision"]["region"] == "Knee", standing
+        steps = [json.loads(line) for line in next(state.rglob("writeback.jsonl")).read_text().splitlines()]
+        latest = {e["region"]: e for e in steps if e["image"] == wrong_knee}
+        assert latest["Ankle"]["status"] == "superseded" and latest["Knee"]["status"] == "stored"
+        assert pacs.instance_count() == count + 2
+        # the log names patients: the token is needed even on loopback
+        assert requests.get(f"{api}/radregion/decisions", timeout=60).status_code == 401
+
+        # an id the PACS does not have is a 404; the PACS down is a 502 that says why
+        answer = requests.post(f"{api}/infer/radregion", params={"image": "1.2.3.4.5.6.7", "output": "json"},
+                               headers=auth, timeout=120)
+        assert answer.status_code == 404, answer.text
+        server.stop()
+        pacs.stop(kill=True)
+        fresh = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "fresh.log", extra_conf={
+            "state_dir": tmp_path / "fresh", "username": pacs.username}, env=secret)
+        try:
+            fresh.start()  # started while the PACS is down: nothing listed, nothing cached
+            answer = requests.post(f"{fresh.url}/infer/radregion", params={"image": wrong_knee, "output": "json"},
+                                   headers=fresh.auth, timeout=300)
+            assert answer.status_code == 502, answer.text
+            assert pacs.dicomweb_url in answer.json()["detail"] and "cannot connect" in answer.json()["detail"]
+        finally:
+            fresh.stop()
+            print(fresh.log_tail())
+    finally:
+        server.stop()
+        pacs.start()
+        print(server.log_tail())

@@ -4,6 +4,7 @@ One module-scoped server: the tests run in file order and share its datastore (e
 """
 
 import json
+import os
 import socket
 import sys
 import time
@@ -23,9 +24,26 @@ from RadRegionLib.review import Case  # noqa: E402
 SCORING_WAIT_S = 240  # the scored queues answer once the server has scored its images
 
 
+def server_token(server):
+    """The write token of a test server that needs one (RADREGION_API_TOKEN), else None."""
+    return getattr(server, "token", None) or os.environ.get("RADREGION_API_TOKEN") or None
+
+
 def label_on_disk(server, image):
     path = Path(server.studies) / "labels" / "final" / f"{image}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def wait_for_scores(session):
+    """Until the server has scored every image with its current model (GET /info/: models.radregion.scores)."""
+    deadline = time.monotonic() + SCORING_WAIT_S
+    while time.monotonic() < deadline:
+        scores = (session.client.info().get("models", {}).get("radregion", {}) or {}).get("scores") or {}
+        if scores.get("model_version") and scores.get("images", 0) + scores.get("unreadable", 0) >= \
+                session.client.stats()["total"]:
+            return
+        time.sleep(2)
+    pytest.fail(f"the server did not score its images in {SCORING_WAIT_S} s")
 
 
 def wait_for_case(session, queue):
@@ -71,7 +89,7 @@ def test_parse_infer_ranks_and_explains():
 
 def test_offline_decisions_wait_on_disk_and_undo_takes_them_back(tmp_path):
     session = offline_session(tmp_path)
-    assert session.ranked_regions() == ["Chest", "Hand", "Knee"]
+    assert session.key_regions() == ["Chest", "Hand", "Knee"]  # the server's order, not the case's ranking
     session.choose_number(3)
     assert session.pending_text == "Correct to Knee"
     assert session.submit(comment="archive was right") is None
@@ -130,9 +148,12 @@ def test_next_case_from_each_queue_loads_prediction_and_image(session, radregion
         assert [s for _, s in result.top] == sorted((s for _, s in result.top), reverse=True)
         assert result.model_version == session.summary.model_version
         assert Path(case.image_path).stat().st_size > 1000, f"{case.image_path} is not the image file"
-        assert session.ranked_regions()[:len(result.top)] == [name for name, _ in result.top]
+        assert session.key_regions() == session.summary.regions, "number keys mean the same for every case"
+        assert len(result.regions) == len(session.regions), "the answer scores every region"
 
-    # the disagreement queue holds only archive-labelled images whose prediction contradicts the archive
+    # the disagreement queue holds only archive-labelled images whose prediction contradicts the archive (once
+    # every image is scored: before that, queues hand out provisional choices)
+    wait_for_scores(session)
     case = wait_for_case(session, "disagreement")
     print(f"disagreement queue: {case.image if case else 'empty'}")
     dicoms = ["RG1_J2KI", "RG3_J2KI", "RG3_J2KR"]
@@ -158,12 +179,11 @@ def test_confirm_correct_out_of_domain_and_undo(session, radregion_server):
     assert session.progress() == (1, 15)
 
     truth = radregion_server.truth.get(corrected.image)  # None for the DICOMs
-    wrong = truth if truth and truth != corrected.result.region else session.ranked_regions()[1]
-    number = session.ranked_regions().index(wrong) + 1
-    if number <= 9:
-        session.choose_number(number)
-    else:
-        session.choose(wrong)
+    wrong = truth if truth and truth != corrected.result.region else \
+        next(r for r in session.key_regions() if r != corrected.result.region)
+    number = session.key_of(wrong)
+    for n, digit in enumerate(str(number)):  # typed as on the keyboard: 1 then 4 picks region 14
+        session.type_digit(int(digit), now=1000.0 + 0.2 * n)
     assert session.pending_text == f"Correct to {wrong}"
     outlier = session.submit()
     assert client.get_label(corrected.image)["region"] == wrong
@@ -277,9 +297,15 @@ def test_slicer_self_test_runs_against_the_server(radregion_server, monkeypatch)
     test.test_annotation_run()
 
 
-def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_path):
-    """RadRegionWidget on PySide6 (PythonQt-like stand-in): connect, Next, number key, Enter, Ctrl+Z, O, Enter."""
+def press(window, key, modifier=None):
     from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    QTest.keyClick(window, key, modifier or Qt.NoModifier)
+
+
+def open_widget(monkeypatch, tmp_path):
+    """RadRegionWidget on PySide6 offscreen (PythonQt-like stand-in), shown and active, its keys installed."""
     from PySide6.QtTest import QTest
     from test_slicer_module_import import import_radregion_module_with_pythonqt
 
@@ -290,11 +316,29 @@ def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_pat
     window.activateWindow()
     assert QTest.qWaitForWindowActive(window, 5000)
     widget.enter()
-    ui, client = widget.ui, RadRegionClient(radregion_server.url)
+    return module, app, window, widget
+
+
+def close_widget(widget, window):
+    widget.exit()
+    widget.cleanup()
+    window.close()
+
+
+def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_path):
+    """RadRegionWidget: connect, Next, number keys, Enter, Ctrl+Z, O, Enter; every server call off the UI thread."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    from test_slicer_module_import import wait_for_panel
+
+    module, app, window, widget = open_widget(monkeypatch, tmp_path)
+    ui, client = widget.ui, RadRegionClient(radregion_server.url, token=server_token(radregion_server))
 
     ui.serverUrlEdit.setText(radregion_server.url)
+    ui.tokenEdit.setText(server_token(radregion_server) or "")
     ui.annotatorEdit.setText("keyboard")
     ui.connectButton.click()
+    wait_for_panel(widget)
     summary = widget.logic.session.summary
     assert summary is not None, ui.statusLabel.text
     assert summary.model_version in ui.serverInfoLabel.text
@@ -302,33 +346,316 @@ def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_pat
 
     ui.queueComboBox.setCurrentIndex(ui.queueComboBox.findData("random"))
     ui.nextButton.setFocus()
-    QTest.keyClick(window, Qt.Key_N)
-    case = widget.logic.session.current
+    press(window, Qt.Key_N)
+    assert ui.statusLabel.text == "Loading the next case…"
+    wait_for_panel(widget)
+    session = widget.logic.session
+    case = session.current
     assert case is not None, ui.statusLabel.text
-    assert ui.caseLabel.text.startswith(case.image)
+    assert ui.caseLabel.text.startswith(case.image[:20]) and ui.caseLabel.text.endswith("queue: Random")
     assert widget.logic.volume is not None and widget.logic.volume.path == case.image_path
-    second = widget.logic.session.ranked_regions()[1]
-    assert ui.topRegionLabel1.text.endswith(case.result.region)
+    assert ui.regionListWidget.count() == len(summary.regions), "every region listed, in the server's order"
+    assert ui.topRegionLabel1.text == f"[{session.key_of(case.result.region)}]  {case.result.region}"
 
-    QTest.keyClick(window, Qt.Key_2)
-    assert ui.submitButton.text == f"Correct to {second} (Enter)"
+    other = next(r for r in session.key_regions() if r != case.result.region)
+    for digit in str(session.key_of(other)):
+        press(window, getattr(Qt, f"Key_{digit}"))
+    assert ui.submitButton.text == f"Correct to {other} (Enter)"
     ui.commentEdit.setFocus()
     QTest.keyClicks(ui.commentEdit.obj, "typed 2 O")  # typing in the comment is not a command
-    assert ui.submitButton.text == f"Correct to {second} (Enter)"
+    assert ui.submitButton.text == f"Correct to {other} (Enter)"
     QTest.keyClick(ui.commentEdit.obj, Qt.Key_Return)
+    wait_for_panel(widget)
     label = client.get_label(case.image)
-    assert label["region"] == second and label["comment"] == "typed 2 O" and label["annotator"] == "keyboard"
-    assert ui.commentEdit.text == "" and widget.logic.session.current.image != case.image
+    assert label["region"] == other and label["comment"] == "typed 2 O" and label["annotator"] == "keyboard"
+    assert ui.commentEdit.text == "" and session.current.image != case.image
+    assert ui.historyListWidget.item(0).text().endswith(f": {other}")
 
-    QTest.keyClick(window, Qt.Key_Z, Qt.ControlModifier)
-    assert client.get_label(case.image) is None
-    assert widget.logic.session.current.image == case.image and widget.logic.volume.path == case.image_path
-    QTest.keyClick(window, Qt.Key_O)
+    press(window, Qt.Key_Z, Qt.ControlModifier)
+    wait_for_panel(widget)
+    assert client.get_label(case.image) is None, "it had no label before: undo removes it"
+    assert session.current.image == case.image and widget.logic.volume.path == case.image_path
+    assert ui.historyListWidget.item(0).text().endswith(f"undo {other}, label removed")
+    press(window, Qt.Key_O)
     assert ui.submitButton.text == "Mark out of domain (Enter)"
-    QTest.keyClick(window, Qt.Key_Enter)
+    press(window, Qt.Key_Enter)
+    wait_for_panel(widget)
     assert client.get_label(case.image)["out_of_domain"] is True
-    confirmed, total = widget.logic.session.progress()
+    confirmed, total = session.progress()
     assert ui.progressLabel.text.startswith(f"{confirmed} of {total} images confirmed")
-    widget.exit()
-    widget.cleanup()
-    window.close()
+    close_widget(widget, window)
+
+
+# -- issue 14: the panel under real conditions ---------------------------------------------------------------------
+
+class ForwardingProxy:
+    """A real HTTP forwarder on 127.0.0.1 in front of the real server. `.delay` seconds are added to requests whose
+    path starts with one of `.slow` (a server slow to answer); `.stop()` closes the port (a server that is down),
+    `.start()` opens the same port again. `.paths` lists the forwarded requests."""
+
+    def __init__(self, target: str):
+        import http.server
+
+        self.target, self.delay, self.slow, self.paths = target.rstrip("/"), 0.0, ("/infer/",), []
+        self.httpd = None
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                import urllib.error
+                import urllib.request
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                outer.paths.append(f"{self.command} {self.path}")
+                if self.path.startswith(outer.slow):
+                    time.sleep(outer.delay)
+                request = urllib.request.Request(outer.target + self.path, data=body, method=self.command)
+                for key in ("Content-Type", "Authorization", "Accept"):
+                    if self.headers.get(key):
+                        request.add_header(key, self.headers[key])
+                try:
+                    with urllib.request.urlopen(request, timeout=300) as answer:
+                        status, headers, data = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, data = error.code, error.headers, error.read()
+                self.send_response(status)
+                for key in ("Content-Type", "Content-Disposition"):
+                    if headers.get(key):
+                        self.send_header(key, headers[key])
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.handler = Handler
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self):
+        import http.server
+        import threading
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+@pytest.fixture
+def proxy(radregion_server):
+    forwarder = ForwardingProxy(radregion_server.url)
+    forwarder.server = radregion_server
+    yield forwarder
+    forwarder.stop()
+
+
+def test_number_keys_keep_their_region_and_take_two_digits(tmp_path):
+    session = offline_session(tmp_path)
+    assert session.accept_archive().region == "Knee"  # the archive's label of img1
+    session.summary.regions = [f"R{n}" for n in range(1, 23)]  # 22 regions, as unifesp22
+    assert session.type_digit(1, now=10.0).region == "R1"  # at once, no waiting for a second digit
+    assert session.type_digit(4, now=10.4).region == "R14"  # 1 then 4 within a second: region 14
+    assert session.type_digit(4, now=12.0).region == "R4"  # later: a new number
+    assert session.type_digit(2, now=13.0).region == "R2"
+    assert session.type_digit(5, now=13.3).region == "R5"  # 25 does not exist: 5
+    assert session.type_digit(1, now=20.0).region == "R1" and session.type_digit(0, now=20.5).region == "R10"
+    with pytest.raises(ValueError, match="no region for key 0"):
+        session.type_digit(0, now=30.0)
+
+
+def test_relabel_shows_who_and_when_and_undo_restores_the_earlier_label(radregion_server, tmp_path):
+    token = server_token(radregion_server)
+    first = ReviewSession(RadRegionClient(radregion_server.url, token=token), str(tmp_path / "a"), annotator="first")
+    second = ReviewSession(RadRegionClient(radregion_server.url, token=token), str(tmp_path / "b"), annotator="second")
+    first.connect()
+    second.connect()
+    image = sorted(i for i, r in radregion_server.truth.items() if r == "Pelvis")[-1]
+    first.client.delete_label(image) if first.client.get_label(image) else None
+
+    case = first.open_case(image)
+    assert case.source_text == "opened by id" and case.existing is None
+    first.choose("Knee")
+    first.submit(comment="first look", load_next=False)
+    earlier = first.client.get_label(image)
+    assert earlier["region"] == "Knee" and earlier["annotator"] == "first" and earlier["saved_at"]
+
+    case = second.open_case(image)  # another annotator: the label is shown with who and when
+    assert case.existing["region"] == "Knee" and case.existing["annotator"] == "first"
+    assert case.existing_text.startswith("Labelled Knee by first on 20") and case.existing_text.endswith("UTC")
+    second.choose("Ankle")
+    assert second.pending_text == "Replace Knee with Ankle"
+    with pytest.raises(ValueError, match="already labelled Knee by first on .* Press Enter again to replace"):
+        second.submit(load_next=False)
+    assert second.client.get_label(image)["region"] == "Knee", "nothing replaced without the second Enter"
+    second.submit(load_next=False)
+    assert second.client.get_label(image)["region"] == "Ankle"
+    assert second.client.get_label(image)["annotator"] == "second"
+
+    second.undo()  # after a re-label, undo brings back the earlier label (not: no label)
+    restored = second.client.get_label(image)
+    assert {k: restored[k] for k in ("region", "out_of_domain", "annotator", "comment")} == \
+        {k: earlier[k] for k in ("region", "out_of_domain", "annotator", "comment")}
+    assert second.current.image == image and second.current.existing["region"] == "Knee"
+    assert second.pending.region == "Ankle", "the undone decision is back on screen, to change or send again"
+    assert second.history[-2].endswith(": Ankle (was Knee)")
+    assert second.history[-1].endswith(": undo Ankle, back to Knee")
+    first.undo()  # the first annotator's own decision: the image had no label before
+    assert first.client.get_label(image) is None
+    for session in (first, second):
+        session.close()
+
+
+def test_header_context_archive_key_and_multi_region_archive(radregion_server, tmp_path):
+    session = ReviewSession(RadRegionClient(radregion_server.url, token=server_token(radregion_server)),
+                            str(tmp_path), annotator="pytest")
+    session.connect()
+    case = session.open_case("RG1_J2KI")
+    header = case.result.header
+    assert header["BodyPartExamined"] == "CHEST" and header["StudyDescription"] == "THORAX"
+    assert case.result.header_text.splitlines()[:2] == ["Body part: CHEST", "Study: THORAX"]
+    assert "2004-08-26" in case.result.header_text
+    assert session.accept_archive().region == "Chest"
+    assert session.pending_text in ("Confirm Chest", "Correct to Chest")
+    assert case.result.pacs_labels == ["Chest"]
+    png = next(iter(radregion_server.truth))
+    assert session.open_case(png).result.header == {}, "a PNG has no header"
+    with pytest.raises(ValueError, match="the archive has no region label"):
+        session.accept_archive()
+
+
+def test_failed_connect_keeps_the_session_and_the_full_region_list_comes_back(proxy, monkeypatch, tmp_path):
+    """Connect while the server is down keeps the session; after it returns, every region is listed again."""
+    from PySide6.QtCore import Qt
+    from test_slicer_module_import import wait_for_panel
+
+    module, app, window, widget = open_widget(monkeypatch, tmp_path)
+    ui = widget.ui
+    ui.serverUrlEdit.setText(proxy.url)
+    ui.tokenEdit.setText(server_token(proxy) or os.environ.get("RADREGION_API_TOKEN", ""))
+    ui.connectButton.click()
+    wait_for_panel(widget)
+    session = widget.logic.session
+    regions = list(session.summary.regions)
+    ui.queueComboBox.setCurrentIndex(ui.queueComboBox.findData("random"))
+    ui.nextButton.click()
+    wait_for_panel(widget)
+    ui.nextButton.setFocus()  # keys go to the panel, not into a text field
+    first = session.current
+    assert first is not None, ui.statusLabel.text
+    press(window, Qt.Key_Return)
+    wait_for_panel(widget)
+    assert session.current and session.current.image != first.image, ui.statusLabel.text
+    confirmed, total = session.progress(fetch=False)
+
+    proxy.stop()  # the server goes away
+    ui.connectButton.click()
+    wait_for_panel(widget)
+    assert widget.logic.session is session, "a failed Connect keeps the session"
+    assert "cannot reach the RadRegion server" in ui.statusLabel.text
+    assert session.summary.regions == regions and ui.regionListWidget.count() == len(regions)
+    assert [d.image for d in session.submitted] == [first.image], "undo history kept"
+    assert ui.progressLabel.text.startswith(f"{confirmed} of {total} images confirmed") and total > 0
+    press(window, Qt.Key_Return)  # a decision made while it is away waits in the outbox
+    wait_for_panel(widget)
+    assert len(session.outbox) == 1 and "1 waiting to be sent" in ui.progressLabel.text
+
+    proxy.start()
+    ui.nextButton.click()  # no Connect: the next request delivers the outbox and lists every region
+    wait_for_panel(widget)
+    assert len(session.outbox) == 0, ui.statusLabel.text
+    assert session.current is not None and ui.regionListWidget.count() == len(regions)
+
+    # Slicer started while the server was down: the first request after it returns brings the full list
+    widget.logic.session = None
+    proxy.stop()
+    ui.connectButton.click()
+    wait_for_panel(widget)
+    fresh = widget.logic.session
+    assert fresh is not session and fresh.summary is None and fresh.outbox.items() == []
+    proxy.start()
+    ui.imageIdEdit.setText(first.image)
+    ui.openButton.click()
+    wait_for_panel(widget)
+    assert fresh.current.image == first.image and fresh.summary is not None, ui.statusLabel.text
+    assert ui.regionListWidget.count() == len(regions), "the full region list, not the top 5"
+    assert ui.caseLabel.text.endswith("opened by id"), "an image opened by id is not from a queue"
+    session.close()
+    close_widget(widget, window)
+
+
+def test_panel_stays_responsive_while_the_server_delays_and_prefetches_the_next_case(proxy, monkeypatch, tmp_path):
+    """A UI-thread QTimer keeps ticking while the server takes 3 s to answer; the next case is loaded meanwhile."""
+    from PySide6.QtCore import QTimer, Qt
+    from PySide6.QtTest import QTest
+    from test_slicer_module_import import wait_for_panel
+
+    module, app, window, widget = open_widget(monkeypatch, tmp_path)
+    ui = widget.ui
+    ui.serverUrlEdit.setText(proxy.url)
+    ui.tokenEdit.setText(os.environ.get("RADREGION_API_TOKEN", ""))
+    ui.annotatorEdit.setText("responsive")
+    ui.connectButton.click()
+    wait_for_panel(widget)
+    session = widget.logic.session
+    assert session.summary is not None, ui.statusLabel.text
+
+    import itk  # the stand-in's loadVolume reads with ITK: its first import (seconds) is not the panel's doing
+
+    itk.imread(str(next(Path(proxy.server.studies).glob("*.png"))))
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    timer.start()
+    proxy.delay = 3.0
+    ui.queueComboBox.setCurrentIndex(ui.queueComboBox.findData("random"))
+    ui.nextButton.setFocus()  # keys go to the panel, not into a text field
+    pressed = time.monotonic()
+    press(window, Qt.Key_N)
+    returned = time.monotonic()
+    ui.imageIdEdit.setFocus()
+    QTest.keyClicks(ui.imageIdEdit.obj, "typed while waiting")  # the panel takes input meanwhile
+    wait_for_panel(widget)
+    done = time.monotonic()
+    case = session.current
+    assert case is not None, ui.statusLabel.text
+    assert ui.imageIdEdit.text == "typed while waiting"
+    during = [t for t in ticks if pressed <= t <= done]
+    gaps = [b - a for a, b in zip([pressed] + during, during + [done])]
+    print(f"Next through a 3 s server: key handler {returned - pressed:.3f} s, {len(during)} ticks of 20 ms in "
+          f"{done - pressed:.1f} s, longest gap {max(gaps):.3f} s")
+    assert done - pressed >= proxy.delay, "the answer did come through the slow server"
+    assert max(gaps) < proxy.delay / 3, "the UI thread was blocked while the server thought"
+    assert len(during) >= 10
+
+    # meanwhile the next case of the queue is fetched (prediction, label, file) in the background
+    deadline = time.monotonic() + 120
+    while session.prefetched is None and time.monotonic() < deadline:
+        app.processEvents()
+        time.sleep(0.05)
+    upcoming = session.prefetched
+    assert upcoming and upcoming != case.image, "no case was prefetched"
+    infers = sum(1 for p in proxy.paths if p.startswith("POST /infer/"))
+    ui.nextButton.setFocus()
+    press(window, Qt.Key_Return)
+    wait_for_panel(widget)
+    assert session.current.image == upcoming, ui.statusLabel.text
+    assert sum(1 for p in proxy.paths if p.startswith("POST /infer/")) == infers, \
+        "the next case was shown from the prefetch, not asked for again"
+    timer.stop()
+    proxy.delay = 0.0
+    close_widget(widget, window)

@@ -248,18 +248,35 @@ def import_radregion_module_with_pythonqt(monkeypatch, tmp_path):
     return importlib.import_module("RadRegion"), app, main_window
 
 
+def wait_for_panel(widget, timeout=300.0):
+    """Let the Qt event loop run (the panel's poll timer included) until the panel's server call has answered."""
+    import time
+
+    from PySide6.QtCore import QEventLoop
+    from PySide6.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout
+    while widget.calls.busy:
+        assert time.monotonic() < deadline, f"the panel's server call did not finish in {timeout:.0f} s"
+        QApplication.processEvents(QEventLoop.AllEvents, 50)
+        time.sleep(0.01)
+    QApplication.processEvents()
+
+
 def test_widget_builds_its_panel_and_explains_a_missing_server(monkeypatch, tmp_path):
     module, app, main_window = import_radregion_module_with_pythonqt(monkeypatch, tmp_path)
     widget = module.RadRegionWidget()
     widget.setup()
     widget.enter()
-    assert len(widget.shortcuts) == 14
+    assert len(widget.shortcuts) == 16  # 0-9, Return, Enter, O, A, Ctrl+Z, N
     assert widget.ui.submitButton.isEnabled() is False and widget.ui.nextButton.isEnabled() is False
     widget.ui.nextButton.obj.setEnabled(True)
     widget.ui.nextButton.click()
     assert widget.ui.statusLabel.text == "Connect to a server first"
     widget.ui.serverUrlEdit.setText("127.0.0.1:9")
     widget.ui.connectButton.click()
+    assert widget.ui.statusLabel.text == "Connecting to 127.0.0.1:9…"  # the answer comes on the worker thread
+    wait_for_panel(widget)
     assert widget.ui.statusLabel.text.startswith("cannot reach the RadRegion server at http://127.0.0.1:9")
     assert "Decisions are kept on this computer" in widget.ui.statusLabel.text
     widget.exit()

@@ -84,7 +84,20 @@ class RadRegionApp(MONAILabelApp):
             token=self.app_config.pacs_secret("token"),
             writeback=conf.get("writeback", "off"),
             taxonomy=self.context.taxonomy,
+            model_answer=self._model_answer,
         )
+
+    def _model_answer(self, image_id):
+        """The published model's scored answer for an image (for the PACS decision log); None when not scored."""
+        table = self.context.current_scores()
+        k = table.index(image_id) if table is not None else None
+        if k is None:
+            return None
+        probabilities = table.probabilities[k]
+        return {"region": table.regions[int(probabilities.argmax())],
+                "confidence": round(float(probabilities.max()), 4),
+                "out_of_domain": bool(table.out_of_domain[k]), "ood_score": round(float(table.ood_score[k]), 4),
+                "model_version": table.version}
 
     def init_infers(self):
         return {MODEL: RadRegionInfer(self.context)}
@@ -111,6 +124,9 @@ class RadRegionApp(MONAILabelApp):
         super().server_mode(mode)
         if mode:
             install_http_errors()
+            from lib.writeback import install_export_route
+
+            install_export_route(self, getattr(self, "api_token", None))  # the PACS decision log, for the admin
             install_security(self, self.api_token, self.app_config,
                              dataset_archive=lambda limit: self.datastore().get_dataset_archive(limit))
             install_model_routes(self, MODEL)

@@ -118,6 +118,34 @@ def copy_with_body_part(src, dst, body_part, *, study_description=None) -> Path:
     return _save_atomic(ds, dst)
 
 
+DERIVED_SERIES_OFFSET = 1000  # a derived series is numbered 1000 above its original (1 -> 1001)
+
+
+def mark_derived(ds, *, sop_uid, series_uid, source_sop, description, series_prefix="DERIVED"):
+    """Make `ds` (a relabelled copy, changed in place) say what it is: ImageType DERIVED, a new instance in a
+    new series with its own series number and description, what was changed (DerivationDescription) and the
+    instance it was made from (SourceImageSequence). Pixel data untouched."""
+    image_type = [str(v) for v in (ds.get("ImageType") or [])]
+    ds.ImageType = ["DERIVED", image_type[1] if len(image_type) > 1 else "PRIMARY", *image_type[2:]]
+    source = pydicom.Dataset()
+    source.ReferencedSOPClassUID = ds.SOPClassUID
+    source.ReferencedSOPInstanceUID = source_sop
+    ds.SourceImageSequence = [source]
+    ds.SOPInstanceUID = sop_uid
+    if getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    try:
+        number = int(ds.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    ds.SeriesNumber = number + DERIVED_SERIES_OFFSET
+    original = str(ds.get("SeriesDescription", "") or "")
+    ds.SeriesDescription = f"{series_prefix} {original}".strip()[:64]
+    ds.DerivationDescription = str(description)[:1024]
+    return ds
+
+
 def _new_dataset(sop_class: str, sop_instance: str) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

@@ -32,9 +32,10 @@ class Prediction:
     ood_score: float = math.nan
     out_of_domain: bool = False
     pacs_label: str | None = None
-    agrees_with_pacs: bool | None = None
+    agrees_with_pacs: bool | None = None  # True when the archive names the region (also one of several)
     error: str | None = None
     features: np.ndarray | None = None
+    pacs_labels: tuple = ()  # every region the archive's header names
 
 
 def _error_text(path, error: Exception) -> str:
@@ -211,18 +212,20 @@ class Predictor:
         probs = out["probabilities"][row]
         best = int(probs.argmax())
         region = self.regions[best]
-        pacs = self._pacs_label(meta)
+        archive = self._archive_label(meta)
+        pacs = archive.region if archive else None
         return Prediction(
             path=path, region=region, confidence=float(probs[best]),
             probabilities={r: float(p) for r, p in zip(self.regions, probs)},
             ood_score=float(out["ood_score"][row]), out_of_domain=bool(out["out_of_domain"][row]),
-            pacs_label=pacs, agrees_with_pacs=None if pacs is None else pacs == region,
-            error=None, features=out["features"][row])
+            pacs_label=pacs, agrees_with_pacs=None if pacs is None else region in (archive.regions or (pacs,)),
+            pacs_labels=tuple(archive.regions) if pacs else (), error=None, features=out["features"][row])
 
-    def _pacs_label(self, meta) -> str | None:
+    def _archive_label(self, meta):
+        """The taxonomy's ArchiveLabel of the header ("HAND WRIST" names Hand and Wrist), None without one."""
         if not meta or self.taxonomy is None:
             return None
         try:
-            return self.taxonomy.archive_label(meta).region
+            return self.taxonomy.archive_label(meta)
         except Exception:  # a header the taxonomy cannot read is "no PACS label", not a failed prediction
             return None

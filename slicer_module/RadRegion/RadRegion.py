@@ -3,6 +3,7 @@
 The widget only wires Qt to RadRegionLib (pure Python, tested outside Slicer) and shows the images.
 """
 
+import logging
 import os
 import tempfile
 
@@ -19,8 +20,10 @@ from slicer.ScriptedLoadableModule import (
 
 from RadRegionLib import RadRegionClient, ReviewSession, ServerError, ServerUnreachable, server_work_dir
 from RadRegionLib.panel import PanelView
+from RadRegionLib.tasks import POLL_MS, BackgroundCalls
 
 SERVER_URL_ENV = "RADREGION_SERVER_URL"  # used by the self-test
+TOKEN_ENV = "RADREGION_API_TOKEN"  # the server's write token, when it needs one
 SETTINGS_PREFIX = "RadRegion/"
 TRAIN_POLL_MS = 5000
 REQUEST_TIMEOUT_S = 15  # a plain request; inference gets longer (RadRegionClient.infer)
@@ -35,7 +38,8 @@ class RadRegion(ScriptedLoadableModule):
         self.parent.contributors = ["RadRegion team"]
         self.parent.helpText = (
             "Confirm or correct the anatomical region that the RadRegion server predicts for each radiograph. "
-            "Keys: 1-9 pick a region, Enter submits, O marks out of domain, Ctrl+Z undoes, N loads the next case."
+            "Keys: type a region's number (always the same region; 1 then 4 is region 14), A takes the archive's "
+            "label, Enter submits, O marks out of domain, Ctrl+Z undoes, N loads the next case."
         )
         self.parent.acknowledgementText = (
             "Based on Langer et al., Self-Supervised Radiograph Anatomical Region Classification. "
@@ -44,6 +48,9 @@ class RadRegion(ScriptedLoadableModule):
 
 
 class RadRegionWidget(ScriptedLoadableModuleWidget):
+    """Every server request runs on a worker thread (RadRegionLib.tasks); a QTimer on the UI thread collects the
+    answers and updates the panel, so the panel and Slicer stay responsive while the server thinks."""
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         panel = slicer.util.loadUI(self.resourcePath("UI/RadRegion.ui"))
@@ -53,10 +60,13 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         self.view.fill_queues()
         self.logic = RadRegionLogic()
         self.shortcuts = []
+        self.calls = BackgroundCalls()
 
         settings = qt.QSettings()
         self.ui.serverUrlEdit.setText(settings.value(SETTINGS_PREFIX + "url", "http://127.0.0.1:8000"))
         self.ui.annotatorEdit.setText(settings.value(SETTINGS_PREFIX + "annotator", ""))
+        # the write token is a secret: taken from the environment, never stored in Slicer's settings
+        self.ui.tokenEdit.setText(os.environ.get(TOKEN_ENV, ""))
 
         self.ui.connectButton.connect("clicked()", self.onConnect)
         self.ui.nextButton.connect("clicked()", self.onNext)
@@ -65,12 +75,17 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         self.ui.imageIdEdit.connect("returnPressed()", self.onOpen)
         self.ui.commentEdit.connect("returnPressed()", self.onSubmit)
         self.ui.submitButton.connect("clicked()", self.onSubmit)
+        self.ui.acceptArchiveButton.connect("clicked()", self.onAcceptArchive)
         self.ui.outOfDomainButton.connect("clicked()", self.onOutOfDomain)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.regionListWidget.connect("itemClicked(QListWidgetItem*)", self.onRegionClicked)
         self.ui.trainButton.connect("clicked()", self.onTrain)
         self.ui.trainRefreshButton.connect("clicked()", self.onTrainRefresh)
 
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_MS)
+        self.pollTimer.connect("timeout()", self.calls.poll)
+        self.pollTimer.start()
         self.trainTimer = qt.QTimer()
         self.trainTimer.setInterval(TRAIN_POLL_MS)
         self.trainTimer.connect("timeout()", self.onTrainRefresh)
@@ -85,15 +100,19 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
     def cleanup(self):
         self._removeShortcuts()
         self.trainTimer.stop()
+        self.pollTimer.stop()
+        self.calls.shutdown()
+        if self.logic.session:
+            self.logic.session.close()
 
     # -- keyboard: only while the module is shown, so Slicer's own keys work elsewhere --------------------------
 
     def _installShortcuts(self):
         if self.shortcuts:
             return
-        keys = [(str(n), lambda n=n: self.onNumber(n)) for n in range(1, 10)]
+        keys = [(str(n), lambda n=n: self.onDigit(n)) for n in range(10)]
         keys += [("Return", self.onSubmit), ("Enter", self.onSubmit), ("O", self.onOutOfDomain),
-                 ("Ctrl+Z", self.onUndo), ("N", self.onNext)]
+                 ("A", self.onAcceptArchive), ("Ctrl+Z", self.onUndo), ("N", self.onNext)]
         for key, handler in keys:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.connect("activated()", lambda handler=handler: self._onKey(handler))
@@ -117,7 +136,7 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
             shortcut.deleteLater()
         self.shortcuts = []
 
-    # -- actions -------------------------------------------------------------------------------------------------
+    # -- actions: the ones that ask the server run in the background --------------------------------------------
 
     def onConnect(self):
         url, token = self.ui.serverUrlEdit.text.strip(), self.ui.tokenEdit.text.strip()
@@ -125,79 +144,127 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         settings = qt.QSettings()
         settings.setValue(SETTINGS_PREFIX + "url", url)
         settings.setValue(SETTINGS_PREFIX + "annotator", annotator)
-        if self._run(lambda: self.logic.connect(url, token, annotator), needs_session=False):
+
+        def connected():
             self.view.show_summary(self.logic.session.summary)
             self.view.fill_queues(self.logic.session.summary.queues)
             self.onTrainRefresh()
 
+        self._call(lambda: self.logic.connect(url, token, annotator), then=connected, needs_session=False,
+                   waiting=f"Connecting to {url}…")
+
     def onNext(self):
         queue = self.ui.queueComboBox.currentData
-        self._run(lambda: self.logic.session.next_case(queue), show_image=True)
+        self._call(lambda: self.logic.session.next_case(queue), show_image=True, waiting="Loading the next case…")
 
     def onOpen(self):
         image = self.ui.imageIdEdit.text.strip()
         if image:
-            self._run(lambda: self.logic.session.open_case(image), show_image=True)
-
-    def onNumber(self, number):
-        self._run(lambda: self.logic.session.choose_number(number))
-
-    def onRegionClicked(self, item):
-        row = self.ui.regionListWidget.row(item)
-        self._run(lambda: self.logic.session.choose(self.logic.session.ranked_regions()[row]))
-
-    def onOutOfDomain(self):
-        self._run(lambda: self.logic.session.mark_out_of_domain())
+            self._call(lambda: self.logic.session.open_case(image), show_image=True, waiting=f"Opening {image}…")
 
     def onSubmit(self):
         comment = self.ui.commentEdit.text.strip()
-        if self._run(lambda: self.logic.session.submit(comment=comment), show_image=True):
-            self.ui.commentEdit.clear()
+        self._call(lambda: self.logic.session.submit(comment=comment), show_image=True,
+                   then=self.ui.commentEdit.clear, waiting="Saving…")
 
     def onUndo(self):
-        self._run(lambda: self.logic.session.undo(), show_image=True)
+        self._call(lambda: self.logic.session.undo(), show_image=True, waiting="Undoing…")
 
     def onTrain(self):
-        if self._run(lambda: self.logic.session.train()):
+        def started():
             self.trainTimer.start()
             self.onTrainRefresh()
 
+        self._call(lambda: self.logic.session.train(), then=started, waiting="Starting training…")
+
     def onTrainRefresh(self):
-        if not self.logic.session:
-            return
-        try:
-            text = self.logic.session.train_status()
-        except ServerError as error:
-            text = str(error)
-        self.view.show_train_status(text)
-        if self.trainTimer.isActive() and not text.startswith("Training"):
-            self.trainTimer.stop()
-            self._run(lambda: self.logic.session.connect())  # a finished training brings a new model version
-            self.view.show_summary(self.logic.session.summary)
+        session = self.logic.session
+        if not session or self.calls.busy:
+            return  # the timer asks again later
+
+        def status():
+            try:
+                return session.train_status()
+            except ServerError as error:
+                return str(error)
+
+        def show(future):
+            text = future.result()
+            self.view.show_train_status(text)
+            if self.trainTimer.isActive() and not text.startswith("Training"):
+                self.trainTimer.stop()
+                # a finished training brings a new model version
+                self._call(lambda: session.connect(), then=lambda: self.view.show_summary(session.summary))
+
+        self.calls.submit(status, show)
+
+    # -- actions that only change the decision on screen: at once, on the UI thread ------------------------------
+
+    def onDigit(self, digit):
+        self._local(lambda: self.logic.session.type_digit(digit))
+
+    def onRegionClicked(self, item):
+        row = self.ui.regionListWidget.row(item)
+        self._local(lambda: self.logic.session.choose(self.logic.session.key_regions()[row]))
+
+    def onAcceptArchive(self):
+        self._local(lambda: self.logic.session.accept_archive())
+
+    def onOutOfDomain(self):
+        self._local(lambda: self.logic.session.mark_out_of_domain())
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
-    def _run(self, action, show_image=False, needs_session=True):
-        """Run a Lib call; errors become words in the panel, never a traceback."""
+    def _call(self, action, show_image=False, needs_session=True, then=None, waiting="Asking the server…"):
+        """Run a Lib call that talks to the server on the worker thread; its errors become words in the panel."""
         if needs_session and self.logic.session is None:
             self.view.show_status("Connect to a server first")
             return False
-        ok = True
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        if self.calls.busy:
+            self.view.show_status(f"Still waiting for the server: {self.ui.statusLabel.text}")
+            return False
+
+        def work():
+            result = action()
+            if self.logic.session is not None:
+                self.logic.session.progress()  # the counts, fetched here and not on the UI thread
+            return result
+
+        def done(future):
+            error = future.exception()
+            if isinstance(error, ServerUnreachable):
+                self.view.show_status(f"{error}. Decisions are kept on this computer and sent when it is back.")
+            elif isinstance(error, (ServerError, ValueError)):
+                self.view.show_status(str(error))
+            elif error is not None:  # a bug: say so in the panel and keep the traceback in the log
+                self.view.show_status(f"Unexpected error: {error!r} (details in the Python console)")
+                logging.error("RadRegion", exc_info=error)
+            if show_image and self.logic.session is not None:
+                self.logic.show_current_image()
+            self.refresh(keep_status=error is not None)
+            if error is None and then is not None:
+                then()
+
+        self.view.show_status(waiting)
+        self.calls.submit(work, done)
+        return True
+
+    def _local(self, action):
+        """A decision on the case on screen: no server involved, so at once; errors become words."""
+        if self.logic.session is None:
+            self.view.show_status("Connect to a server first")
+            return False
+        if self.calls.busy:
+            self.view.show_status("Wait: the server is still answering")
+            return False
         try:
             action()
-        except ServerUnreachable as error:
-            ok = False
-            self.view.show_status(f"{error}. Decisions are kept on this computer and sent when it is back.")
-        except (ServerError, ValueError) as error:
-            ok = False
+        except ValueError as error:
             self.view.show_status(str(error))
-        finally:
-            qt.QApplication.restoreOverrideCursor()
-        if show_image:
-            self.logic.show_current_image()
-        self.refresh(keep_status=not ok)
-        return ok
+            self.refresh(keep_status=True)
+            return False
+        self.refresh()
+        return True
 
     def refresh(self, keep_status=False):
         session = self.logic.session
@@ -206,7 +273,7 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         self.view.show_case(session)
         if session is None:
             return
-        confirmed, total = session.progress()
+        confirmed, total = session.progress(fetch=False)
         self.view.show_progress(confirmed, total, len(session.outbox))
         if not keep_status:
             self.view.show_status(session.status_message)
@@ -220,12 +287,34 @@ class RadRegionLogic(ScriptedLoadableModuleLogic):
         self.session = None
         self.volume = None
 
-    def connect(self, url, token="", annotator="", work_dir=None):
+    def session_for(self, url, token="", annotator="", work_dir=None, prefetch=True):
+        """The session for this server: the current one when it is the same server (token and annotator updated),
+        else a new one (its outbox is this server's own)."""
         client = RadRegionClient(url, token=token or None, timeout=REQUEST_TIMEOUT_S)
+        if self.session is not None and self.session.client.url == client.url:
+            self.session.client.token = client.token
+            self.session.annotator = annotator or self.session.annotator
+            return self.session
         work_dir = work_dir or server_work_dir(os.path.join(slicer.app.cachePath, "RadRegion"), client.url)
-        session = ReviewSession(client, work_dir, annotator=annotator or None)
-        self.session = session
-        return session.connect()
+        return ReviewSession(client, work_dir, annotator=annotator or None, prefetch=prefetch)
+
+    def connect(self, url, token="", annotator="", work_dir=None, prefetch=True):
+        """Connect; a failed Connect keeps the current session (its case, undo, outbox and regions)."""
+        session = self.session_for(url, token, annotator, work_dir, prefetch)
+        try:
+            return session.connect()
+        except ServerError:
+            if self.session is None:
+                self.session = session  # nothing to keep: the new one says what went wrong
+            elif session is not self.session:
+                self.session.status_message = session.status_message
+                session.close()
+            raise
+        finally:
+            if session.summary is not None and session is not self.session:
+                if self.session is not None:
+                    self.session.close()
+                self.session = session
 
     def show_current_image(self):
         """Load the current case's file into the red slice view; drop the previous one."""
@@ -289,7 +378,7 @@ class RadRegionTest(ScriptedLoadableModuleTest):
         self.assertEqual(client.get_label(confirmed.image)["region"], confirmed.result.region)
 
         corrected = session.current
-        other = [r for r in session.ranked_regions() if r != corrected.result.region][0]
+        other = [r for r in session.key_regions() if r != corrected.result.region][0]
         session.choose(other)
         session.submit(comment="self-test correction")
         self.assertEqual(client.get_label(corrected.image)["region"], other)

@@ -83,8 +83,10 @@ class RadRegionClient:
         return path
 
     def submit_label(self, image: str, region: Optional[str], out_of_domain: bool = False,
-                     annotator: str = "", comment: str = "", tag: str = FINAL) -> dict:
+                     annotator: str = "", comment: str = "", tag: str = FINAL, extra: Optional[dict] = None) -> dict:
+        """`extra`: more fields of the label JSON (an undo's `undo_of`, `undone_by`, `saved_at`)."""
         label = {"region": region, "out_of_domain": bool(out_of_domain), "annotator": annotator, "comment": comment}
+        label.update({k: v for k, v in (extra or {}).items() if v not in (None, "")})
         body, content_type = encode_multipart(
             {"params": json.dumps(label)},
             files={"label": ("label.json", json.dumps(label).encode("utf-8"), "application/json")},

@@ -20,6 +20,31 @@ class CaseResult:
     pacs_label: Optional[str] = None
     agrees_with_pacs: Optional[bool] = None
     model_version: Optional[str] = None
+    regions: List[str] = field(default_factory=list)  # every region the server scored, in the server's order
+    pacs_labels: List[str] = field(default_factory=list)  # every region the archive names ("HAND WRIST": 2)
+    header: Dict[str, str] = field(default_factory=dict)  # BodyPartExamined, descriptions, dates of the file
+
+    @property
+    def archive_text(self) -> str:
+        """The archive's region(s): "Hand / Wrist" for a header that names two."""
+        names = self.pacs_labels or ([self.pacs_label] if self.pacs_label else [])
+        return " / ".join(names)
+
+    @property
+    def header_text(self) -> str:
+        """The header an annotator reads before deciding, one item a line (empty for files without one)."""
+        h = self.header
+        lines = []
+        if h.get("BodyPartExamined"):
+            lines.append(f"Body part: {h['BodyPartExamined']}")
+        for key, words in (("StudyDescription", "Study"), ("SeriesDescription", "Series")):
+            if h.get(key):
+                lines.append(f"{words}: {h[key]}")
+        date = _date_text(h.get("StudyDate") or h.get("SeriesDate") or h.get("ContentDate"))
+        view = " ".join(str(h[k]) for k in ("Modality", "ViewPosition", "ImageLaterality") if h.get(k))
+        if date or view:
+            lines.append(" · ".join(x for x in (date, view) if x))
+        return "\n".join(lines)
 
     @property
     def prediction_text(self) -> str:
@@ -32,9 +57,9 @@ class CaseResult:
         if not self.pacs_label:
             return "The archive has no region label for this image"
         if self.agrees_with_pacs is None:
-            return f"Archive: {self.pacs_label}"
+            return f"Archive: {self.archive_text}"
         verdict = "agrees with the model" if self.agrees_with_pacs else "DISAGREES with the model"
-        return f"Archive: {self.pacs_label}, {verdict}"
+        return f"Archive: {self.archive_text}, {verdict}"
 
     @property
     def ood_warning(self) -> str:
@@ -67,8 +92,12 @@ class ServerSummary:
 def parse_infer(answer: dict, image: str = "", top: int = 5) -> CaseResult:
     """Parse the infer answer; the prediction list may come in any order."""
     answer = answer or {}
-    ranked = sorted(((str(p.get("label")), float(p.get("score", 0.0))) for p in answer.get("prediction") or []),
+    predictions = [p for p in answer.get("prediction") or [] if isinstance(p, dict)]
+    ranked = sorted(((str(p.get("label")), float(p.get("score", 0.0))) for p in predictions),
                     key=lambda item: -item[1])
+    in_order = sorted(predictions, key=lambda p: p.get("idx", 0) if isinstance(p.get("idx"), int) else 0)
+    pacs_label = answer.get("pacs_label") or None
+    pacs_labels = [str(r) for r in answer.get("pacs_labels") or [] if r] or ([pacs_label] if pacs_label else [])
     region = answer.get("region") or (ranked[0][0] if ranked else None)
     confidence = answer.get("confidence")
     if confidence is None:
@@ -81,9 +110,12 @@ def parse_infer(answer: dict, image: str = "", top: int = 5) -> CaseResult:
         scores=dict(ranked),
         ood_score=_float_or_none(answer.get("ood_score")),
         out_of_domain=bool(answer.get("out_of_domain", False)),
-        pacs_label=answer.get("pacs_label") or None,
+        pacs_label=pacs_label,
         agrees_with_pacs=answer.get("agrees_with_pacs"),
         model_version=answer.get("model_version"),
+        regions=[str(p.get("label")) for p in in_order],
+        pacs_labels=pacs_labels,
+        header={str(k): str(v) for k, v in (answer.get("header") or {}).items() if v not in (None, "")},
     )
 
 
@@ -118,6 +150,14 @@ def train_status_text(status: Optional[dict]) -> str:
     details = [line for line in status.get("details") or [] if str(line).strip()]
     last = f": {str(details[-1]).strip()}" if details else ""
     return f"Last training {state.lower()} at {status.get('end_ts', '?')}{last}"
+
+
+def _date_text(value) -> str:
+    """DICOM DA (20261130) as 2026-11-30; anything else as it is."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
 
 
 def _float_or_none(value):

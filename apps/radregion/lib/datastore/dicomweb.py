@@ -36,6 +36,15 @@ PAGE_SIZE = 500
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the stored bytes, never a server-side transcode
 
 
+def _sent_json(path) -> dict:
+    """The label JSON as the client sent it (an undo's `undo_of` and `undone_by` are not part of the label)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _value(item: dict, keyword: str):
     tag = pydicom.datadict.tag_for_keyword(keyword)
     element = item.get(f"{tag:08X}", {})
@@ -53,15 +62,16 @@ class RadRegionDICOMwebDatastore(Datastore):
 
     RadRegionDICOMwebDatastore(url, cache_dir, *, label_dir=None, modalities=("CR", "DX"), username=None,
     password=None, token=None, writeback="off" | "stow" | "csv", taxonomy="unifesp22", timeout=(3.05, 30.0),
-    retries=2, backoff=0.5, list_ttl=60.0)
+    retries=2, backoff=0.5, list_ttl=60.0, model_answer=None)
 
     `taxonomy`: a name, a path, a Taxonomy or a function returning one (looked up when needed).
+    `model_answer`: image id -> the model's answer for the decision log (None when unknown).
     label_dir defaults to cache_dir/labels. With the PACS down, listing and cached images keep working.
     """
 
     def __init__(self, url, cache_dir, *, label_dir=None, modalities=("CR", "DX"), username=None, password=None,
                  token=None, writeback="off", taxonomy="unifesp22", timeout=(3.05, 30.0), retries=2, backoff=0.5,
-                 list_ttl=60.0):
+                 list_ttl=60.0, model_answer=None):
         if not str(url).startswith(("http://", "https://")):
             raise PACSError(url, "a DICOMweb URL must start with http:// or https://")
         self.url = str(url).rstrip("/")
@@ -74,6 +84,7 @@ class RadRegionDICOMwebDatastore(Datastore):
             modalities = [m for m in modalities.replace(",", " ").split() if m]
         self.modalities = tuple(m.upper() for m in (modalities or ()))
         self._taxonomy = taxonomy
+        self.model_answer = model_answer or (lambda image_id: None)
         self.list_ttl = float(list_ttl)
         self.retries = int(retries)
         self._file_meta: Dict[str, dict] = {}
@@ -200,16 +211,34 @@ class RadRegionDICOMwebDatastore(Datastore):
         path = self.cached_path(image_id)
         if path.exists():
             return path
-        meta = self._index.get(image_id) or self._listing().get(image_id)
-        if meta is None:
-            raise PACSError(self.url, f"no {'/'.join(self.modalities) or 'DICOM'} instance {image_id} in this PACS",
-                            http_status=404)
+        meta = self._index.get(image_id) or self._listing().get(image_id) or self._lookup(image_id)
         url = f"{self.url}/studies/{meta['StudyInstanceUID']}/series/{meta['SeriesInstanceUID']}/instances/{image_id}"
         ds = self._call("WADO-RS retrieve", url, self.client.retrieve_instance, meta["StudyInstanceUID"],
                         meta["SeriesInstanceUID"], image_id, media_types=ANY_TRANSFER_SYNTAX)
         with atomic_write(path) as handle:
             ds.save_as(handle, write_like_original=True)
         return path
+
+    def _lookup(self, image_id: str) -> dict:
+        """One instance the listing does not have (yet): asked of the PACS by its UID. PACSError 404 when the PACS
+        says there is no such instance; 502 with the PACS's reason when it cannot say (down, refusing)."""
+        found = {}
+        for modality in self.modalities or (None,):
+            filters = {"SOPInstanceUID": image_id, **({"Modality": modality} if modality else {})}
+            for item in self._call(f"QIDO-RS search for instance {image_id}", f"{self.url}/instances",
+                                   self.client.search_for_instances, search_filters=filters,
+                                   fields=list(QIDO_FIELDS)):
+                meta = {k: _value(item, k) for k in QIDO_FIELDS}
+                meta = {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
+                if meta.get("SOPInstanceUID") == image_id and not self._is_own(meta, self.writeback.created_uids()):
+                    found = meta
+        if not found:
+            raise PACSError(self.url, f"no {'/'.join(self.modalities) or 'DICOM'} instance {image_id} in this PACS",
+                            http_status=404)
+        with self._lock:
+            self._index[image_id] = found
+            self._save_index()
+        return found
 
     # ---- images ------------------------------------------------------------------------------------------
     def list_images(self) -> List[str]:
@@ -265,12 +294,20 @@ class RadRegionDICOMwebDatastore(Datastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         if image_id not in self._index and image_id not in self._listing():
             raise PACSError(self.url, f"no instance {image_id} in this PACS", http_status=404)
+        previous = self.labels.read(image_id, label_tag)
         label_id = self.labels.save(image_id, label_filename, label_tag, label_info)
         if label_tag == DefaultLabelTag.FINAL:
-            label = self.labels.read(image_id, label_tag)
-            self.writeback.submit(image_id, label, self.get_image_info(image_id),
-                                  lambda: self.fetch(image_id), self.taxonomy)
+            self.writeback.record(image_id, self.labels.read(image_id, label_tag), self.get_image_info(image_id),
+                                  lambda: self.fetch(image_id), self.taxonomy, previous=previous,
+                                  raw=_sent_json(label_filename), model=self._model_answer(image_id))
         return label_id
+
+    def _model_answer(self, image_id: str):
+        try:
+            return self.model_answer(image_id)
+        except Exception as error:  # the log says "unknown" rather than losing the decision
+            logger.warning("model answer for %s unknown: %s", image_id, error)
+            return None
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
         return self.labels.uri(label_id, label_tag)
@@ -291,7 +328,11 @@ class RadRegionDICOMwebDatastore(Datastore):
         self.labels.update_info(label_id, label_tag, info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
+        previous = self.labels.read(label_id, label_tag)
         self.labels.remove(label_id, label_tag)
+        if previous is not None and label_tag == DefaultLabelTag.FINAL:
+            self.writeback.record(label_id, None, self.get_image_info(label_id), lambda: self.fetch(label_id),
+                                  self.taxonomy, previous=previous, model=self._model_answer(label_id))
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         listed = set(self._listing())

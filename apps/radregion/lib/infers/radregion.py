@@ -49,7 +49,27 @@ class RadRegionInfer(InferTask):
             prefix = f"{path}: "
             problem = problem[len(prefix):] if problem.startswith(prefix) else problem
             raise RadiographError(image_id, problem)
-        return None, to_result(prediction, predictor, latency=time.time() - start)
+        result = to_result(prediction, predictor, latency=time.time() - start)
+        result["header"] = header_context(path)
+        return None, result
+
+
+HEADER_CONTEXT = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "StudyDate",
+                  "SeriesDate", "Modality", "ViewPosition", "ImageLaterality")
+
+
+def header_context(path) -> dict:
+    """What an annotator reads in the header before deciding (DICOM only; {} for other files or a bad header)."""
+    from radregion.dicomread import read_header
+    from radregion.io import is_dicom
+
+    try:
+        if not is_dicom(path):
+            return {}
+        ds = read_header(path)
+    except (RadiographError, OSError):
+        return {}
+    return {k: str(ds.get(k)).strip() for k in HEADER_CONTEXT if ds.get(k) not in (None, "")}
 
 
 def to_result(prediction, predictor, latency=None) -> dict:
@@ -63,6 +83,7 @@ def to_result(prediction, predictor, latency=None) -> dict:
         "out_of_domain": bool(prediction.out_of_domain),
         "pacs_label": prediction.pacs_label,
         "agrees_with_pacs": prediction.agrees_with_pacs,
+        "pacs_labels": list(prediction.pacs_labels),
         "model_version": predictor.version,
     }
     if latency is not None:
