@@ -299,6 +299,9 @@ def check_model_upload(server, state):
     before = served_version()
     tensors = load_file(str(state / "model" / "model.safetensors"))
     assert upload(save(tensors), headers={}).status_code == 401
+    other = requests.put(f"{server.url}/model/other", headers=server.auth, timeout=60,
+                         files={"file": ("model.safetensors", save(tensors))})
+    assert other.status_code == 404, other.text
     wrong_shape = {**tensors, "head.weight": tensors["head.weight"][:3].clone()}
     not_finite = {**tensors, "head.bias": tensors["head.bias"] * float("nan")}
     extra = {**tensors, "backdoor": tensors["head.bias"].clone()}

@@ -25,11 +25,15 @@ class ModelUploadError(AppError):
     http_status = 422
 
 
-def model_upload_app(context, limit_bytes: int):
+def model_upload_app(app_instance, limit_bytes: int):
     """The ASGI app the gate hands `PUT /model/<name>` to."""
+    context = app_instance.context
 
     async def app(scope, receive, send):
         request = Request(scope, receive)
+        name = scope["path"].rstrip("/").split("/")[-1]
+        if not app_instance.model_file(name, validate=False):
+            return await JSONResponse({"detail": f"no model {name!r} on this server"}, 404)(scope, receive, send)
         try:
             async with request.form(max_part_size=limit_bytes) as form:
                 upload = form.get("file")

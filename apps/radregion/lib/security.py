@@ -278,7 +278,7 @@ def install_security(app_instance, token: str, config, dataset_archive=None):
 
     from .model_upload import model_upload_app
 
-    model_upload = model_upload_app(app_instance.context, config.max_upload_mb << 20) if config.model_upload else None
+    model_upload = model_upload_app(app_instance, config.max_upload_mb << 20) if config.model_upload else None
     host = bound_host()
     loopback = is_loopback(host)
     app.user_middleware = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RequestGate)]
