@@ -253,7 +253,30 @@ def test_train_with_6_confirmed_labels_keeps_all_21_regions(faults_server, tiny_
     rows = np.flatnonzero(np.isin(ts.targets, [shipped.regions.index(r) for r in unconfirmed]))
     predicted = published.head().predict(ts.features[rows])
     assert len(set(predicted)) >= len(unconfirmed) // 2
-    faults_server.published = result
+    faults_server.published_labels = chosen
+
+
+def test_train_keeps_the_model_when_confirmed_labels_make_it_worse(faults_server):
+    """Swapped regions (Chest <-> Knee, Abdomen <-> Pelvis) on all 12 PNGs contradict the model's own training
+    data: heads fitted with them lose macro recall on its patient-grouped folds, so the model stays."""
+    swap = {"Chest": "Knee", "Knee": "Chest", "Abdomen": "Pelvis", "Pelvis": "Abdomen"}
+    before = model(faults_server)["model_version"]
+    for image_id, region in faults_server.truth.items():
+        save_label(faults_server, image_id, swap[region])
+    answer = train(faults_server)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["status"] == "kept" and result["published"] is False, result
+    assert result["heldout"]["new"] < result["heldout"]["current"] - 0.01, result
+    assert "original training data" in result["reason"] and str(result["heldout"]["n_images"]) in result["reason"]
+    assert model(faults_server)["model_version"] == before
+    stats = info(faults_server)["train_stats"]["radregion"]
+    assert stats["status"] == "kept" and stats["reason"] == result["reason"]
+    for image_id in faults_server.truth:  # back to the 6 true labels of the test before
+        requests.delete(f"{faults_server.url}/datastore/label", params={"id": image_id, "tag": "final"},
+                        headers=faults_server.auth, timeout=60)
+    for image_id, region in faults_server.published_labels.items():
+        save_label(faults_server, image_id, region)
 
 
 def test_rollback_serves_the_previous_model_again(faults_server, tiny_bundle):

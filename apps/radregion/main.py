@@ -15,11 +15,11 @@ import threading
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import ImageNotFoundException
-from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.disagreement import Disagreement
 from lib.activelearning.diverse import Diverse
 from lib.activelearning.ood import OutOfDomain
+from lib.activelearning.random import RandomStrategy
 from lib.activelearning.uncertain import Uncertain
 from lib.api_token import load_api_token
 from lib.config import SECRET_KEYS, AppConfig, ConfigError
@@ -111,7 +111,7 @@ class RadRegionApp(MONAILabelApp):
             "disagreement": Disagreement(self.context),
             "ood": OutOfDomain(self.context),
             "diverse": Diverse(self.context),
-            "random": Random(),
+            "random": RandomStrategy(self.context),
         }
 
     def init_scoring_methods(self):

@@ -38,7 +38,8 @@ class RadRegionContext:
         self.model_dir = self.state_dir / "model"  # a link to the current generation (published.py)
         self.models = ModelStore(self.state_dir)
         self.scores = ScoreStore(self.state_dir / "scores")
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the score table of this process (read, extend, save)
+        self._model_lock = threading.Lock()  # the predictor (never held while images are scored)
         self._predictor = None
         self._predictor_folder = None
         self._unloadable = None
@@ -100,7 +101,7 @@ class RadRegionContext:
         """The engine Predictor of the published model; replaced when another generation is published."""
         from radregion.inference import Predictor
 
-        with self._lock:
+        with self._model_lock:
             folder = self.models.current_folder()
             if folder is None or folder == self._predictor_folder or folder == self._unloadable:
                 if self._predictor is None:

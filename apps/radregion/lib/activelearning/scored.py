@@ -23,6 +23,7 @@ _SERVED = {}  # image id -> time it was handed out by any queue of this server
 
 class ScoredStrategy(Strategy):
     name = ""
+    uses_scores = True  # False: the order does not come from the scores (never provisional)
 
     def __init__(self, context, description):
         super().__init__(description)
@@ -46,11 +47,11 @@ class ScoredStrategy(Strategy):
         unlabelled = datastore.get_unlabeled_images("final")
         ranked = self.ranked_ids(datastore, table, unlabelled)
         pending = sorted(i for i in unlabelled if table is None or i not in table)  # not scored (nor unreadable)
-        candidates = ranked + [(image_id, None) for image_id in pending]
+        candidates = self.candidates(ranked, pending)
         if not candidates:
             return None
         version = self.context.version
-        provisional = table is None or table.version != version or bool(pending)
+        provisional = self.uses_scores and (table is None or table.version != version or bool(pending))
         with _LOCK:
             now = time.time()
             skip = self.context.config.skip_served_s
@@ -70,6 +71,11 @@ class ScoredStrategy(Strategy):
                                  "scores_of": table.version if table is not None else None}
             logger.info(f"{self.name}: provisional choice {image_id} (scoring in progress)")
         return result
+
+
+    def candidates(self, ranked, pending) -> list:
+        """[(image_id, score or None)] in hand-out order: the scored ones ranked, then the unscored ones."""
+        return ranked + [(image_id, None) for image_id in pending]
 
 
 def _last_served(datastore, image_id) -> float:

@@ -7,10 +7,10 @@ Frozen backbone: training takes seconds on CPU and reads no image twice.
   label: confirmed labels win where they disagree.
 - Two checks, both must hold to publish:
   1. confirmed labels: a patient-grouped split (the engine's `patient_split`); a head fitted without the
-     validation patients against the current model on them, macro recall (the engine's `summarise`);
+     validation patients against the current model on them, macro recall (the engine's `macro_recall`);
   2. the original data: bundles record no held-out test set, so the held-out figure is the patient-grouped
-     cross-validation of the stored training set (the engine's `patient_folds`): each fold's head fitted with and
-     without the confirmed labels, out-of-fold macro recall with them not lower than without
+     cross-validation of the stored training set (the engine's `radregion.validation`): each fold's head fitted
+     with and without the confirmed labels, out-of-fold macro recall with them not lower than without
      (up to `--conf heldout_tolerance`, default 0.01: refitting alone moves it by that much).
 - Then the head is fitted on everything for all regions, carries the stored training set unchanged (the next
   training starts from the same base) and is published as the next generation, unless a newer model was
@@ -73,6 +73,7 @@ class RadRegionTrainer(TrainTask):
     # ---- steps --------------------------------------------------------------------------------------
     def _train(self, request, datastore, base):
         from radregion.bundle import load_bundle
+        from radregion.evaluate import macro_recall
         from radregion.head import fit_head
 
         config = self.context.config
@@ -117,20 +118,23 @@ class RadRegionTrainer(TrainTask):
         truths = [regions[y_conf[k]] for k in val_rows]
         head = fit_head(np.concatenate([x_base, x_conf[train_rows]]),
                         [regions[t] for t in np.concatenate([y_base, y_conf[train_rows]])], regions)
-        new = _macro_recall(head.predict(x_conf[val_rows]), truths, regions)
-        current = _macro_recall(bundle.head().predict(x_conf[val_rows]), truths, regions)
+        new = macro_recall(head.predict(x_conf[val_rows]), truths, regions)
+        current = macro_recall(bundle.head().predict(x_conf[val_rows]), truths, regions)
         report["validation"] = {"n_images": len(val_rows), "n_patients": n_patients, "metric": "macro_recall",
                                 "new": round(new, 4), "current": round(current, 4)}
-        # 2. the original data's held-out figure, with and without the confirmed labels
-        held = heldout_check(x_base, y_base, g_base, x_conf[train_rows], y_conf[train_rows], regions)
+        # 2. the original data's held-out figure, with and without the confirmed labels (all of them: the published
+        # head is fitted on all; none of them is among the rows evaluated)
+        held = heldout_check(x_base, y_base, g_base, x_conf, y_conf, regions)
         report["heldout"] = held
+        problems = []
         if new < current:
-            return self._kept(bundle, report, f"worse on the {len(val_rows)} validation images of {n_patients} "
-                                              f"patient(s): macro recall {new:.3f} < current {current:.3f}")
+            problems.append(f"worse on the {len(val_rows)} validation images of {n_patients} patient(s): "
+                            f"macro recall {new:.3f} < current {current:.3f}")
         if held["new"] < held["current"] - config.heldout_tolerance:
-            return self._kept(bundle, report, f"worse on the original training data's held-out folds "
-                                              f"({held['n_images']} images): macro recall {held['new']:.3f} < "
-                                              f"{held['current']:.3f} without the confirmed labels")
+            problems.append(f"worse on the original training data's held-out folds ({held['n_images']} images): "
+                            f"macro recall {held['new']:.3f} < {held['current']:.3f} without the confirmed labels")
+        if problems:
+            return self._kept(bundle, report, "; ".join(problems))
 
         # publish: a head on everything, every region
         head = fit_head(np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])],
@@ -194,35 +198,21 @@ def same_images(stored: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
 
 
 def heldout_check(x, y, groups, x_extra, y_extra, regions, folds=HELDOUT_FOLDS) -> dict:
-    """Out-of-fold macro recall on the stored set (patient-grouped folds): heads fitted on each fold's training
-    part alone (`current`) and with the extra (confirmed) rows (`new`)."""
-    from radregion.datasets import LabelledImage, patient_folds
-    from radregion.head import fit_head
+    """Out-of-fold macro recall on the stored set (the engine's patient-grouped folds and out-of-fold heads):
+    heads fitted on each fold's training part alone (`current`) and with the extra (confirmed) rows (`new`)."""
+    from radregion.datasets import LabelledImage
+    from radregion.evaluate import macro_recall
+    from radregion.validation import fold_ids, out_of_fold_predictions
 
-    items = [LabelledImage(Path(f"{n}"), (regions[t],), f"group-{g}") for n, (t, g) in enumerate(zip(y, groups))]
-    k = min(folds, len(set(groups.tolist())))
-    fold_of = np.asarray(patient_folds(items, k=k, seed=0))
-    current, new = [None] * len(y), [None] * len(y)
-    for fold in np.unique(fold_of):
-        train, test = fold_of != fold, np.flatnonzero(fold_of == fold)
-        for out, (fx, fy) in ((current, (x[train], y[train])),
-                              (new, (np.concatenate([x[train], x_extra]), np.concatenate([y[train], y_extra])))):
-            present = sorted(set(fy.tolist()))
-            if len(present) < 2:
-                continue
-            head = fit_head(fx, [regions[t] for t in fy], [regions[t] for t in present])
-            for row, region in zip(test, head.predict(x[test])):
-                out[row] = region
-    truths = [regions[t] for t in y]
+    names = [regions[t] for t in y]
+    items = [LabelledImage(Path(f"{n}"), (name,), f"group-{g}") for n, (name, g) in enumerate(zip(names, groups))]
+    fold_of = fold_ids(items, k=folds, seed=0)
+    current = out_of_fold_predictions(x, names, regions, fold_of)
+    new = out_of_fold_predictions(x, names, regions, fold_of, extra_features=x_extra,
+                                  extra_label_sets=[(regions[t],) for t in y_extra])
     return {"n_images": int(len(y)), "folds": int(len(np.unique(fold_of))), "metric": "macro_recall",
-            "new": round(_macro_recall(new, truths, regions), 4),
-            "current": round(_macro_recall(current, truths, regions), 4)}
-
-
-def _macro_recall(predicted, truths, regions) -> float:
-    from radregion.evaluate import summarise
-
-    return float(summarise(predicted, truths, regions, n_boot=0)["macro_recall"])
+            "new": round(macro_recall(new, names, regions), 4),
+            "current": round(macro_recall(current, names, regions), 4)}
 
 
 def _patient(datastore, image_id):
