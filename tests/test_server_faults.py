@@ -398,23 +398,3 @@ def test_the_server_starts_without_conf_model_from_the_installed_package(tmp_pat
         assert len(model(server)["labels"]) == len(load_bundle(shipped).regions)
     finally:
         server.stop()
-
-
-def test_label_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
-    """atomic_write: after the rename, the folder is fsynced too (else a power cut can lose the new entry)."""
-    import os
-
-    from radregion.atomic import atomic_write
-
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    target = tmp_path / "labels" / "final" / "x.json"
-    with atomic_write(target, "w") as f:
-        f.write("{}")
-    assert synced[-1] == str(target.parent) and any(p.endswith(".tmp") for p in synced[:-1]), synced

@@ -128,14 +128,18 @@ class ModelStore:
             shutil.rmtree(folder, ignore_errors=True)
             raise PublishConflict(f"a newer model (generation {generation}, {current.get('version')}) was published "
                                   f"since this run started from generation {expect_generation}")
-        bundle = load_bundle(folder)  # never publish something the server cannot load
-        name = f"g{generation + 1:06d}-{bundle.version}"
-        record = {"generation": generation + 1, "version": bundle.version, "folder": name,
-                  "previous": current.get("folder") if previous is REPLACED else previous,
-                  "replaced": current.get("folder"), "reason": reason, "published_at": _now(), **details}
-        with atomic_write(folder / RECORD, "w") as f:
-            json.dump(record, f, indent=2)
-        fsync_tree(folder)
+        try:
+            bundle = load_bundle(folder)  # never publish something the server cannot load
+            name = f"g{generation + 1:06d}-{bundle.version}"
+            record = {"generation": generation + 1, "version": bundle.version, "folder": name,
+                      "previous": current.get("folder") if previous is REPLACED else previous,
+                      "replaced": current.get("folder"), "reason": reason, "published_at": _now(), **details}
+            with atomic_write(folder / RECORD, "w") as f:
+                json.dump(record, f, indent=2)
+            fsync_tree(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         crash_point("publish:written", crash_at)
         target = self.root / name
         if target.exists():
