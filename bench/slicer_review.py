@@ -1,9 +1,11 @@
 """Annotator wait in the Slicer extension: what one key press costs through RadRegionLib against a real server.
 
 Per case: Enter = submit the decision (PUT label) + next case (active learning) + its prediction (infer) + the image
-download, p50/p95 per queue; then the time to deliver decisions that waited in the outbox while the server was down.
+download, p50/p95 per queue, without and with the panel's prefetch (the next case loaded in the background while
+the annotator looks at the current one for --look-s seconds); then the time to deliver decisions that waited in
+the outbox while the server was down.
 
-    .venv/bin/python bench/slicer_review.py [--model BUNDLE] [--cases 25] [--outbox 20]
+    .venv/bin/python bench/slicer_review.py [--model BUNDLE] [--cases 25] [--outbox 20] [--look-s 1.0]
 
 Without --model it uses apps/radregion/model when that holds a bundle, else builds the tests' tiny bundle.
 """
@@ -39,10 +41,11 @@ def wait_for_case(session, queue, limit_s=300):
     raise RuntimeError(f"queue {queue} gave no case in {limit_s} s: {session.status_message}")
 
 
-def review_loop(session, queue, cases):
+def review_loop(session, queue, cases, look_s=0.0):
     wait_for_case(session, queue)
     times = []
     for _ in range(cases):
+        time.sleep(look_s)  # the annotator looks at the case (the prefetch works meanwhile)
         start = time.perf_counter()
         session.submit()  # Enter: confirm the prediction, load the next case
         times.append(time.perf_counter() - start)
@@ -56,6 +59,7 @@ def main():
     parser.add_argument("--model", type=Path)
     parser.add_argument("--cases", type=int, default=25)
     parser.add_argument("--outbox", type=int, default=20)
+    parser.add_argument("--look-s", type=float, default=1.0, help="how long the annotator looks at each case")
     args = parser.parse_args()
 
     from fixtures.bundle import bench_model
@@ -68,18 +72,22 @@ def main():
         model = bench_model(args.model, SHARED / "unifesp", work)
         studies = work / "studies"
         studies.mkdir()
-        needed = 2 * args.cases + args.outbox + 4
+        needed = 4 * args.cases + args.outbox + 8
         for png in sorted((SHARED / "unifesp" / "images").glob("*.png"))[:needed]:
             shutil.copy(png, studies / png.name)
         server = start_server(studies, model, log_path=work / "server.log")
         try:
-            session = ReviewSession(RadRegionClient(server.url), str(work / "slicer"), annotator="bench")
-            session.connect()
-            print(f"{'queue':<12}{'cases':>7}{'p50 ms':>9}{'p95 ms':>9}  (Enter -> label saved, next case shown)")
-            for queue in ("random", "uncertain"):
-                times = review_loop(session, queue, args.cases)
-                p50, p95 = percentiles(times)
-                print(f"{queue:<12}{len(times):>7}{p50:>9.0f}{p95:>9.0f}")
+            print(f"{'queue':<12}{'prefetch':<10}{'cases':>7}{'p50 ms':>9}{'p95 ms':>9}  "
+                  f"(Enter -> label saved, next case shown; {args.look_s:g} s look at each case)")
+            for prefetch in (False, True):
+                session = ReviewSession(RadRegionClient(server.url), str(work / f"slicer-{prefetch}"),
+                                        annotator="bench", prefetch=prefetch)
+                session.connect()
+                for queue in ("random", "uncertain"):
+                    times = review_loop(session, queue, args.cases, args.look_s)
+                    p50, p95 = percentiles(times)
+                    print(f"{queue:<12}{'on' if prefetch else 'off':<10}{len(times):>7}{p50:>9.0f}{p95:>9.0f}")
+                session.close()
 
             wait_for_case(session, "random")
             server.stop()

@@ -594,6 +594,20 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
         # the log names patients: the token is needed even on loopback
         assert requests.get(f"{api}/radregion/decisions", timeout=60).status_code == 401
 
+        # an out-of-domain finding: in the decision log and in the batch audit's CSV
+        phantom = list(pacs.truth)[3]
+        first.open_case(phantom)
+        first.mark_out_of_domain()
+        first.submit(comment="calibration phantom", load_next=False)
+        finding = export(image=phantom)[-1]
+        assert finding["event"] == "label" and finding["decision"]["out_of_domain"] is True
+        assert finding["who"] == "first" and finding["decision"]["comment"] == "calibration phantom"
+        audit = requests.post(f"{api}/batch/infer/radregion", params={"images": "all", "run_sync": "true"},
+                              headers=auth, timeout=300)
+        assert audit.status_code == 200, audit.text
+        rows = {r["image"]: r for r in csv.DictReader(open(audit.json()["csv"], newline=""))}
+        assert rows[phantom]["out_of_domain"] == "true"
+
         # an id the PACS does not have is a 404; the PACS down is a 502 that says why
         answer = requests.post(f"{api}/infer/radregion", params={"image": "1.2.3.4.5.6.7", "output": "json"},
                                headers=auth, timeout=120)

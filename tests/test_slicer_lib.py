@@ -507,8 +507,7 @@ def test_relabel_shows_who_and_when_and_undo_restores_the_earlier_label(radregio
 
     second.undo()  # after a re-label, undo brings back the earlier label (not: no label)
     restored = second.client.get_label(image)
-    assert {k: restored[k] for k in ("region", "out_of_domain", "annotator", "comment")} == \
-        {k: earlier[k] for k in ("region", "out_of_domain", "annotator", "comment")}
+    assert restored == earlier, "region, out of domain, who, comment and when: as they were"
     assert second.current.image == image and second.current.existing["region"] == "Knee"
     assert second.pending.region == "Ankle", "the undone decision is back on screen, to change or send again"
     assert second.history[-2].endswith(": Ankle (was Knee)")

@@ -262,6 +262,7 @@ class ReviewSession:
         """Stop the prefetch thread (a request in flight finishes on its own)."""
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=False)
+            self._prefetcher = None  # the session goes on without prefetching
 
     # -- cases -------------------------------------------------------------------------------------------------
 

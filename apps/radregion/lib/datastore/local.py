@@ -83,7 +83,24 @@ def parse_label(image_id, raw: bytes, taxonomy, annotator=None) -> dict:
             raise InvalidLabelError(image_id, f"{key} too long ({len(data[key])} characters; at most "
                                               f"{MAX_TEXT[key]})")
     return {"region": region, "out_of_domain": bool(out_of_domain), "annotator": data.get("annotator") or annotator,
-            "comment": data.get("comment") or "", "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "comment": data.get("comment") or "", "saved_at": _restored_time(data) or _now()}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _restored_time(data: dict):
+    """An undo (the panel names the decision it takes back in `undo_of`) restores the earlier label as it was,
+    its time included; any other label gets the time it is saved."""
+    value = data.get("saved_at") if data.get("undo_of") else None
+    if isinstance(value, str) and len(value) == 20 and value[4] == "-" and value[10] == "T" and value.endswith("Z"):
+        try:
+            time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+            return value
+        except ValueError:
+            return None
+    return None
 
 
 def is_radiograph_file(path: Path) -> bool:

@@ -54,13 +54,14 @@ def audit_rows(table, image_ids, datastore) -> list:
     ids = [i for i in image_ids if table.index(i) is not None]
     rows = [table.index(i) for i in ids]
     probs = table.probabilities[rows] if rows else np.zeros((0, len(table.regions)), np.float32)
-    given = []
+    given, confirmed_ood = [], []
     for image_id, k in zip(ids, rows):
         label = read_label(datastore, image_id)
         given.append(label.get("region") if label else table.pacs_label[k])
+        confirmed_ood.append(bool(label and label.get("out_of_domain")))  # an annotator's out-of-domain finding
     index = {r: n for n, r in enumerate(table.regions)}
     y = np.array([index.get(g, -1) for g in given], dtype=np.int64)
-    ood = table.out_of_domain[rows] if rows else np.zeros(0, bool)
+    ood = (table.out_of_domain[rows] if rows else np.zeros(0, bool)) | np.array(confirmed_ood, bool)
     scores = issue_scores(y, probs) if len(ids) else np.zeros(0)
     flags = find_label_issues(y, probs, out_of_domain=ood) if len(ids) else np.zeros(0, bool)
     predicted = table.predicted()
@@ -68,7 +69,7 @@ def audit_rows(table, image_ids, datastore) -> list:
     for n, (image_id, k) in enumerate(zip(ids, rows)):
         out.append({"image": image_id, "given_label": given[n], "suggested_label": predicted[k],
                     "issue_score": float(scores[n]), "is_issue": bool(flags[n]),
-                    "ood_score": float(table.ood_score[k]), "out_of_domain": bool(table.out_of_domain[k])})
+                    "ood_score": float(table.ood_score[k]), "out_of_domain": bool(ood[n])})
     for image_id in image_ids:
         if image_id in table.errors:
             out.append({"image": image_id, "given_label": None, "suggested_label": None, "issue_score": None,
