@@ -19,7 +19,7 @@ from RadRegionLib import (  # noqa: E402
     QUEUES, RadRegionClient, RequestRejected, ReviewSession, ServerUnreachable, parse_infer, parse_summary,
     server_work_dir, train_status_text,
 )
-from RadRegionLib.review import Case  # noqa: E402
+from RadRegionLib.review import Case, label_text  # noqa: E402
 
 SCORING_WAIT_S = 240  # the scored queues answer once the server has scored its images
 
@@ -383,6 +383,17 @@ def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_pat
     assert client.get_label(case.image)["out_of_domain"] is True
     confirmed, total = session.progress()
     assert ui.progressLabel.text.startswith(f"{confirmed} of {total} images confirmed")
+
+    # an image opened by its id: no queue named; its header shown; A takes the archive's label
+    ui.imageIdEdit.setText("RG1_J2KI")
+    ui.openButton.click()
+    wait_for_panel(widget)
+    assert ui.caseLabel.text == "RG1_J2KI\nopened by id"
+    assert ui.headerLabel.text.startswith("Body part: CHEST\nStudy: THORAX") and ui.headerLabel.isVisible()
+    ui.nextButton.setFocus()
+    press(window, Qt.Key_A)
+    assert ui.pendingLabel.text in ("Enter: Confirm Chest", "Enter: Correct to Chest",
+                                    f"Enter: Replace {label_text(session.current.existing)} with Chest")
     close_widget(widget, window)
 
 
