@@ -116,8 +116,9 @@ class RadRegionTrainer(TrainTask):
             return self._kept(bundle, report, "no validation images: confirm images of at least two patients "
                                               "for a region so one can be held out")
         truths = [regions[y_conf[k]] for k in val_rows]
-        head = fit_head(np.concatenate([x_base, x_conf[train_rows]]),
-                        [regions[t] for t in np.concatenate([y_base, y_conf[train_rows]])], regions)
+        fitted = np.concatenate([y_base, y_conf[train_rows]])  # a region whose only images are held out: left out
+        head = fit_head(np.concatenate([x_base, x_conf[train_rows]]), [regions[t] for t in fitted],
+                        [r for k, r in enumerate(regions) if np.any(fitted == k)])
         new = macro_recall(head.predict(x_conf[val_rows]), truths, regions)
         current = macro_recall(bundle.head().predict(x_conf[val_rows]), truths, regions)
         report["validation"] = {"n_images": len(val_rows), "n_patients": n_patients, "metric": "macro_recall",
