@@ -602,6 +602,7 @@ def test_failed_connect_keeps_the_session_and_the_full_region_list_comes_back(pr
     wait_for_panel(widget)
     assert fresh.current.image == first.image and fresh.summary is not None, ui.statusLabel.text
     assert ui.regionListWidget.count() == len(regions), "the full region list, not the top 5"
+    assert fresh.summary.model_version in ui.serverInfoLabel.text
     assert ui.caseLabel.text.endswith("opened by id"), "an image opened by id is not from a queue"
     session.close()
     close_widget(widget, window)

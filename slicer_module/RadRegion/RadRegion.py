@@ -275,6 +275,8 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
             return
         confirmed, total = session.progress(fetch=False)
         self.view.show_progress(confirmed, total, len(session.outbox))
+        if session.summary is not None:  # also when a request, not Connect, brought it after an outage
+            self.view.show_summary(session.summary)
         if not keep_status:
             self.view.show_status(session.status_message)
 
