@@ -174,6 +174,14 @@ def test_session_uploads_that_unpack_archives_are_off(env):
     assert files_under(env.root) == before and not (APP_DIR / "escaped.txt").exists()
 
 
+def test_routes_radregion_does_not_use_are_off(env):
+    for method, path in [("GET", "/proxy/dicom/qido/studies"), ("GET", "/ohif/index.html"), ("GET", "/ohif/"),
+                         ("POST", "/infer/wsi/radregion"), ("POST", "/infer/wsi_v2/radregion"),
+                         ("GET", "/session/x"), ("DELETE", "/session/x")]:
+        answer = requests.request(method, f"{env.url}{path}", headers=AUTH, timeout=60)
+        assert answer.status_code in (403, 404) and answer.json()["detail"], (path, answer.text)
+
+
 def test_batch_run_writes_its_csv_only_in_the_state_folder(env):
     target = env.outside / "audit.csv"
     answer = requests.post(f"{env.url}/batch/infer/radregion", params={"run_sync": "true"}, headers=AUTH,

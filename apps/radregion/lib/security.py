@@ -4,8 +4,8 @@
   dataset export need `Authorization: Bearer <API token>`; when the server listens on anything but loopback,
   every request does.
 - CORS: only the configured origins (`--conf cors_origins`), none by default; no credentials.
-- Off: sessions (their uploads unpack archives), the DICOM proxy, whole-slide inference, `DELETE /model`, and
-  `PUT /model` unless the admin enables model upload (then the upload is verified before it is served).
+- Off: sessions (their uploads unpack archives), the DICOM proxy, the OHIF viewer, whole-slide inference,
+  `DELETE /model`, and `PUT /model` unless the admin enables model upload (then verified before it is served).
 - Bodies: image uploads up to `max_upload_mb`, labels up to `max_label_kb`, anything else 1 MiB (413 above);
   small forms are checked before MONAI Label parses them (`params`/`info` must be JSON objects; inference
   takes an image id, not an uploaded file or a session).
@@ -119,6 +119,8 @@ class RequestGate:
             return 403, "sessions are off in RadRegion: add images with PUT /datastore/image, infer them by id"
         if path.startswith("/proxy/"):
             return 403, "the DICOM proxy is off in RadRegion"
+        if path == "/ohif" or path.startswith("/ohif/"):
+            return 404, "the OHIF viewer is not part of RadRegion"
         if path.startswith(("/infer/wsi/", "/infer/wsi_v2/")):
             return 404, "whole-slide inference is not part of RadRegion"
         if path.startswith("/model/") and method == "DELETE":
