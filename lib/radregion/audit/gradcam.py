@@ -32,7 +32,10 @@ class Classifier(nn.Module):
 
 
 def last_conv_layer(backbone: nn.Module) -> str:
-    """Name of the last block holding a convolution (MONAI ResNet: "layer4")."""
+    """The backbone's `cam_layer` if it names one, else the last block holding a convolution (MONAI ResNet:
+    "layer4")."""
+    if getattr(backbone, "cam_layer", None):
+        return backbone.cam_layer
     last = None
     for name, module in backbone.named_children():
         if any(isinstance(m, nn.Conv2d) for m in module.modules()):

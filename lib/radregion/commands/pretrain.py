@@ -7,7 +7,7 @@ import sys
 # Spelled out so that `radregion --help` does not import torch and MONAI (seconds); test_pretrain checks they match
 # radregion.pretrain.METHODS and radregion.networks.ARCHITECTURES.
 METHODS = ("simclr", "byol", "supcon")
-ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50")
+ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50", "efficientnet-lite0")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -22,9 +22,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="folders of radiographs (searched recursively) and/or labels CSVs (SupCon uses the labels)")
     p.add_argument("--output", required=True, metavar="BUNDLE", help="bundle folder to write")
     p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    p.add_argument("--init", choices=("random", "imagenet"), default="random",
+                   help="start from random weights (default) or the installed ImageNet weights (efficientnet-lite0)")
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=100,
-                   help="default 100; 0 writes the randomly initialised backbone (a supervised-from-scratch start)")
+                   help="default 100; 0 writes the starting backbone (random or --init imagenet) for fit-head --fine-tune")
     p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3 x sqrt(global batch / 256))")
@@ -56,6 +58,7 @@ def run(args) -> int:
         seed=args.seed, gauge=args.gauge, clean=args.clean, workers=args.workers, resume=args.resume,
         log_dir=args.log_dir, device=args.device, precision=args.precision, temperature=args.temperature,
         stop_after=args.stop_after, progress=args.progress, command=["radregion"] + sys.argv[1:],
+        init=None if args.init == "random" else args.init,
     )
     if result is None:
         print(f"stopped after {args.stop_after} epoch(s); continue with --resume")

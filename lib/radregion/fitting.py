@@ -1,0 +1,166 @@
+"""Fit a bundle's head from labelled images: optional full fine-tuning, features, a patient-grouped
+cross-validated head and a calibrated out-of-domain detector, saved as a new bundle."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import warnings
+
+import numpy as np
+
+from radregion.head import DEFAULT_C, first_labels, fit_head, out_of_domain_regions
+from radregion.ood import METHODS, auroc, fit_ood
+
+OOD_PERCENTILE = 95.0
+
+
+def taxonomy_of(bundle):
+    """The bundle's taxonomy, or None when it records none that can be read."""
+    try:
+        return bundle.taxonomy()
+    except (ImportError, KeyError, ValueError, FileNotFoundError):
+        return None
+
+
+def split_in_domain(items, ood_regions):
+    """-> (in-domain items, their in-domain label tuples, out-of-domain items)."""
+    in_items, in_labels, ood_items = [], [], []
+    for item in items:
+        labels = tuple(lab for lab in item.labels if lab not in ood_regions)
+        if labels:
+            in_items.append(item)
+            in_labels.append(labels)
+        else:
+            ood_items.append(item)
+    return in_items, in_labels, ood_items
+
+
+def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
+               folds=5, seed=0, fine_tune_epochs=0, fine_tune_lr=5e-4, class_weights="sqrt",
+               outlier_exposure=False, data=None, command=None, workers=2, progress=False, half_backbone=None,
+               device="auto"):
+    """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
+
+    Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
+    never go in the head; they measure the OOD AUROC (and, with `outlier_exposure`, take part in fine-tuning).
+    Patient-grouped out-of-fold predictions give the cross-validated metrics and the OOD threshold (its
+    `OOD_PERCENTILE` on held-out in-domain images). The features the head was fitted on are stored in the
+    bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None: as the input bundle).
+    """
+    from radregion.bundle import TrainingSet, provenance
+    from radregion.evaluate import summarise
+    from radregion.features import extract_features, load_clean_images
+
+    taxonomy = taxonomy_of(bundle)
+    ood_regions = out_of_domain_regions(taxonomy, exclude_regions)
+    in_items, in_labels, ood_items = split_in_domain(items, ood_regions)
+    if not in_items:
+        raise ValueError("no labelled in-domain images to fit a head on")
+    order = taxonomy.names if taxonomy is not None else sorted({lab for labs in in_labels for lab in labs})
+    present = set(first_labels(in_labels))
+    regions = [r for r in order if r in present] + sorted(present - set(order))
+    names = first_labels(in_labels)
+    y = np.array([regions.index(n) for n in names])
+
+    settings = bundle.settings
+    in_images = load_clean_images([it.path for it in in_items], settings, workers)
+    ood_images = load_clean_images([it.path for it in ood_items], settings, workers) if ood_items else None
+    if fine_tune_epochs:
+        from radregion.finetune import fine_tune
+
+        backbone = fine_tune(bundle, in_images, y, len(regions), outliers=ood_images if outlier_exposure else None,
+                             epochs=fine_tune_epochs, lr=fine_tune_lr, class_weights=class_weights, seed=seed,
+                             device=device, progress=progress)
+    else:
+        backbone = bundle.backbone()
+    feats = extract_features(backbone, in_images, device=device)
+    ood_feats = (extract_features(backbone, ood_images, device=device) if ood_images is not None
+                 else np.zeros((0, feats.shape[1]), np.float32))
+
+    fold_of = _folds(in_items, folds, seed)
+    oof_pred, oof_scores = _cross_validate(feats, y, regions, fold_of, class_balanced, C)
+    head = fit_head(feats, names, regions, class_balanced, C)
+    detector, aurocs = _calibrated_ood(feats, y, oof_scores, ood_feats)
+
+    known = [i for i, p in enumerate(oof_pred) if p is not None]
+    metrics = {
+        "cross_validated": {"folds": int(len(np.unique(fold_of))), **summarise(
+            [oof_pred[i] for i in known], [in_labels[i] for i in known], regions,
+            groups=[in_items[i].patient_id for i in known], n_boot=200, seed=seed)},
+        "ood": {"method": detector.method, "auroc_others": aurocs, "n_out_of_domain_images": len(ood_items),
+                "in_domain_flagged_fraction": float(np.mean(oof_scores[detector.method] > detector.threshold))},
+        "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
+    }
+    if fine_tune_epochs:
+        metrics["cross_validated"]["note"] = "optimistic: the fine-tuned backbone saw every fold's images"
+        if outlier_exposure:
+            metrics["ood"]["note"] = "optimistic: the out-of-domain images took part in fine-tuning"
+    head_settings = {"C": C, "class_balanced": class_balanced, "seed": seed, "fine_tune_epochs": fine_tune_epochs}
+    if fine_tune_epochs:
+        head_settings.update(fine_tune_lr=fine_tune_lr, class_weights=class_weights,
+                             outlier_exposure=bool(outlier_exposure and ood_items))
+    meta_updates = {
+        "taxonomy": {**bundle.meta.get("taxonomy", {}),
+                     "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),
+                     "definition": taxonomy.to_dict() if taxonomy is not None else None,
+                     "out_of_domain": {"regions": sorted(ood_regions),
+                                       "handling": "not in the head; flagged by the OOD score above threshold"}},
+        "training": provenance(data, command or " ".join(shlex.quote(a) for a in sys.argv), head=head_settings,
+                               backbone=bundle.meta.get("training")),
+        "metrics": metrics,
+    }
+    patients = {p: i for i, p in enumerate(dict.fromkeys(it.patient_id for it in in_items))}
+    training_set = TrainingSet(feats, y, np.array([patients[it.patient_id] for it in in_items]))
+    return bundle.with_head(output, head, detector, meta_updates, backbone_state=backbone.state_dict(),
+                            half_backbone=half_backbone, training_set=training_set)
+
+
+def _folds(items, k, seed) -> np.ndarray:
+    """Patient-grouped fold id per item (datasets.patient_folds when it can stratify, else GroupKFold)."""
+    from sklearn.model_selection import GroupKFold
+
+    from radregion.datasets import patient_folds
+
+    try:
+        with warnings.catch_warnings():  # few labels per region: sklearn's "regression?" hint is noise here
+            warnings.filterwarnings("ignore", message="The number of unique classes")
+            return np.asarray(patient_folds(items, k=k, seed=seed))
+    except ValueError:
+        groups = [it.group for it in items]
+        k = max(2, min(k, len(set(groups))))
+        folds = np.zeros(len(items), int)
+        for fold, (_, test) in enumerate(GroupKFold(n_splits=k).split(np.zeros(len(items)), groups=groups)):
+            folds[test] = fold
+        return folds
+
+
+def _cross_validate(feats, y, regions, fold_of, class_balanced, C):
+    """Out-of-fold region predictions (None where a fold's training part has < 2 regions) and OOD scores."""
+    oof_pred = [None] * len(y)
+    oof_scores = {m: np.zeros(len(y), np.float32) for m in METHODS}
+    for fold in np.unique(fold_of):
+        train, test = fold_of != fold, fold_of == fold
+        train_regions = sorted(set(y[train]))
+        if len(train_regions) >= 2:
+            fold_head = fit_head(feats[train], [regions[i] for i in y[train]],
+                                 [regions[i] for i in train_regions], class_balanced, C)
+            for i, region in zip(np.flatnonzero(test), fold_head.predict(feats[test])):
+                oof_pred[i] = region
+        for method in METHODS:
+            oof_scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
+    return oof_pred, oof_scores
+
+
+def _calibrated_ood(feats, y, oof_scores, ood_feats):
+    """Each method fitted on all in-domain features, threshold from its out-of-fold scores; the one with the
+    better AUROC on the out-of-domain images wins (Mahalanobis when there are none). -> (detector, AUROCs)"""
+    aurocs, detectors = {}, {}
+    for method in METHODS:
+        detector = fit_ood(feats, y, method)
+        detector.threshold = float(np.percentile(oof_scores[method], OOD_PERCENTILE))
+        detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
+        detectors[method] = detector
+        aurocs[method] = auroc(oof_scores[method], detector.score(ood_feats))
+    best = max(METHODS, key=lambda m: aurocs[m] or 0.0) if len(ood_feats) else "mahalanobis"
+    return detectors[best], aurocs
