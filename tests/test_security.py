@@ -368,6 +368,12 @@ def test_label_size_is_limited(env):
     big_comment = json.dumps({"region": "Chest", "comment": "x" * (20 << 20)})
     answer = put_label(env, image, big_comment)
     assert answer.status_code == 413, answer.text
+    body, content_type = requests.models.RequestEncodingMixin._encode_files(
+        {"label": ("label.json", big_comment, "application/json")}, {})
+    chunked = requests.put(f"{env.url}/datastore/label", params={"image": image, "tag": "final"}, timeout=60,
+                           headers={**AUTH, "Content-Type": content_type},
+                           data=(body[k:k + 65536] for k in range(0, len(body), 65536)))  # no Content-Length
+    assert chunked.status_code == 413, chunked.text
     answer = put_label(env, image, json.dumps({"region": "Chest", "comment": "x" * 10000}))
     assert answer.status_code == 422 and "comment too long" in answer.json()["detail"]
 

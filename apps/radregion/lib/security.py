@@ -146,7 +146,7 @@ class RequestGate:
     async def _guarded(self, app, scope, receive, send, limit):
         """Run `app` with the body counted: a streamed body over `limit` is answered 413."""
         received = 0
-        started = False
+        started = replaced = False
 
         async def counted():
             nonlocal received
@@ -158,7 +158,12 @@ class RequestGate:
             return message
 
         async def tracked(message):
-            nonlocal started
+            nonlocal started, replaced
+            if message["type"] == "http.response.start" and received > limit and not started:
+                replaced = True  # the body parser turned our 413 into its own error answer: say what happened
+                await _too_large(limit)(scope, receive, send)
+            if replaced:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
