@@ -56,6 +56,7 @@ def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
     shutil.copy(pngs[0], outside / "secret.png")
     (outside / "victim.txt").write_text("do not delete")
     (studies / "linked.png").symlink_to(outside / "secret.png")
+    (studies / "alias.png").symlink_to(studies / pngs[7].name)  # a link that stays inside the folder
     shutil.copy(pngs[1], studies / f"{TWIN}.png")
     shutil.copy(real_dicoms[0], studies / f"{TWIN}.dcm")
     _png(studies / "blank.png", np.zeros((512, 512), np.uint8))
@@ -144,6 +145,16 @@ def test_a_link_pointing_out_of_the_studies_folder_is_not_an_image(env):
     answer = requests.delete(f"{env.url}/datastore/image", params={"id": "linked"}, headers=AUTH, timeout=60)
     assert answer.status_code == 404
     assert (env.outside / "secret.png").is_file() and (env.root / "studies" / "linked.png").is_symlink()
+
+
+def test_deleting_a_link_deletes_the_link_not_its_target(env):
+    target = env.studies / env.pngs[7].name
+    before = target.read_bytes()
+    assert "alias" in listing(env)
+    answer = requests.delete(f"{env.url}/datastore/image", params={"id": "alias"}, headers=AUTH, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert not (env.studies / "alias.png").is_symlink() and target.read_bytes() == before
+    assert env.pngs[7].stem in listing(env) and "alias" not in listing(env)
 
 
 def test_infer_takes_ids_only_and_answers_one_message_for_everything_unknown(env):
