@@ -62,8 +62,8 @@ def example_session(tmp_path, image="1.2.826.0.1.3680043.8.498.10053309524595490
     session.current = Case(image=image, result=parse_infer(answer, image=image), source="uncertain",
                            existing=previous)
     session.queue = "uncertain"
-    session.history = ["14:02  1.2.826.0.…4000000117: Knee", "14:03  1.2.826.0.…4000000118: Chest (was Abdomen)",
-                       "14:03  1.2.826.0.…4000000118: undo Chest, back to Abdomen"]
+    session.history = ["14:02  1.2.82…000117: Knee", "14:03  1.2.82…000118: Chest (was Abdomen)",
+                       "14:03  1.2.82…000118: undo Chest, back to Abdomen"]
     session.choose("Wrist")
     return session
 

@@ -556,8 +556,8 @@ class ReviewSession:
         self.status_message = f"The server refused {decision.text}: {error} (kept in {self.rejected_path})"
 
 
-def _short(image: str, keep: int = 10) -> str:
-    """A long image id shortened for a list line: "1.2.826.0.…225336016"."""
+def _short(image: str, keep: int = 6) -> str:
+    """A long image id shortened for a history line: "1.2.82…336016"."""
     return image if len(image) <= 2 * keep + 1 else f"{image[:keep]}…{image[-keep:]}"
 
 
