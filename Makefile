@@ -53,16 +53,18 @@ study: dev
 # The shipped default model (apps/radregion/model): the exact recipe of its MODEL_CARD.md. Hours on a 2-core CPU.
 DATA ?= ../shared/data/unifesp
 RUN ?= runs/default-model
+# the terms of the UNIFESP images, recorded in every bundle the recipe writes (radregion ... --licence)
+UNIFESP_LICENCE := Trained on the UNIFESP X-ray Body Part Classification dataset (CC BY-NC-SA 4.0 as reported): non-commercial use only, credit UNIFESP, share alike.
 model: install
 	mkdir -p $(RUN)
 	$(VENV)/bin/radregion split --labels $(DATA)/labels.csv --test-fraction 0.2 --seed 0 --output $(RUN)
 	$(VENV)/bin/radregion pretrain --method supcon --images $(RUN)/train.csv $(DATA)/unlabelled \
 		--output $(RUN)/supcon --arch resnet10 --size 128 --epochs 30 --batch-size 64 --workers 2 --seed 0 \
-		--log-dir $(RUN)/tensorboard --no-progress
+		--log-dir $(RUN)/tensorboard --no-progress --licence "$(UNIFESP_LICENCE)"
 	$(VENV)/bin/radregion fit-head --model $(RUN)/supcon --labels $(RUN)/train.csv --fine-tune --epochs 80 \
-		--lr 1e-3 --seed 0 --output $(RUN)/fine-tuned
+		--lr 1e-3 --seed 0 --licence "$(UNIFESP_LICENCE)" --output $(RUN)/fine-tuned
 	$(VENV)/bin/radregion fit-head --model $(RUN)/fine-tuned --labels $(RUN)/train.csv --seed 0 --half \
-		--output $(RUN)/model
+		--licence "$(UNIFESP_LICENCE)" --output $(RUN)/model
 	$(VENV)/bin/radregion evaluate --model $(RUN)/model --labels $(RUN)/test.csv --output $(RUN)/evaluation
 
 clean:

@@ -13,8 +13,6 @@ labels reached the model's backbone (fine-tuning, SupCon pretraining: read from 
 """
 
 import argparse
-import json
-import re
 import sys
 import tempfile
 import time
@@ -23,39 +21,16 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from radregion.audit import issues
+from radregion.audit.pipeline import audit_regions, combine_ood
+from radregion.bundle import labelled_images, load_bundle
+from radregion.datasets import read_labels_csv
+from radregion.features import bundle_features
+from radregion.validation import label_set_fold_ids, out_of_fold_probabilities
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
-
-from radregion.audit import issues  # noqa: E402
-from radregion.cache import bundle_features  # noqa: E402
-from radregion.validation import label_set_fold_ids, out_of_fold_probabilities  # noqa: E402
-from radregion.audit.pipeline import audit_regions, combine_ood  # noqa: E402
-from radregion.bundle import load_bundle  # noqa: E402
-from radregion.datasets import read_labels_csv  # noqa: E402
-
 DEFAULT_MODEL = REPO / "apps" / "radregion" / "model"
 DEFAULT_LABELS = REPO.parent / "shared" / "data" / "unifesp" / "labels.csv"
-
-
-def label_sources(training) -> set:
-    """Labels CSVs whose labels reached the backbone: fit-head --fine-tune, or SupCon pretraining."""
-    if not isinstance(training, dict):
-        return set()
-    found = set()
-    supervised = ((training.get("head") or {}).get("fine_tune_epochs")
-                  or "supcon" in f"{training.get('method')} {training.get('command')}".lower())
-    if supervised:
-        found |= set(re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(training.get("data"))))
-    return found | label_sources(training.get("backbone"))
-
-
-def training_images(bundle) -> set:
-    """Images whose true labels the backbone has seen: flips on them would be found too easily."""
-    seen = set()
-    for name in label_sources(bundle.meta.get("training")):
-        if Path(name).is_file():
-            seen |= {it.path.resolve() for it in read_labels_csv(name, check_files=False)}
-    return seen
 
 
 def random_bundle(folder: Path, items, size=64, arch="resnet10") -> Path:
@@ -130,7 +105,7 @@ def main(argv=None) -> int:
     taxonomy = bundles[0].taxonomy()
     regions, _ = audit_regions(bundles[0], taxonomy)
     items = [it for it in read_labels_csv(args.labels, taxonomy=taxonomy) if any(r in regions for r in it.labels)]
-    seen = set().union(*(training_images(b) for b in bundles))
+    seen = set().union(*(labelled_images(b)[0] for b in bundles))
     if seen:
         kept = [it for it in items if it.path.resolve() not in seen]
         print(f"left out {len(items) - len(kept)} images the model was trained on (held-out images only)")

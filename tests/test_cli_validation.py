@@ -6,11 +6,16 @@ do" is exit 0 with a message.
 """
 
 import csv
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from radregion.bundle import load_bundle
 from radregion.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _labels_csv(unifesp, path, rows, patient=True):
@@ -128,3 +133,81 @@ def test_evaluate_help_prints_a_plain_percent(capsys):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "95% CIs" in out and "%%" not in out
+
+
+def _set_training(bundle_dir, **fields):
+    """Rewrite a bundle copy's bundle.json (the weights, and so its version, stay as they are)."""
+    meta_file = bundle_dir / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(fields)
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_fit_head_says_when_the_backbone_saw_the_labels(tiny_bundle_copy, unifesp, tmp_path, capsys):
+    labels = unifesp / "labels.csv"
+    args = ["fit-head", "--model", str(tiny_bundle_copy), "--labels", str(labels), "--per-class", "1"]
+    assert main(args + ["--output", str(tmp_path / "plain")]) == 0
+    assert "note:" not in capsys.readouterr().err  # random backbone: the figures are fair
+
+    _set_training(tiny_bundle_copy, training={"data": f"{labels} (all, seed 0)", "head": {"fine_tune_epochs": 3},
+                                              "backbone": {"method": "simclr", "data": [str(labels)]}})
+    assert main(args + ["--output", str(tmp_path / "tuned")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the backbone was trained with labels from {labels}, which list 21 of these 21 in-domain " \
+           "images: the cross-validated figures above are optimistic" in err
+
+    _set_training(tiny_bundle_copy, training={"method": "supcon", "data": [str(tmp_path / "gone.csv")]})
+    assert main(args + ["--output", str(tmp_path / "supcon")]) == 0
+    assert f"note: the backbone was trained with the labels of {tmp_path / 'gone.csv'}, which cannot be read " \
+           "here" in capsys.readouterr().err
+
+
+def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp, tmp_path, capsys):
+    seen = _labels_csv(unifesp, tmp_path / "seen.csv", ["Knee", "Chest", "Hand"])
+    _set_training(tiny_bundle_copy, training={"data": f"{seen} (all, seed 0)", "head": {"fine_tune_epochs": 0}})
+    with open(seen, newline="") as handle:
+        rows = list(csv.reader(handle))
+    other = tmp_path / "other.csv"  # one image the head saw, one it did not
+    other.write_text(f"image,labels,PatientID\n{rows[1][0]},Knee,p0\n"
+                     f"{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_bundle_copy), "--labels", str(other), "--output", str(out),
+                 "--bootstrap", "0"]) == 0
+    assert f"was trained with labels from {seen}, which list 1 of these 2 images: the figures are in-sample" in \
+        capsys.readouterr().err
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text(f"image,labels,PatientID\n{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n")
+    assert main(["evaluate", "--model", str(tiny_bundle_copy), "--labels", str(fresh), "--output", str(out),
+                 "--bootstrap", "0"]) == 0
+    assert "in-sample" not in capsys.readouterr().err
+
+
+def test_licence_is_what_the_command_is_told(unifesp, tmp_path, tiny_bundle_copy, capsys):
+    images = [str(unifesp / "labels.csv")]
+    common = ["pretrain", "--method", "simclr", "--images", *images, "--arch", "resnet10", "--size", "64",
+              "--epochs", "0"]
+    assert main(common + ["--output", str(tmp_path / "a")]) == 0
+    assert main(common + ["--output", str(tmp_path / "b"), "--licence", "CC BY 4.0 (our archive)"]) == 0
+    assert load_bundle(tmp_path / "a").meta["licence"] == "unknown"
+    assert load_bundle(tmp_path / "b").meta["licence"] == "CC BY 4.0 (our archive)"
+
+    _set_training(tiny_bundle_copy, licence="UNIFESP terms")
+    fit = ["fit-head", "--model", str(tiny_bundle_copy), "--labels", str(unifesp / "labels.csv"), "--per-class", "1"]
+    assert main(fit + ["--output", str(tmp_path / "same")]) == 0
+    assert main(fit + ["--output", str(tmp_path / "ours"), "--licence", "internal use only"]) == 0
+    assert load_bundle(tmp_path / "same").meta["licence"] == "UNIFESP terms"  # the backbone's terms carry over
+    ours = load_bundle(tmp_path / "ours").meta
+    assert ours["licence"] == "internal use only The backbone it started from: UNIFESP terms"
+    assert "--licence 'internal use only'" in ours["training"]["command"]
+
+
+def test_the_shipped_model_keeps_unifesp_terms():
+    """The shipped bundle says UNIFESP's terms, and `make model` gives each command that writes a bundle the same."""
+    meta = json.loads((REPO / "apps" / "radregion" / "model" / "bundle.json").read_text())
+    assert "CC BY-NC-SA 4.0" in meta["licence"] and "non-commercial" in meta["licence"]
+    makefile = (REPO / "Makefile").read_text()
+    assert f"UNIFESP_LICENCE := {meta['licence']}\n" in makefile
+    recipe = makefile[makefile.index("\nmodel:"):makefile.index("\nclean:")]
+    writers = [line for line in recipe.replace("\\\n", " ").splitlines() if " pretrain " in line
+               or " fit-head " in line]
+    assert len(writers) == 3 and all('--licence "$(UNIFESP_LICENCE)"' in line for line in writers)

@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,10 +30,7 @@ from radregion.errors import RadiographError
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "bundle.json"
-LICENCE_UNIFESP = (
-    "Trained on the UNIFESP X-ray Body Part Classification dataset (CC BY-NC-SA 4.0 as reported): "
-    "non-commercial use only, credit UNIFESP, share alike."
-)
+UNKNOWN_LICENCE = "unknown"  # no one said under which terms the training images may be used
 
 
 def default_model_path() -> Path:
@@ -236,12 +234,52 @@ def provenance(data, command, **extra) -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 
+def combined_licence(data_licence: str, backbone_licence: str | None) -> str:
+    """The licence of a bundle trained on data under `data_licence` from a backbone under `backbone_licence`:
+    one text when they agree or one is unknown, else both."""
+    known = [text for text in (data_licence, backbone_licence) if text and text != UNKNOWN_LICENCE]
+    if not known:
+        return UNKNOWN_LICENCE
+    if len(known) == 1 or known[0] == known[1]:
+        return known[0]
+    return f"{known[0]} The backbone it started from: {known[1]}"
+
+
+def label_sources(training, include_head: bool = False) -> list[str]:
+    """Labels CSVs whose labels reached a model, read from a bundle's "training" block (see `provenance`) and those
+    of the bundles it was built on: fine-tuning (fit-head --fine-tune) and SupCon pretraining train the backbone;
+    `include_head` adds the data the last head was fitted on."""
+    stage = training if isinstance(training, dict) else {}
+    if "head" in stage:  # a head fit: its backbone learnt the labels only when fine-tuned
+        used_labels = include_head or bool((stage.get("head") or {}).get("fine_tune_epochs"))
+    else:  # pretraining: SupCon learns from the labels of its CSVs
+        used_labels = stage.get("method") == "supcon"
+    found = re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(stage.get("data"))) if used_labels else []
+    earlier = label_sources(stage["backbone"]) if stage.get("backbone") else []
+    return list(dict.fromkeys(found + earlier))
+
+
+def labelled_images(bundle, include_head: bool = False) -> tuple[set, list[str], list[str]]:
+    """(resolved paths of the images whose labels reached `bundle`, the labels CSVs they were read from, the
+    CSVs among those that cannot be read here)."""
+    from radregion.datasets import read_labels_csv
+
+    seen, sources, unreadable = set(), label_sources(bundle.meta.get("training"), include_head), []
+    for source in sources:
+        try:
+            seen |= {item.path.resolve() for item in read_labels_csv(source, check_files=False)}
+        except RadiographError:
+            unreadable.append(source)
+    return seen, sources, unreadable
+
+
 def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None, ood=None,
                 half_backbone: bool = False, training_set: TrainingSet | None = None) -> Path:
     """Write a bundle folder atomically (temp folder next to it, then rename; an old bundle is replaced whole).
 
     `meta` needs "architecture" ({name, feature_dim, in_channels}) and "cleaning" (CleaningSettings.to_dict());
-    taxonomy (name, out_of_domain), training (see `provenance`), metrics, licence are recorded as given.
+    taxonomy (name, out_of_domain), training (see `provenance`), metrics, licence (the terms of the training
+    data, see `combined_licence`; "unknown" unless given) are recorded as given.
     `head` is a LinearHead or None; `ood` an OODDetector or None. `half_backbone` stores the backbone in fp16.
     """
     path = Path(path)
@@ -268,7 +306,7 @@ def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None,
         tensors.update(training_set.tensors())
     meta["format_version"] = FORMAT_VERSION
     meta["input_size"] = meta["cleaning"].get("size")
-    meta.setdefault("licence", LICENCE_UNIFESP)
+    meta.setdefault("licence", UNKNOWN_LICENCE)
     meta["weights_dtype"] = "float16" if half_backbone else str(
         next((v.dtype for k, v in tensors.items() if k.startswith("backbone.") and v.is_floating_point()),
              torch.float32)).replace("torch.", "")

@@ -1,5 +1,5 @@
-"""Content-addressed caches: cleaned images (epochs and repeated predictions decode each file once) and a
-bundle's frozen-backbone features (the audit computes each image's features once per model).
+"""Content-addressed caches: cleaned images (epochs and repeated predictions decode each file once) and where a
+bundle's frozen-backbone features are kept (`features.bundle_features`: the audit computes them once per model).
 
 One key rule for both: the sha256 of the file's bytes (a renamed or touched file is a hit, a changed one a miss),
 under a folder named by what else decides the result (the cleaning settings; for features also the model version).
@@ -7,16 +7,13 @@ under a folder named by what else decides the result (the cleaning settings; for
 
 import hashlib
 import os
-import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from radregion.atomic import atomic_write
 from radregion.cleaning import CleaningSettings, clean
-from radregion.errors import RadiographError
 from radregion.io import read_radiograph
 
 READ_OVERSAMPLE = 3  # decode at up to 3x the cleaned size: room for the crop, area-shrunk afterwards
@@ -98,63 +95,7 @@ def feature_cache_dir(bundle, root=None) -> Path:
     return root / "features" / f"{bundle.version}-{bundle.settings.key()}"
 
 
-def _feature_entry(folder: Path, path) -> Path:
+def feature_entry(bundle, path) -> Path:
+    """The cache file of `path`'s features with `bundle` (features.bundle_features fills it)."""
     digest = file_sha256(path)
-    return folder / digest[:2] / f"{digest}.npy"
-
-
-def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, progress: bool = True):
-    """Features (N, D) of `paths` with the bundle's frozen backbone (cached per file content), and the errors of
-    unreadable files: returns (features, ok_mask, errors); rows of unreadable files are zero, ok_mask False."""
-    from tqdm import tqdm
-
-    from radregion.features import extract_features
-
-    paths = [Path(p) for p in paths]
-    folder = feature_cache_dir(bundle)
-    dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
-    features: list = [None] * len(paths)
-    entries: dict[int, Path] = {}
-    errors: dict[int, RadiographError] = {}
-    todo = []
-    for i, path in enumerate(paths):
-        try:
-            entries[i] = _feature_entry(folder, path)
-        except OSError as error:
-            errors[i] = RadiographError(path, f"cannot read ({error.strerror or error})")
-            continue
-        try:
-            features[i] = np.load(entries[i], allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            todo.append(i)  # missing or damaged: computed and replaced below
-
-    def load(i):
-        try:
-            return i, load_clean(paths[i], bundle.settings), None
-        except RadiographError as error:
-            return i, None, error
-        except (OSError, ValueError) as error:
-            return i, None, RadiographError(paths[i], f"cannot read ({error})")
-
-    backbone = bundle.backbone() if todo else None
-    bar = tqdm(total=len(todo), desc=f"features {bundle.path.name}", unit="img", file=sys.stderr,
-               disable=not progress or not todo)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(todo), batch_size):
-            batch = list(pool.map(load, todo[start:start + batch_size]))
-            good = [(i, image) for i, image, error in batch if error is None]
-            errors.update({i: error for i, _, error in batch if error is not None})
-            if good:
-                feats = extract_features(backbone, np.stack([image for _, image in good]), batch_size=batch_size)
-                for (i, _), feat in zip(good, feats):
-                    features[i] = feat
-                    with atomic_write(entries[i]) as handle:
-                        np.save(handle, feat)
-            bar.update(len(batch))
-    bar.close()
-    dim = next((len(f) for f in features if f is not None), dim)
-    ok = np.array([f is not None for f in features], dtype=bool)
-    out = np.zeros((len(paths), dim), np.float32)
-    for i in np.flatnonzero(ok):
-        out[i] = features[i]
-    return out, ok, [errors[i] for i in sorted(errors)]
+    return feature_cache_dir(bundle) / digest[:2] / f"{digest}.npy"

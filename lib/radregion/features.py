@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,3 +54,61 @@ def load_clean_images(paths, settings, workers: int = 2) -> np.ndarray:
     if not images:
         return np.zeros((0, settings.size, settings.size), np.uint8)
     return np.stack(images)
+
+
+def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, progress: bool = True):
+    """Features (N, D) of `paths` with the bundle's frozen backbone (cached per file content), and the errors of
+    unreadable files: returns (features, ok_mask, errors); rows of unreadable files are zero, ok_mask False."""
+    from tqdm import tqdm
+
+    from radregion.atomic import atomic_write
+    from radregion.cache import feature_entry, load_clean
+    from radregion.errors import RadiographError
+
+    paths = [Path(p) for p in paths]
+    dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
+    features: list = [None] * len(paths)
+    entries: dict[int, Path] = {}
+    errors: dict = {}
+    todo = []
+    for i, path in enumerate(paths):
+        try:
+            entries[i] = feature_entry(bundle, path)
+        except OSError as error:
+            errors[i] = RadiographError(path, f"cannot read ({error.strerror or error})")
+            continue
+        try:
+            features[i] = np.load(entries[i], allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            todo.append(i)  # missing or damaged: computed and replaced below
+
+    def load(i):
+        try:
+            return i, load_clean(paths[i], bundle.settings), None
+        except RadiographError as error:
+            return i, None, error
+        except (OSError, ValueError) as error:
+            return i, None, RadiographError(paths[i], f"cannot read ({error})")
+
+    backbone = bundle.backbone() if todo else None
+    bar = tqdm(total=len(todo), desc=f"features {bundle.path.name}", unit="img", file=sys.stderr,
+               disable=not progress or not todo)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(todo), batch_size):
+            batch = list(pool.map(load, todo[start:start + batch_size]))
+            good = [(i, image) for i, image, error in batch if error is None]
+            errors.update({i: error for i, _, error in batch if error is not None})
+            if good:
+                feats = extract_features(backbone, np.stack([image for _, image in good]), batch_size=batch_size)
+                for (i, _), feat in zip(good, feats):
+                    features[i] = feat
+                    with atomic_write(entries[i]) as handle:
+                        np.save(handle, feat)
+            bar.update(len(batch))
+    bar.close()
+    dim = next((len(f) for f in features if f is not None), dim)
+    ok = np.array([f is not None for f in features], dtype=bool)
+    out = np.zeros((len(paths), dim), np.float32)
+    for i in np.flatnonzero(ok):
+        out[i] = features[i]
+    return out, ok, [errors[i] for i in sorted(errors)]

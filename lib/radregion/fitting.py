@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shlex
 import sys
-import warnings
 
 import numpy as np
 
 from radregion.head import DEFAULT_C, first_labels, fit_head, out_of_domain_regions
 from radregion.ood import METHODS, auroc, fit_ood
+from radregion.validation import fold_ids, fold_masks, out_of_fold_predictions
 
 OOD_PERCENTILE = 95.0
 
@@ -78,8 +78,9 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     ood_feats = (extract_features(backbone, ood_images, device=device) if ood_images is not None
                  else np.zeros((0, feats.shape[1]), np.float32))
 
-    fold_of = _folds(in_items, folds, seed)
-    oof_pred, oof_scores = _cross_validate(feats, y, regions, fold_of, class_balanced, C)
+    fold_of = fold_ids(in_items, folds, seed)
+    oof_pred = out_of_fold_predictions(feats, names, regions, fold_of, class_balanced=class_balanced, C=C)
+    oof_scores = _out_of_fold_ood_scores(feats, y, fold_of)
     head = fit_head(feats, names, regions, class_balanced, C)
     detector, aurocs = _calibrated_ood(feats, y, oof_scores, ood_feats)
 
@@ -116,40 +117,13 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
                             half_backbone=half_backbone, training_set=training_set)
 
 
-def _folds(items, k, seed) -> np.ndarray:
-    """Patient-grouped fold id per item (datasets.patient_folds when it can stratify, else GroupKFold)."""
-    from sklearn.model_selection import GroupKFold
-
-    from radregion.datasets import patient_folds
-
-    try:
-        with warnings.catch_warnings():  # few labels per region: sklearn's "regression?" hint is noise here
-            warnings.filterwarnings("ignore", message="The number of unique classes")
-            return np.asarray(patient_folds(items, k=k, seed=seed))
-    except ValueError:
-        groups = [it.group for it in items]
-        k = max(2, min(k, len(set(groups))))
-        folds = np.zeros(len(items), int)
-        for fold, (_, test) in enumerate(GroupKFold(n_splits=k).split(np.zeros(len(items)), groups=groups)):
-            folds[test] = fold
-        return folds
-
-
-def _cross_validate(feats, y, regions, fold_of, class_balanced, C):
-    """Out-of-fold region predictions (None where a fold's training part has < 2 regions) and OOD scores."""
-    oof_pred = [None] * len(y)
-    oof_scores = {m: np.zeros(len(y), np.float32) for m in METHODS}
-    for fold in np.unique(fold_of):
-        train, test = fold_of != fold, fold_of == fold
-        train_regions = sorted(set(y[train]))
-        if len(train_regions) >= 2:
-            fold_head = fit_head(feats[train], [regions[i] for i in y[train]],
-                                 [regions[i] for i in train_regions], class_balanced, C)
-            for i, region in zip(np.flatnonzero(test), fold_head.predict(feats[test])):
-                oof_pred[i] = region
+def _out_of_fold_ood_scores(feats, y, fold_of) -> dict:
+    """Each OOD method's score of every image by a detector fitted on the other folds."""
+    scores = {m: np.zeros(len(y), np.float32) for m in METHODS}
+    for _, train, test in fold_masks(fold_of):
         for method in METHODS:
-            oof_scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
-    return oof_pred, oof_scores
+            scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
+    return scores
 
 
 def _calibrated_ood(feats, y, oof_scores, ood_feats):

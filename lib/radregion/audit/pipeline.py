@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from radregion.audit import issues as label_issues
 from radregion.audit.result import AuditResult
-from radregion.cache import bundle_features
 from radregion.errors import RadiographError
+from radregion.features import bundle_features
 from radregion.validation import can_fit_out_of_fold, label_set_fold_ids, out_of_fold_probabilities
 
 DISPLAY_SIZE = 224  # thumbnails and Grad-CAM overlays in the report, whatever the model's input size

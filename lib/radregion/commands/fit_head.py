@@ -44,14 +44,17 @@ def register(subparsers):
                         help="input size of the new bundle (default: the backbone's; a ResNet takes any size)")
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--licence", default="unknown", metavar="TEXT",
+                        help="the terms under which the labelled images may be used (recorded in the bundle with "
+                             "the backbone's; default unknown)")
     parser.add_argument("--output", required=True, metavar="BUNDLE", help="the new bundle (replaced atomically)")
     return parser
 
 
 def run(args) -> int:
-    from radregion.bundle import load_bundle, resolve_model
+    from radregion.bundle import combined_licence, load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
-    from radregion.fitting import train_head
+    from radregion.fitting import split_in_domain, train_head
     from radregion.head import DEFAULT_C, out_of_domain_regions
     from radregion.taxonomy import load_taxonomy
 
@@ -67,9 +70,8 @@ def run(args) -> int:
         taxonomy = bundle.taxonomy()
     args.exclude_regions = list(taxonomy.check_names(args.exclude_regions, "--exclude-regions"))
     items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy)
-    ood_regions = out_of_domain_regions(taxonomy, args.exclude_regions)
-    in_domain = [it for it in items if any(lab not in ood_regions for lab in it.labels)]
-    out_domain = [it for it in items if not any(lab not in ood_regions for lab in it.labels)]
+    in_domain, _, out_domain = split_in_domain(items, out_of_domain_regions(taxonomy, args.exclude_regions))
+    bundle.meta["licence"] = combined_licence(args.licence, bundle.meta.get("licence"))
     if args.per_class is not None:
         if args.per_class < 1:
             raise ValueError("--per-class must be at least 1")
@@ -98,7 +100,29 @@ def run(args) -> int:
           f"OOD {ood['method']} AUROC on out-of-domain images "
           f"{'n/a' if auroc is None else f'{auroc:.3f}'} -> {result.path} (version {result.version})",
           file=sys.stderr)
+    seen = backbone_saw(bundle, in_domain)
+    if seen:
+        print(f"radregion fit-head: note: {seen}", file=sys.stderr)
     return 0
+
+
+def backbone_saw(bundle, items) -> str | None:
+    """Words on the labels the backbone was trained with (fine-tuning, SupCon) where they may include `items`:
+    then the cross-validated figures are optimistic, since only the head is held out. None when it saw none."""
+    from radregion.bundle import labelled_images
+
+    seen, sources, unreadable = labelled_images(bundle)
+    if not sources:
+        return None
+    overlap = sum(item.path.resolve() in seen for item in items)
+    if overlap:
+        return (f"the backbone was trained with labels from {', '.join(sources)}, which list {overlap} of these "
+                f"{len(items)} in-domain images: the cross-validated figures above are optimistic (only the head "
+                "was held out); measure the model with `radregion evaluate` on images it has not seen")
+    if unreadable:
+        return (f"the backbone was trained with the labels of {', '.join(unreadable)}, which cannot be read here: "
+                "if these images are among them, the cross-validated figures above are optimistic")
+    return None
 
 
 def command_line(args) -> str:
@@ -114,6 +138,7 @@ def command_line(args) -> str:
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
     parts += ["--outlier-exposure"] if args.fine_tune and args.outlier_exposure else []
     parts += ["--half"] if args.half else []
+    parts += ["--licence", args.licence] if args.licence != "unknown" else []
     parts += ["--no-class-balance"] if args.no_class_balance else []
     return " ".join(shlex.quote(p) for p in parts)
 
