@@ -523,6 +523,18 @@ def test_multi_region_archive_string_agrees_with_any_of_its_regions(pacs, tmp_pa
     answer = to_result(prediction, predictor)
     assert answer["pacs_labels"] == [other, region] and answer["agrees_with_pacs"] is True
 
+    # the disagreement queue agrees too: the image is not a suspected archive error, before and after a save
+    from lib.activelearning.disagreement import Disagreement
+    from lib.scores import ScoreTable
+
+    disagrees = next(iter(predictor.predict([pacs.paths[list(pacs.truth)[1]]])))  # archive CHEST
+    table = ScoreTable(predictor.version, predictor.regions)
+    table.add([prediction, disagrees], ["two", "one"])
+    for kept in (table, ScoreTable.load(table.save(tmp_path / "scores.npz"))):
+        assert kept.pacs_labels[0] == (other, region) and kept.agrees_with_archive(0) is True
+        queued = [kept.ids[k] for k, _ in Disagreement(None).rank(kept, [0, 1], None)]
+        assert queued == (["one"] if disagrees.region != "Chest" else []), queued
+
 
 def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_is_down(pacs, tmp_path, tiny_bundle):
     """Real server on Orthanc, driven by the panel's RadRegionLib: Knee -> Ankle -> undo -> Knee ends with one

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 class ScoreTable:
     def __init__(self, version, regions, ids=(), probabilities=None, features=None, ood_score=None,
-                 out_of_domain=None, pacs_label=(), errors=None):
+                 out_of_domain=None, pacs_label=(), errors=None, pacs_labels=None):
         self.version = version
         self.regions = list(regions)
         self.ids = list(ids)
@@ -28,6 +28,9 @@ class ScoreTable:
         self.ood_score = np.zeros(n, np.float32) if ood_score is None else np.asarray(ood_score, np.float32)
         self.out_of_domain = np.zeros(n, bool) if out_of_domain is None else np.asarray(out_of_domain, bool)
         self.pacs_label = [p or None for p in pacs_label] or [None] * n
+        # every region the archive names ("HAND WRIST": Hand and Wrist); tables saved before have the first only
+        self.pacs_labels = [tuple(r for r in regions if r) for regions in pacs_labels] if pacs_labels is not None \
+            else [(p,) if p else () for p in self.pacs_label]
         self.errors = dict(errors or {})  # image id -> problem (unreadable image)
         self._index = {image_id: i for i, image_id in enumerate(self.ids)}
 
@@ -46,6 +49,12 @@ class ScoreTable:
             return np.ones(len(self.ids), np.float32)
         top = np.sort(self.probabilities, axis=1)
         return top[:, -1] - top[:, -2]
+
+    def agrees_with_archive(self, k: int) -> bool | None:
+        """Row k's prediction is one of the regions its archive label names; None without an archive label."""
+        if not self.pacs_label[k]:
+            return None
+        return self.regions[int(self.probabilities[k].argmax())] in (self.pacs_labels[k] or (self.pacs_label[k],))
 
     def predicted(self) -> list:
         return [self.regions[i] for i in self.probabilities.argmax(1)] if len(self.ids) else []
@@ -72,6 +81,7 @@ class ScoreTable:
         self.ood_score = np.concatenate([self.ood_score, [p.ood_score for _, p in rows]]).astype(np.float32)
         self.out_of_domain = np.concatenate([self.out_of_domain, [bool(p.out_of_domain) for _, p in rows]])
         self.pacs_label += [p.pacs_label for _, p in rows]
+        self.pacs_labels += [tuple(p.pacs_labels) or ((p.pacs_label,) if p.pacs_label else ()) for _, p in rows]
         for image_id, _ in rows:
             self._index[image_id] = len(self.ids)
             self.ids.append(image_id)
@@ -85,6 +95,7 @@ class ScoreTable:
                  ids=np.array(self.ids, dtype=str), probabilities=self.probabilities, features=self.features,
                  ood_score=self.ood_score, out_of_domain=self.out_of_domain,
                  pacs_label=np.array([p or "" for p in self.pacs_label], dtype=str),
+                 pacs_labels=np.array(["|".join(regions) for regions in self.pacs_labels], dtype=str),
                  error_ids=np.array(err_ids, dtype=str),
                  error_messages=np.array([self.errors[i] for i in err_ids], dtype=str))
         with atomic_write(path) as f:
@@ -96,7 +107,9 @@ class ScoreTable:
         with np.load(path, allow_pickle=False) as z:
             return cls(str(z["version"]), z["regions"].tolist(), z["ids"].tolist(), z["probabilities"],
                        z["features"], z["ood_score"], z["out_of_domain"], z["pacs_label"].tolist(),
-                       dict(zip(z["error_ids"].tolist(), z["error_messages"].tolist())))
+                       dict(zip(z["error_ids"].tolist(), z["error_messages"].tolist())),
+                       [s.split("|") if s else () for s in z["pacs_labels"].tolist()] if "pacs_labels" in z.files
+                       else None)
 
 
 class ScoreStore:

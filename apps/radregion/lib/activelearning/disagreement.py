@@ -13,6 +13,6 @@ class Disagreement(ScoredStrategy):
         super().__init__(context, "Prediction differs from the archive label, most confident first")
 
     def rank(self, table, rows, datastore):
-        predicted, confidence = table.predicted(), table.confidence()
-        rows = [k for k in rows if table.pacs_label[k] and table.pacs_label[k] != predicted[k]]
+        confidence = table.confidence()
+        rows = [k for k in rows if table.agrees_with_archive(k) is False]  # "HAND WRIST" agrees with Wrist
         return sorted(((k, confidence[k]) for k in rows), key=lambda kv: (-kv[1], table.ids[kv[0]]))

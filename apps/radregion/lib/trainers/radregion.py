@@ -175,7 +175,8 @@ class RadRegionTrainer(TrainTask):
     def _rescore(self, table: ScoreTable, head, bundle):
         """Scores of the new model from the cached features: same backbone, so no image is read again."""
         new = ScoreTable(bundle.version, head.regions, table.ids, head.probabilities(table.features),
-                         table.features, table.ood_score, table.out_of_domain, table.pacs_label, table.errors)
+                         table.features, table.ood_score, table.out_of_domain, table.pacs_label, table.errors,
+                         table.pacs_labels)
         self.context.scores.save(new)
 
 
