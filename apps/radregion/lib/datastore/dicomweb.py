@@ -45,6 +45,12 @@ def _sent_json(path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _meta(item: dict) -> dict:
+    """A QIDO-RS answer's instance as {keyword: value} (numbers kept, the rest as text, missing ones left out)."""
+    meta = {k: _value(item, k) for k in QIDO_FIELDS}
+    return {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
+
+
 def _value(item: dict, keyword: str):
     tag = pydicom.datadict.tag_for_keyword(keyword)
     element = item.get(f"{tag:08X}", {})
@@ -137,8 +143,7 @@ class RadRegionDICOMwebDatastore(Datastore):
                     limit=PAGE_SIZE, offset=offset,
                 )
                 for item in page:
-                    meta = {k: _value(item, k) for k in QIDO_FIELDS}
-                    meta = {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
+                    meta = _meta(item)
                     if meta.get("SOPInstanceUID") and not self._is_own(meta, own):
                         found[meta["SOPInstanceUID"]] = meta
                 if len(page) < PAGE_SIZE:
@@ -228,8 +233,7 @@ class RadRegionDICOMwebDatastore(Datastore):
             for item in self._call(f"QIDO-RS search for instance {image_id}", f"{self.url}/instances",
                                    self.client.search_for_instances, search_filters=filters,
                                    fields=list(QIDO_FIELDS)):
-                meta = {k: _value(item, k) for k in QIDO_FIELDS}
-                meta = {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in meta.items() if v is not None}
+                meta = _meta(item)
                 if meta.get("SOPInstanceUID") == image_id and not self._is_own(meta, self.writeback.created_uids()):
                     found = meta
         if not found:
