@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from radregion.bundle import WEIGHTS, load_bundle
+from radregion.device import autocast_dtype
 from radregion.errors import RadiographError
 from radregion.networks import build_backbone
-from radregion.pretrain import RANK_STATE_ENV, byol_momentum, checkpoint_path, lr_factor, pretrain
+from radregion.pretrain import byol_momentum, checkpoint_path, lr_factor, pretrain
 from radregion.pretrain_data import ViewsDataset, class_ids, usable_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def test_each_method_writes_a_bundle_that_loads(method, precision, images, tmp_p
     bundle = load_bundle(output)
     assert bundle.meta["architecture"]["name"] == "resnet10" and bundle.settings.size == 64
     training = bundle.meta["training"]
-    assert training["precision"] == ("float32" if precision == "fp32" else "bfloat16")
+    expected = autocast_dtype(torch.device("cpu"), precision) or torch.float32  # auto: bf16 where the CPU has it
+    assert training["precision"] == str(expected).replace("torch.", "")
     assert training["method"] == method and training["epochs"] == 2 and training["images"] == 16
     assert training["labelled_images"] == 12 and str(images["csv"].resolve()) in training["data"]
     backbone = bundle.backbone()
@@ -165,10 +167,11 @@ def test_ddp_two_processes_stay_in_sync(images, tmp_path):
     ranks = tmp_path / "ranks"
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "radregion.cli", "pretrain", "--method", "supcon", "--images", str(images["folder"]),
+               str(REPO / "tests" / "ddp_rank_state.py"), str(ranks), "pretrain", "--method", "supcon",
+               "--images", str(images["folder"]),
                str(images["csv"]), "--output", str(output), "--arch", "resnet10", "--size", "48", "--epochs", "2",
                "--batch-size", "4", "--workers", "0", "--log-dir", str(tmp_path / "tb"), "--no-progress"]
-    env = {**os.environ, RANK_STATE_ENV: str(ranks), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     out, err = _finish(process)

@@ -26,7 +26,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="start from random weights (default) or the installed ImageNet weights (efficientnet-lite0)")
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=100,
-                   help="default 100; 0 writes the starting backbone (random or --init imagenet) for fit-head --fine-tune")
+                   help="default 100; 0 writes the starting backbone (random or --init imagenet) for "
+                        "fit-head --fine-tune")
     p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3 x sqrt(global batch / 256))")
@@ -46,6 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 autocast on CPU, bf16/fp16 AMP on GPU")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--licence", default="unknown", metavar="TEXT",
+                   help="the terms under which the images may be used (recorded in the bundle; default unknown)")
     return p
 
 
@@ -58,7 +61,7 @@ def run(args) -> int:
         seed=args.seed, gauge=args.gauge, clean=args.clean, workers=args.workers, resume=args.resume,
         log_dir=args.log_dir, device=args.device, precision=args.precision, temperature=args.temperature,
         stop_after=args.stop_after, progress=args.progress, command=["radregion"] + sys.argv[1:],
-        init=None if args.init == "random" else args.init,
+        init=None if args.init == "random" else args.init, licence=args.licence,
     )
     if result is None:
         print(f"stopped after {args.stop_after} epoch(s); continue with --resume")
