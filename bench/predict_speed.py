@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
+from radregion.bundle import default_model_path, load_bundle, save_bundle
+from radregion.device import autocast, prepare_backbone, resolve_device
 
-from radregion.bundle import default_model_path, load_bundle, save_bundle  # noqa: E402
-from radregion.device import autocast, prepare_backbone, resolve_device  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_bundle(folder: Path, arch: str, size: int) -> Path:
