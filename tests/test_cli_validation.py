@@ -202,12 +202,15 @@ def test_licence_is_what_the_command_is_told(unifesp, tmp_path, tiny_bundle_copy
 
 
 def test_the_shipped_model_keeps_unifesp_terms():
-    """The shipped bundle says UNIFESP's terms, and `make model` gives each command that writes a bundle the same."""
-    meta = json.loads((REPO / "apps" / "radregion" / "model" / "bundle.json").read_text())
-    assert "CC BY-NC-SA 4.0" in meta["licence"] and "non-commercial" in meta["licence"]
+    """The shipped bundle says UNIFESP's terms, and in `make model` every command that writes a bundle says its
+    terms, UNIFESP's wherever the UNIFESP labels train it (fit-head)."""
     makefile = (REPO / "Makefile").read_text()
-    assert f"UNIFESP_LICENCE := {meta['licence']}\n" in makefile
+    unifesp = makefile.split("UNIFESP_LICENCE := ", 1)[1].split("\n", 1)[0]
+    assert "CC BY-NC-SA 4.0" in unifesp and "non-commercial" in unifesp
+    meta = json.loads((REPO / "apps" / "radregion" / "model" / "bundle.json").read_text())
+    assert meta["licence"].startswith(unifesp)
     recipe = makefile[makefile.index("\nmodel:"):makefile.index("\nclean:")]
-    writers = [line for line in recipe.replace("\\\n", " ").splitlines() if " pretrain " in line
-               or " fit-head " in line]
-    assert len(writers) == 3 and all('--licence "$(UNIFESP_LICENCE)"' in line for line in writers)
+    lines = recipe.replace("\\\n", " ").splitlines()
+    writers = [line for line in lines if " pretrain " in line or " fit-head " in line]
+    assert writers and all("--licence " in line for line in writers)
+    assert all('--licence "$(UNIFESP_LICENCE)"' in line for line in writers if " fit-head " in line)
