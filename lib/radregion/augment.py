@@ -114,14 +114,14 @@ def head_transform(size: int, gauge: bool = True) -> _Pipeline:
 
 
 def fine_tune_view(size: int, gauge: bool = True) -> _Pipeline:
-    """The augmentation of full fine-tuning: random resized crop (70-100 % of each side), rotation up to 10
-    degrees, quarter turns, mirror, mild contrast and brightness jitter."""
+    """The augmentation of full fine-tuning: random resized crop (70-100 % of each side), quarter turns, mirror,
+    mild contrast and brightness jitter. No free rotation: MONAI's resampling cost 127 ms an image at 160 px on
+    the 2-core development CPU (3 times a training step's compute), the rest together 40 ms."""
     return _Pipeline(
         ([GaugeAugment(prob=0.3)] if gauge else [])
         + [
             RandScaleCrop(roi_scale=0.7, max_roi_scale=1.0, random_size=True),
             Resize((size, size), mode="area"),
-            RandAffine(prob=0.7, rotate_range=math.radians(10), scale_range=0.05, padding_mode="zeros"),
             RandFlip(prob=0.5, spatial_axis=1),
             RandRotate90(prob=0.5, max_k=3),
             RandAdjustContrast(prob=0.5, gamma=(0.8, 1.25)),

@@ -33,12 +33,24 @@ META = "bundle.json"
 UNKNOWN_LICENCE = "unknown"  # no one said under which terms the training images may be used
 
 
-def default_model_path() -> Path:
-    """$RADREGION_MODEL, else the model shipped in the repository (apps/radregion/model)."""
-    import radregion
+def shipped_model_path() -> Path | None:
+    """The shipped model: the bundle installed with the package as `radregion_model` (apps/radregion/model in the
+    source tree); None when this install has none."""
+    from importlib.util import find_spec
 
+    spec = find_spec("radregion_model")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def default_model_path() -> Path:
+    """$RADREGION_MODEL, else the shipped model."""
     env = os.environ.get("RADREGION_MODEL")
-    return Path(env) if env else Path(radregion.__file__).resolve().parents[2] / "apps" / "radregion" / "model"
+    if env:
+        return Path(env)
+    shipped = shipped_model_path()
+    return shipped if shipped is not None else Path(__file__).resolve().parents[2] / "apps" / "radregion" / "model"
 
 
 def resolve_model(path=None) -> Path:

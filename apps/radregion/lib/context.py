@@ -187,14 +187,14 @@ def shipped_model_path(config: AppConfig) -> Path:
     """--conf model, else the bundle installed with the package (`radregion_model`: apps/radregion/model)."""
     if config.model:
         return Path(config.model).expanduser().resolve()
-    from importlib.util import find_spec
+    from radregion.bundle import shipped_model_path as installed_model
 
-    spec = find_spec("radregion_model")
-    if spec is None or not spec.submodule_search_locations:
+    shipped = installed_model()
+    if shipped is None:
         raise ModelNotFoundError("RadRegion needs a model: no bundle was installed with this package "
                                  "(`radregion_model`); start the server with --conf model PATH (a bundle folder "
                                  "with bundle.json and model.safetensors)")
-    return Path(list(spec.submodule_search_locations)[0]).resolve()
+    return shipped
 
 
 def read_json(path) -> dict:

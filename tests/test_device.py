@@ -1,0 +1,28 @@
+"""The one device and precision rule."""
+
+import pytest
+import torch
+
+from radregion.device import autocast_dtype, cpu_has_native_bf16, grad_scaler, memory_format, resolve_device
+
+CPU = torch.device("cpu")
+
+
+def test_auto_on_cpu_is_bf16_only_where_the_cpu_computes_it():
+    assert autocast_dtype(CPU, "auto") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype(CPU, "bf16") == torch.bfloat16  # asked for: given even where it is emulated
+    assert autocast_dtype(CPU, "fp32") is None
+
+
+def test_bad_precisions_are_refused():
+    with pytest.raises(ValueError, match="fp16 autocast is for GPUs"):
+        autocast_dtype(CPU, "fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype(CPU, "half")
+
+
+def test_device_resolution_and_layout():
+    assert resolve_device("cpu") == CPU and resolve_device(CPU) is CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert memory_format(CPU) == torch.channels_last
+    assert not grad_scaler(CPU).is_enabled()
