@@ -1,10 +1,13 @@
 """Out-of-domain score from backbone features: higher = less like any region the head was trained on.
 
-Two methods, both on standardised features:
+Three methods, all on standardised features:
 - "mahalanobis": min over regions of the Mahalanobis distance to the region mean, one shared covariance
   estimated with Ledoit-Wolf shrinkage (Lee et al., NeurIPS 2018, "A simple unified framework for detecting
   out-of-distribution samples").
 - "knn": 1 - mean cosine similarity to the k nearest training images (Sun et al., ICML 2022).
+- "msp": 1 - the maximum softmax probability of a logistic head over the regions (Hendrycks & Gimpel, ICLR 2017,
+  "A baseline for detecting misclassified and out-of-distribution examples"); the score that outlier exposure
+  (`radregion.finetune`) trains a backbone for, where it pulls out-of-domain features towards the region means.
 The threshold is a percentile of the scores of held-out in-domain images (out-of-fold, see head.train_head).
 """
 
@@ -16,7 +19,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-METHODS = ("mahalanobis", "knn")
+METHODS = ("mahalanobis", "knn", "msp")
 
 
 @dataclass
@@ -32,6 +35,8 @@ class OODDetector:
             return _mahalanobis_min(z, self.arrays["class_means"], self.arrays["precision"])
         if self.method == "knn":
             return _knn_distance(z, self.arrays["bank"], int(self.params.get("k", 5)))
+        if self.method == "msp":
+            return _max_softmax_distance(z, self.arrays["weight"], self.arrays["bias"])
         raise ValueError(f"unknown OOD method {self.method!r} (known: {', '.join(METHODS)})")
 
     def is_out_of_domain(self, scores: np.ndarray) -> np.ndarray:
@@ -67,6 +72,14 @@ def fit_ood(features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis
     if method == "knn":
         arrays["bank"] = _normalise(z)
         return OODDetector(method, arrays, params={"k": int(k)})
+    if method == "msp":
+        from radregion.head import fit_head
+
+        labels = np.asarray(labels)
+        head = fit_head(features, [str(c) for c in labels], [str(c) for c in np.unique(labels)])
+        # the head standardises as the detector does (same mean and std): its weights act on z directly
+        arrays.update(weight=head.weight, bias=head.bias)
+        return OODDetector(method, arrays)
     raise ValueError(f"unknown OOD method {method!r} (known: {', '.join(METHODS)})")
 
 
@@ -98,3 +111,10 @@ def _knn_distance(z, bank, k):
     k = max(1, min(k, bank.shape[0]))
     top = np.partition(sims, -k, axis=1)[:, -k:]
     return (1.0 - top.mean(1)).astype(np.float32)
+
+
+def _max_softmax_distance(z, weight, bias):
+    logits = z @ weight.T + bias
+    logits -= logits.max(1, keepdims=True)
+    probs = np.exp(logits)
+    return (1.0 - 1.0 / probs.sum(1)).astype(np.float32)  # 1 - max softmax (the max logit is 0 after the shift)
