@@ -144,6 +144,10 @@ def test_long_ids_never_widen_the_panel_or_clip_the_confirm_button(app, tmp_path
     ui.statusLabel.setText(f"{LONG_ID}: the model says Hand (46%); Labelled Hand by someone")
     assert len(LONG_ID) > 150
     assert ui.caseLabel.toolTip() == LONG_ID and len(ui.caseLabel.text().splitlines()[0]) <= 44
+    session.current.provisional = True  # a queue's choice while the server is still scoring says so
+    view.show_case(session)
+    assert ui.caseLabel.text().splitlines()[1] == \
+        "queue: Uncertain predictions (provisional: the server is still scoring)"
     assert ui.submitButton.toolTip() == "Replace Hand with Thoracic Spine"
     assert ui.submitButton.text() == "Replace with Thoracic Spine (Enter)"
     assert widget.minimumSizeHint().width() <= 380, "something in the panel insists on a wide layout"

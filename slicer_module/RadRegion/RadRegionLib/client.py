@@ -61,8 +61,12 @@ class RadRegionClient:
 
     def next_case(self, queue: str) -> Optional[str]:
         """Image id of the next case in an active-learning queue, or None when the queue is empty."""
+        return self.next_sample(queue).get("id") or None
+
+    def next_sample(self, queue: str) -> dict:
+        """The queue's whole answer: `id`, and e.g. `provisional` (true while the server is still scoring)."""
         answer = self._json("POST", f"/activelearning/{quote(queue)}", body=b"{}", content_type="application/json")
-        return (answer or {}).get("id") or None
+        return answer if isinstance(answer, dict) else {}
 
     def infer(self, image: str, model: str = MODEL) -> dict:
         body, content_type = encode_multipart({"params": "{}"})

@@ -102,10 +102,14 @@ class Case:
     image_path: Optional[str] = None
     source: str = ""  # the queue that served it; "" for an image opened by its id
     existing: Optional[dict] = None  # the label the server holds for it (region, annotator, saved_at...)
+    provisional: bool = False  # the queue chose it before the server had scored every image
 
     @property
     def source_text(self) -> str:
-        return f"queue: {QUEUES.get(self.source, self.source)}" if self.source else "opened by id"
+        if not self.source:
+            return "opened by id"
+        provisional = " (provisional: the server is still scoring)" if self.provisional else ""
+        return f"queue: {QUEUES.get(self.source, self.source)}{provisional}"
 
     @property
     def existing_text(self) -> str:
@@ -276,14 +280,14 @@ class ReviewSession:
             return None  # the server is away: the status message says so
         case = self._take_prefetched()
         if case is None:
-            image = self._next_image(self.queue)
+            sample = self._next_sample(self.queue)
             self.online = True
-            if not image:
+            if not sample.get("id"):
                 self.current, self.pending = None, None
                 self.status_message = (f"No case in the '{QUEUES.get(self.queue, self.queue)}' queue now: it is "
                                        f"empty, or the server is still scoring the images (try again in a minute)")
                 return None
-            case = self._load_case(image, source=self.queue)
+            case = self._load_case(sample["id"], source=self.queue, provisional=bool(sample.get("provisional")))
         return self._show(case)
 
     def open_case(self, image: str) -> Case:
@@ -466,22 +470,23 @@ class ReviewSession:
     def _decided(self) -> set:
         return {d.image for d in self.submitted}
 
-    def _next_image(self, queue: str, exclude=()) -> Optional[str]:
-        """The queue's next image, skipping the one on screen and this session's decided ones (a queue that
-        picks at random may hand out the same image again)."""
+    def _next_sample(self, queue: str, exclude=()) -> dict:
+        """The queue's next image ({"id", "provisional"...}), skipping the one on screen and this session's decided
+        ones (a queue that picks at random may hand out the same image again)."""
         skip = set(exclude) | self._decided() | ({self.current.image} if self.current else set())
-        image = None
+        sample = {}
         for _ in range(3):
-            image = self.client.next_case(queue)
-            if not image or image not in skip:
-                return image
-        return image
+            sample = self.client.next_sample(queue)
+            if not sample.get("id") or sample["id"] not in skip:
+                return sample
+        return sample
 
-    def _load_case(self, image: str, source: str) -> Case:
+    def _load_case(self, image: str, source: str, provisional: bool = False) -> Case:
         result = parse_infer(self.client.infer(image), image=image)
         existing = self.client.get_label(image)
         path = self.client.download_image(image, self.image_dir)
-        return Case(image=image, result=result, image_path=path, source=source, existing=existing)
+        return Case(image=image, result=result, image_path=path, source=source, existing=existing,
+                    provisional=provisional)
 
     def _show(self, case: Case) -> Case:
         self.current = case
@@ -512,8 +517,11 @@ class ReviewSession:
         self._prefetch = (queue, self._prefetcher.submit(self._fetch_next, queue, exclude))
 
     def _fetch_next(self, queue: str, exclude: set) -> Optional[Case]:
-        image = self._next_image(queue, exclude)
-        return self._load_case(image, source=queue) if image and image not in exclude else None
+        sample = self._next_sample(queue, exclude)
+        image = sample.get("id")
+        if not image or image in exclude:
+            return None
+        return self._load_case(image, source=queue, provisional=bool(sample.get("provisional")))
 
     def _take_prefetched(self) -> Optional[Case]:
         """The case loaded in the background for this queue, if it is still worth showing."""
