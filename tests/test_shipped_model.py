@@ -1,0 +1,48 @@
+"""The shipped model (apps/radregion/model) on real images: the three real CR DICOMs and held-out PNGs of rare
+regions (test split of `make model`: `radregion split --seed 0 --test-fraction 0.2`; no training step saw them)."""
+
+import pytest
+
+from radregion.bundle import load_bundle, shipped_model_path
+from radregion.inference import Predictor
+
+# held-out test-split images of regions with 4 to 25 training images, and what they show
+RARE_REGIONS = {
+    "images/1.2.826.0.1.3680043.8.498.11894940074764904932803154350376953059.png": "Elbow",
+    "images/1.2.826.0.1.3680043.8.498.13399164675675937607810731683880694686.png": "Shoulder",
+    "images/1.2.826.0.1.3680043.8.498.17745861058415991247777393206455732839.png": "Hip",
+    "images/1.2.826.0.1.3680043.8.498.20572372883843674103331896810587749996.png": "Finger",
+    "images/1.2.826.0.1.3680043.8.498.35566538088048503568734565120348111096.png": "Skull",
+}
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    path = shipped_model_path()
+    assert path is not None and (path / "bundle.json").is_file(), "the shipped model is not installed"
+    return Predictor(load_bundle(path), workers=0)
+
+
+def test_real_cr_dicoms(predictor, real_dicoms):
+    by_name = {p.name: p for p in real_dicoms}
+    results = {p.path.split("/")[-1]: p for p in predictor.predict([by_name[n] for n in sorted(by_name)])}
+    assert all(r.error is None for r in results.values())
+    assert results["RG1_J2KI.dcm"].region == "Chest"
+    for name in ("RG3_J2KI.dcm", "RG3_J2KR.dcm"):  # a distal tibia, once called Elbow 0.88
+        assert results[name].region in ("Lower Leg", "Ankle"), (name, results[name].region)
+
+
+def test_rare_regions_of_held_out_patients(predictor, unifesp):
+    paths = [unifesp / image for image in RARE_REGIONS]
+    predicted = {str(p.path): p.region for p in predictor.predict(paths)}
+    wrong = {image: (region, predicted[str(unifesp / image)]) for image, region in RARE_REGIONS.items()
+             if predicted[str(unifesp / image)] != region}
+    assert not wrong
+
+
+def test_the_shipped_model_is_the_recipe_of_its_card():
+    bundle = load_bundle(shipped_model_path())
+    assert bundle.meta["architecture"]["name"] == "efficientnet-lite0"
+    assert len(bundle.regions) == 21 and "Others" not in bundle.regions
+    assert bundle.training_set() is not None  # what the server's retraining starts from
+    assert (shipped_model_path() / "MODEL_CARD.md").read_text().count(bundle.version) >= 1
