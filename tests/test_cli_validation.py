@@ -214,3 +214,13 @@ def test_the_shipped_model_keeps_unifesp_terms():
     writers = [line for line in lines if " pretrain " in line or " fit-head " in line]
     assert writers and all("--licence " in line for line in writers)
     assert all('--licence "$(UNIFESP_LICENCE)"' in line for line in writers if " fit-head " in line)
+
+
+def test_a_chain_of_fits_keeps_each_licence_once():
+    from radregion.bundle import combined_licence
+
+    start = combined_licence("ImageNet weights: Apache-2.0.", None)
+    tuned = combined_licence("UNIFESP: non-commercial.", start)  # fit-head --fine-tune from the ImageNet start
+    assert tuned == "UNIFESP: non-commercial. The backbone it started from: ImageNet weights: Apache-2.0."
+    assert combined_licence("UNIFESP: non-commercial.", tuned) == tuned  # the head refitted on the same data
+    assert combined_licence("unknown", tuned) == tuned and combined_licence("unknown", "unknown") == "unknown"

@@ -248,12 +248,12 @@ def provenance(data, command, **extra) -> dict:
 
 def combined_licence(data_licence: str, backbone_licence: str | None) -> str:
     """The licence of a bundle trained on data under `data_licence` from a backbone under `backbone_licence`:
-    one text when they agree or one is unknown, else both."""
+    one text when one is unknown or the backbone's already says the data's terms, else both."""
     known = [text for text in (data_licence, backbone_licence) if text and text != UNKNOWN_LICENCE]
     if not known:
         return UNKNOWN_LICENCE
-    if len(known) == 1 or known[0] == known[1]:
-        return known[0]
+    if len(known) == 1 or known[0] in known[1]:
+        return known[-1]
     return f"{known[0]} The backbone it started from: {known[1]}"
 
 
