@@ -2,7 +2,8 @@
 
 1. end-to-end img/s of `radregion predict` (a subprocess: start-up, decoding, cleaning, model, CSV) over the
    unlabelled UNIFESP images;
-2. model-only img/s of the engine's path (bf16 autocast + channels_last on CPU, fp16 on GPU);
+2. model-only img/s of the engine's path (`radregion.device`: bf16 autocast where the processor has it, else fp32;
+   channels_last);
 3. a naive eager fp32 forward of the same architecture (NCHW, no autocast), and the reference of issue 12: a naive
    eager fp32 forward of MONAI ResNet-18 (stride 2, 224 px, batch 32, model only);
 4. the bound: measured GEMM GFLOP/s (bf16 and fp32) / the model's FLOPs per image;
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from radregion.bundle import default_model_path, load_bundle, save_bundle
-from radregion.device import autocast, prepare_backbone, resolve_device
+from radregion.device import autocast, autocast_dtype, prepare_backbone, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,11 +165,11 @@ def main():
 
     reference_rate = rate(reference, 32)
     flops = flops_per_image(naive_net, size, device)
-    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    low = autocast_dtype(device) or torch.float32  # what the engine's rule runs (fp32 on a CPU without native bf16)
     gemm_low, gemm_fp32 = gemm_gflops(low, device), gemm_gflops(torch.float32, device)
     bound_low, bound_fp32 = gemm_low * 1e9 / flops, gemm_fp32 * 1e9 / flops
     low_name = str(low).replace("torch.", "")
-    print(f"model-only ({low_name} autocast + channels_last): {model_only:.1f} img/s")
+    print(f"model-only ({low_name} + channels_last, the engine's rule): {model_only:.1f} img/s")
     print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
     print(f"reference: naive eager fp32 MONAI ResNet-18, 224 px, batch 32: {reference_rate:.1f} img/s")
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")
