@@ -39,6 +39,7 @@ shell: install
 # ruff's lint rules (pyproject.toml); `ruff format --check` is not switched on yet
 lint: dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint
 	$(PY) -m pytest -q tests

@@ -13,8 +13,10 @@ setup(
     # radregion_model: the shipped bundle (apps/radregion/model), installed so the server finds it in any install
     package_dir={"": "lib", "radregion_model": "apps/radregion/model"},
     packages=find_packages("lib") + ["radregion_model"],
-    package_data={"radregion": ["taxonomies/*.json", "audit/*.html"],
-                  "radregion_model": ["bundle.json", "model.safetensors", "MODEL_CARD.md"]},
+    package_data={
+        "radregion": ["taxonomies/*.json", "audit/*.html"],
+        "radregion_model": ["bundle.json", "model.safetensors", "MODEL_CARD.md"],
+    },
     install_requires=[
         "torch",
         "numpy<2",

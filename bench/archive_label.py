@@ -29,14 +29,22 @@ def main() -> None:
 
     with open(HEADERS, newline="", encoding="utf-8") as handle:
         texts = [row["text"] for row in csv.DictReader(handle)]
-    records = [{"BodyPartExamined": texts[i % len(texts)], "StudyDescription": texts[(i * 7) % len(texts)],
-                "SeriesDescription": texts[(i * 13) % len(texts)], "ProtocolName": texts[(i * 29) % len(texts)]}
-               for i in range(args.records)]
+    records = [
+        {
+            "BodyPartExamined": texts[i % len(texts)],
+            "StudyDescription": texts[(i * 7) % len(texts)],
+            "SeriesDescription": texts[(i * 13) % len(texts)],
+            "ProtocolName": texts[(i * 29) % len(texts)],
+        }
+        for i in range(args.records)
+    ]
     start = time.perf_counter()
     conflicts = sum(bool(taxonomy.archive_label(meta).conflicts) for meta in records)
     seconds = time.perf_counter() - start
-    print(f"archive_label: {len(records) / seconds:,.0f} records/s (4 fields each, {len(records)} records, "
-          f"{conflicts} with conflicts), one core")
+    print(
+        f"archive_label: {len(records) / seconds:,.0f} records/s (4 fields each, {len(records)} records, "
+        f"{conflicts} with conflicts), one core"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,12 @@ def random_bundle(folder: Path, items, size=64, arch="resnet10") -> Path:
     sample = [items[i].path for i in np.random.default_rng(0).choice(len(items), min(200, len(items)), replace=False)]
     with torch.no_grad():
         backbone.train()(images_to_tensor(load_clean_images(sample, settings)))
-    meta = {"architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
-            "cleaning": settings.to_dict(), "taxonomy": {"name": "unifesp22"},
-            "training": {"data": "random init, BatchNorm statistics of 200 images", "command": "bench"}}
+    meta = {
+        "architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
+        "cleaning": settings.to_dict(),
+        "taxonomy": {"name": "unifesp22"},
+        "training": {"data": "random init, BatchNorm statistics of 200 images", "command": "bench"},
+    }
     return save_bundle(folder / "random", backbone.state_dict(), None, meta)
 
 
@@ -81,10 +84,14 @@ def scores(flagged, score, truth) -> dict:
     """Precision, recall, AUROC of the ranking, and precision (= recall) of the top as many as there are flips."""
     tp = int((flagged & truth).sum())
     known = ~np.isnan(score)
-    top = np.argsort(-np.nan_to_num(score, nan=-np.inf))[:int(truth.sum())]
-    return {"precision": tp / max(int(flagged.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
-            "auroc": float(roc_auc_score(truth[known], score[known])), "flagged": int(flagged.sum()),
-            "at_flips": float(truth[top].mean()) if len(top) else float("nan")}
+    top = np.argsort(-np.nan_to_num(score, nan=-np.inf))[: int(truth.sum())]
+    return {
+        "precision": tp / max(int(flagged.sum()), 1),
+        "recall": tp / max(int(truth.sum()), 1),
+        "auroc": float(roc_auc_score(truth[known], score[known])),
+        "flagged": int(flagged.sum()),
+        "at_flips": float(truth[top].mean()) if len(top) else float("nan"),
+    }
 
 
 def main(argv=None) -> int:
@@ -127,11 +134,14 @@ def main(argv=None) -> int:
             ood_scores.append(detector.score(f))
             thresholds.append(detector.threshold)
     _, out_of_domain = combine_ood(ood_scores, thresholds, len(paths))
-    print(f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
-          f"{len(set(patients))} patients, {len(present)} regions; features {time.perf_counter() - start:.0f} s; "
-          f"{int(out_of_domain.sum())} flagged out of domain by the model")
-    print(f"{'noise':>6} {'method':>9} {'precision':>9} {'recall':>7} {'AUROC':>6} {'flagged':>8} {'flips':>6}"
-          f"  P=R@flips")
+    print(
+        f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
+        f"{len(set(patients))} patients, {len(present)} regions; features {time.perf_counter() - start:.0f} s; "
+        f"{int(out_of_domain.sum())} flagged out of domain by the model"
+    )
+    print(
+        f"{'noise':>6} {'method':>9} {'precision':>9} {'recall':>7} {'AUROC':>6} {'flagged':>8} {'flips':>6}  P=R@flips"
+    )
     for rate in args.rates:
         table, margin_auroc = {m: [] for m in issues.METHODS}, []
         for seed in range(args.seeds):
@@ -146,10 +156,14 @@ def main(argv=None) -> int:
             margin_auroc.append(roc_auc_score(truth, normalized_margin_score(given, probs)))
         for method, runs in table.items():
             mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
-            print(f"{rate:>6.0%} {method:>9} {mean['precision']:>9.3f} {mean['recall']:>7.3f} {mean['auroc']:>6.3f} "
-                  f"{mean['flagged']:>8.0f} {int(truth.sum()):>6}  {mean['at_flips']:.3f}")
-        print(f"{'':>6} ranking AUROC: self-confidence (used) {mean['auroc']:.3f}, "
-              f"normalized margin {np.mean(margin_auroc):.3f}")
+            print(
+                f"{rate:>6.0%} {method:>9} {mean['precision']:>9.3f} {mean['recall']:>7.3f} {mean['auroc']:>6.3f} "
+                f"{mean['flagged']:>8.0f} {int(truth.sum()):>6}  {mean['at_flips']:.3f}"
+            )
+        print(
+            f"{'':>6} ranking AUROC: self-confidence (used) {mean['auroc']:.3f}, "
+            f"normalized margin {np.mean(margin_auroc):.3f}"
+        )
     return 0
 
 

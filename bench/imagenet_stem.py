@@ -24,8 +24,9 @@ from radregion.networks import EfficientNetLite
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data_root = Path(os.environ.get("RADREGION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared"
-                                    / "data"))
+    data_root = Path(
+        os.environ.get("RADREGION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    )
     parser.add_argument("--labels", default=data_root / "unifesp" / "labels.csv")
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
@@ -44,10 +45,13 @@ def main():
         backbone = EfficientNetLite("efficientnet-lite0", pretrained=True, stem=stem)
         head = fit_head(extract_features(backbone, train_images), train_names, regions)
         predicted = head.predict(extract_features(backbone, test_images))
-        result = summarise(predicted, [it.labels for it in test], regions, groups=[it.patient_id for it in test],
-                           n_boot=0)
-        print(f"stem={stem}: frozen ImageNet features, logistic head: top-1 {result['top1']:.3f}, macro recall "
-              f"{result['macro_recall']:.3f}")
+        result = summarise(
+            predicted, [it.labels for it in test], regions, groups=[it.patient_id for it in test], n_boot=0
+        )
+        print(
+            f"stem={stem}: frozen ImageNet features, logistic head: top-1 {result['top1']:.3f}, macro recall "
+            f"{result['macro_recall']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from radregion.cleaning import CleaningSettings, clean
 def status(field):  # kB figures of /proc/self/status
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
-clean(read_radiograph({str(DATA / 'dicom' / 'RG3_J2KR.dcm')!r}, max_size=64).image, CleaningSettings(size=64))
+clean(read_radiograph({str(DATA / "dicom" / "RG3_J2KR.dcm")!r}, max_size=64).image, CleaningSettings(size=64))
 open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark (VmHWM)
 before = status("VmRSS")
 tracemalloc.start()
@@ -65,10 +65,14 @@ def main() -> None:
     clean(read_radiograph(DATA / "dicom" / "RG3_J2KR.dcm", max_size=64).image, settings)  # imports, warm-up
 
     dicoms = sorted((DATA / "dicom").glob("*.dcm")) * args.repeats
-    print(f"real CR DICOMs (JPEG 2000, ~1800 px): read + clean, max_size={READ_OVERSAMPLE * args.size}: "
-          f"{rate(dicoms, settings, READ_OVERSAMPLE * args.size):.2f} images/s")
-    print(f"real CR DICOMs (JPEG 2000, ~1800 px): read + clean, full size:     "
-          f"{rate(dicoms, settings, None):.2f} images/s")
+    print(
+        f"real CR DICOMs (JPEG 2000, ~1800 px): read + clean, max_size={READ_OVERSAMPLE * args.size}: "
+        f"{rate(dicoms, settings, READ_OVERSAMPLE * args.size):.2f} images/s"
+    )
+    print(
+        f"real CR DICOMs (JPEG 2000, ~1800 px): read + clean, full size:     "
+        f"{rate(dicoms, settings, None):.2f} images/s"
+    )
     pngs = sorted((DATA / "unifesp" / "images").glob("*.png"))[: args.pngs]
     print(f"UNIFESP PNGs (8-bit, 320 px), {len(pngs)} files: read + clean: {rate(pngs, settings, None):.1f} images/s")
 
@@ -81,9 +85,11 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         for max_size in (READ_OVERSAMPLE * args.size, None):
             figures = peak_memory(path, max_size)
-            print(f"{side}x{side} 16-bit DICOM ({size_mb:.0f} MB), read max_size={max_size} + clean: "
-                  f"RSS growth {figures['rss_growth_mb']:.0f} MB, tracemalloc peak "
-                  f"{figures['tracemalloc_peak_mb']:.0f} MB, decoded {figures['shape']}")
+            print(
+                f"{side}x{side} 16-bit DICOM ({size_mb:.0f} MB), read max_size={max_size} + clean: "
+                f"RSS growth {figures['rss_growth_mb']:.0f} MB, tracemalloc peak "
+                f"{figures['tracemalloc_peak_mb']:.0f} MB, decoded {figures['shape']}"
+            )
     print("(RSS growth: peak resident memory during the read + clean above the level before it; Linux only)")
 
 

@@ -45,8 +45,7 @@ def make_dicoms(folder: Path, count: int) -> list:
 def summary(name, seconds):
     ms = sorted(1000 * s for s in seconds)
     p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    print(f"{name:<56} n={len(ms):3d}  median {statistics.median(ms):8.1f} ms  p90 {p90:8.1f} ms  "
-          f"max {ms[-1]:8.1f} ms")
+    print(f"{name:<56} n={len(ms):3d}  median {statistics.median(ms):8.1f} ms  p90 {p90:8.1f} ms  max {ms[-1]:8.1f} ms")
 
 
 def main():
@@ -70,8 +69,9 @@ def main():
 
             from lib.datastore.dicomweb import RadRegionDICOMwebDatastore
 
-            store = RadRegionDICOMwebDatastore(pacs.dicomweb_url, root / "fetch-only", username=pacs.username,
-                                               password=pacs.password)
+            store = RadRegionDICOMwebDatastore(
+                pacs.dicomweb_url, root / "fetch-only", username=pacs.username, password=pacs.password
+            )
             fetch = {}
             for sop in store.list_images():
                 start = time.perf_counter()
@@ -81,16 +81,24 @@ def main():
             os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"  # no background prefetch: first = first
             os.environ["RADREGION_CACHE"] = str(root / "image-cache")  # nor a cleaned image from an earlier run
             state = root / "state"
-            server = RadRegionServer(pacs.dicomweb_url, model, log_path=root / "server.log", extra_conf={
-                "state_dir": state, "username": pacs.username},
-                env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password}).start()
+            server = RadRegionServer(
+                pacs.dicomweb_url,
+                model,
+                log_path=root / "server.log",
+                extra_conf={"state_dir": state, "username": pacs.username},
+                env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password},
+            ).start()
             first, cached, prefetched = {}, {}, 0
             for sop in sorted(kind):
                 prefetched += any(state.rglob(f"{sop}.dcm"))
                 for bucket in (first, cached):
                     start = time.perf_counter()
-                    answer = requests.post(f"{server.url}/infer/radregion", params={"image": sop, "output": "json"},
-                                           timeout=600, headers=server.auth)
+                    answer = requests.post(
+                        f"{server.url}/infer/radregion",
+                        params={"image": sop, "output": "json"},
+                        timeout=600,
+                        headers=server.auth,
+                    )
                     answer.raise_for_status()
                     bucket.setdefault(kind[sop], []).append(time.perf_counter() - start)
 

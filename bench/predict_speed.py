@@ -44,12 +44,20 @@ def random_bundle(folder: Path, arch: str, size: int) -> Path:
     rng = np.random.default_rng(0)
     dim = feature_dim(arch)
     regions = [f"region{i}" for i in range(21)]
-    head = LinearHead(rng.normal(size=(21, dim)).astype(np.float32), np.zeros(21, np.float32),
-                      np.zeros(dim, np.float32), np.ones(dim, np.float32), regions)
+    head = LinearHead(
+        rng.normal(size=(21, dim)).astype(np.float32),
+        np.zeros(21, np.float32),
+        np.zeros(dim, np.float32),
+        np.ones(dim, np.float32),
+        regions,
+    )
     ood = fit_ood(rng.normal(size=(200, dim)).astype(np.float32), rng.integers(0, 21, 200))
     ood.threshold = 30.0
-    meta = {"architecture": {"name": arch, "feature_dim": dim, "in_channels": 1},
-            "cleaning": CleaningSettings(size=size).to_dict(), "taxonomy": {"name": "unifesp22"}}
+    meta = {
+        "architecture": {"name": arch, "feature_dim": dim, "in_channels": 1},
+        "cleaning": CleaningSettings(size=size).to_dict(),
+        "taxonomy": {"name": "unifesp22"},
+    }
     return save_bundle(folder / "random", build_backbone(arch).state_dict(), head, meta, ood=ood, half_backbone=True)
 
 
@@ -106,14 +114,30 @@ def main():
     bundle = load_bundle(model)
     size, arch = bundle.settings.size, bundle.meta["architecture"]["name"]
     device = resolve_device(args.device)
-    print(f"model: {model} ({arch}, {size} px, version {bundle.version}); device {device}; "
-          f"torch threads {torch.get_num_threads()}; batch {args.batch_size}")
+    print(
+        f"model: {model} ({arch}, {size} px, version {bundle.version}); device {device}; "
+        f"torch threads {torch.get_num_threads()}; batch {args.batch_size}"
+    )
 
     images = sorted(p for p in Path(args.images).rglob("*") if p.is_file())[: args.limit]
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "RADREGION_CACHE": str(tmp / "cache")}
-    cmd = [sys.executable, "-m", "radregion.cli", "predict", "--model", str(model), "--output", str(tmp / "p.csv"),
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", str(device),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "radregion.cli",
+        "predict",
+        "--model",
+        str(model),
+        "--output",
+        str(tmp / "p.csv"),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--device",
+        str(device),
+        "--no-progress",
+    ]
 
     def run_predict(paths):
         start = time.perf_counter()
@@ -125,8 +149,10 @@ def main():
     e2e_seconds, result = run_predict(images)
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     e2e = len(images) / e2e_seconds
-    print(f"end-to-end `radregion predict`: {len(images)} images in {e2e_seconds:.1f} s = {e2e:.1f} img/s "
-          f"(start-up, decoding, cleaning, model, CSV; cold image cache; {result.stderr.strip().splitlines()[-1]})")
+    print(
+        f"end-to-end `radregion predict`: {len(images)} images in {e2e_seconds:.1f} s = {e2e:.1f} img/s "
+        f"(start-up, decoding, cleaning, model, CSV; cold image cache; {result.stderr.strip().splitlines()[-1]})"
+    )
 
     batch = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8).float().div(255)
     net = prepare_backbone(bundle.backbone(), device)
@@ -173,14 +199,20 @@ def main():
     print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
     print(f"reference: naive eager fp32 MONAI ResNet-18, 224 px, batch 32: {reference_rate:.1f} img/s")
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")
-    print(f"GEMM: {gemm_low:.0f} GFLOP/s {low_name}, {gemm_fp32:.0f} GFLOP/s fp32 -> bound "
-          f"{bound_low:.1f} img/s {low_name}, {bound_fp32:.1f} img/s fp32")
+    print(
+        f"GEMM: {gemm_low:.0f} GFLOP/s {low_name}, {gemm_fp32:.0f} GFLOP/s fp32 -> bound "
+        f"{bound_low:.1f} img/s {low_name}, {bound_fp32:.1f} img/s fp32"
+    )
     startup, _ = run_predict(images[:1])
     ceiling = len(images) / (startup + len(images) / model_only)
-    print(f"start-up (`radregion predict` on one image): {startup:.1f} s -> end-to-end ceiling with free decoding "
-          f"{ceiling:.1f} img/s = {ceiling / naive_rate:.2f} x naive fp32")
-    print(f"targets: end-to-end / reference ResNet-18 fp32 = {e2e / reference_rate:.2f} (>= 2.5); "
-          f"model-only / {low_name} bound = {model_only / bound_low:.0%} (>= 60%)")
+    print(
+        f"start-up (`radregion predict` on one image): {startup:.1f} s -> end-to-end ceiling with free decoding "
+        f"{ceiling:.1f} img/s = {ceiling / naive_rate:.2f} x naive fp32"
+    )
+    print(
+        f"targets: end-to-end / reference ResNet-18 fp32 = {e2e / reference_rate:.2f} (>= 2.5); "
+        f"model-only / {low_name} bound = {model_only / bound_low:.0%} (>= 60%)"
+    )
     memory = f"peak RSS of `radregion predict`: {peak_rss:.0f} MiB"
     if device.type == "cuda":
         memory += f"; CUDA max allocated (this process) {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"

@@ -42,7 +42,7 @@ def distinct_copies(source: Path, folder: Path, n: int, stem: str) -> list:
         path = folder / f"{stem}{k:03d}{source.suffix}"
         tag = f"bench-{k:06d}".encode()
         if source.suffix == ".dcm":
-            path.write_bytes(tag + data[len(tag):])  # preamble bytes, ignored by readers
+            path.write_bytes(tag + data[len(tag) :])  # preamble bytes, ignored by readers
         else:
             path.write_bytes(data + tag)  # after IEND, ignored by PNG readers
         out.append(path)
@@ -63,8 +63,9 @@ def timed_infer(session, url, image_id):
     start = time.perf_counter()
     from fixtures.server import AUTH  # the API token the benchmark's servers get
 
-    answer = session.post(f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300,
-                          headers=AUTH)
+    answer = session.post(
+        f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300, headers=AUTH
+    )
     elapsed = time.perf_counter() - start
     if answer.status_code != 200:
         raise RuntimeError(f"{image_id}: HTTP {answer.status_code} {answer.text[:200]}")
@@ -119,27 +120,37 @@ def main():
                     del TASK_SECONDS[:]
                     pairs = [(timed_infer(session, server.url, f.stem), engine_time(kind, f)) for f in subset]
                     table[f"{name} {kind}"] = (pairs, list(TASK_SECONDS))
-            print(f"{'image':<26}{'p50':>8}{'p95':>8}{'in task':>9}{'engine':>8}{'overhead':>10}  "
-                  f"(ms per request, p50 unless said, {n} requests, one image each)")
+            print(
+                f"{'image':<26}{'p50':>8}{'p95':>8}{'in task':>9}{'engine':>8}{'overhead':>10}  "
+                f"(ms per request, p50 unless said, {n} requests, one image each)"
+            )
             for key, (pairs, task) in table.items():
                 server_p50, server_p95 = percentiles([a for a, _ in pairs])
-                print(f"{key:<26}{server_p50:>8.1f}{server_p95:>8.1f}{percentiles(task)[0]:>9.1f}"
-                      f"{percentiles([b for _, b in pairs])[0]:>8.1f}"
-                      f"{statistics.median([(a - b) * 1000 for a, b in pairs]):>10.1f}")
+                print(
+                    f"{key:<26}{server_p50:>8.1f}{server_p95:>8.1f}{percentiles(task)[0]:>9.1f}"
+                    f"{percentiles([b for _, b in pairs])[0]:>8.1f}"
+                    f"{statistics.median([(a - b) * 1000 for a, b in pairs]):>10.1f}"
+                )
 
             ids = [f.stem for f in pngs[:8]] + [f.stem for f in dicoms[:8]]
             label_ids = [f.stem for f in pngs[8:]] or [f.stem for f in pngs]
-            print(f"\n{'clients':>7} {'label saves':>11} {'images/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
-                  f"{'saves/s':>8} {'save p95 ms':>11}  (warm PNG+DICOM, {args.per_client} requests per client)")
+            print(
+                f"\n{'clients':>7} {'label saves':>11} {'images/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
+                f"{'saves/s':>8} {'save p95 ms':>11}  (warm PNG+DICOM, {args.per_client} requests per client)"
+            )
             for saving in (False, True):
                 for clients in sorted({1, args.clients}):
                     row = load(server.url, ids, label_ids, clients, args.per_client, saving)
-                    print(f"{clients:>7} {'yes' if saving else 'no':>11} {row['images_s']:>9.1f} {row['p50']:>7.0f} "
-                          f"{row['p95']:>7.0f} {row['saves_s']:>8.1f} {row['save_p95']:>11.0f}")
+                    print(
+                        f"{clients:>7} {'yes' if saving else 'no':>11} {row['images_s']:>9.1f} {row['p50']:>7.0f} "
+                        f"{row['p95']:>7.0f} {row['saves_s']:>8.1f} {row['save_p95']:>11.0f}"
+                    )
             start = time.perf_counter()
             list(Predictor(model_dir, workers=0, cache=False).predict(pngs, batch_size=32))
-            print(f"engine, one batch of {len(pngs)} PNGs (as `radregion predict` runs a folder): "
-                  f"{(time.perf_counter() - start) / len(pngs) * 1000:.1f} ms per image")
+            print(
+                f"engine, one batch of {len(pngs)} PNGs (as `radregion predict` runs a folder): "
+                f"{(time.perf_counter() - start) / len(pngs) * 1000:.1f} ms per image"
+            )
         finally:
             server.stop()
     finally:
@@ -158,8 +169,12 @@ def load(url, ids, label_ids, clients, per_client, saving) -> dict:
             image_id = label_ids[k % len(label_ids)]
             k += 1
             start = time.perf_counter()
-            answer = s.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, timeout=300,
-                           files={"label": ("label.json", json.dumps({"region": "Chest", "annotator": "bench"}))})
+            answer = s.put(
+                f"{url}/datastore/label",
+                params={"image": image_id, "tag": "final"},
+                timeout=300,
+                files={"label": ("label.json", json.dumps({"region": "Chest", "annotator": "bench"}))},
+            )
             if answer.status_code != 200:
                 raise RuntimeError(f"label save {image_id}: HTTP {answer.status_code} {answer.text[:200]}")
             saves.append(time.perf_counter() - start)
@@ -179,8 +194,13 @@ def load(url, ids, label_ids, clients, per_client, saving) -> dict:
     if save_thread:
         save_thread.join()
     p50, p95 = percentiles(latencies)
-    return {"images_s": len(latencies) / wall, "p50": p50, "p95": p95, "saves_s": len(saves) / wall,
-            "save_p95": percentiles(saves)[1] if saves else float("nan")}
+    return {
+        "images_s": len(latencies) / wall,
+        "p50": p50,
+        "p95": p95,
+        "saves_s": len(saves) / wall,
+        "save_p95": percentiles(saves)[1] if saves else float("nan"),
+    }
 
 
 if __name__ == "__main__":

@@ -77,11 +77,14 @@ def main():
             shutil.copy(png, studies / png.name)
         server = start_server(studies, model, log_path=work / "server.log")
         try:
-            print(f"{'queue':<12}{'prefetch':<10}{'cases':>7}{'p50 ms':>9}{'p95 ms':>9}  "
-                  f"(Enter -> label saved, next case shown; {args.look_s:g} s look at each case)")
+            print(
+                f"{'queue':<12}{'prefetch':<10}{'cases':>7}{'p50 ms':>9}{'p95 ms':>9}  "
+                f"(Enter -> label saved, next case shown; {args.look_s:g} s look at each case)"
+            )
             for prefetch in (False, True):
-                session = ReviewSession(RadRegionClient(server.url), str(work / f"slicer-{prefetch}"),
-                                        annotator="bench", prefetch=prefetch)
+                session = ReviewSession(
+                    RadRegionClient(server.url), str(work / f"slicer-{prefetch}"), annotator="bench", prefetch=prefetch
+                )
                 session.connect()
                 for queue in ("random", "uncertain"):
                     times = review_loop(session, queue, args.cases, args.look_s)
@@ -100,8 +103,10 @@ def main():
             start = time.perf_counter()
             delivered = session.flush()
             elapsed = time.perf_counter() - start
-            print(f"outbox after a server restart: {delivered} decisions delivered in {elapsed * 1000:.0f} ms "
-                  f"({elapsed / max(delivered, 1) * 1000:.1f} ms each)")
+            print(
+                f"outbox after a server restart: {delivered} decisions delivered in {elapsed * 1000:.0f} ms "
+                f"({elapsed / max(delivered, 1) * 1000:.1f} ms each)"
+            )
         finally:
             server.stop()
     finally:

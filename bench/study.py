@@ -65,45 +65,111 @@ class Study:
 
     def record(self, key, command, evaluation):
         figures = json.loads((Path(evaluation) / "figures.json").read_text())
-        self.results[key] = {"top1": figures["top1"], "macro_recall": figures["macro_recall"],
-                             "ci95_top1": figures["ci95"]["top1"], "n_images": figures["n_images"],
-                             "ood_auroc": (figures.get("out_of_domain") or {}).get("auroc"),
-                             "commands": command}
+        self.results[key] = {
+            "top1": figures["top1"],
+            "macro_recall": figures["macro_recall"],
+            "ci95_top1": figures["ci95"]["top1"],
+            "n_images": figures["n_images"],
+            "ood_auroc": (figures.get("out_of_domain") or {}).get("auroc"),
+            "commands": command,
+        }
         self.results_file.write_text(json.dumps(self.results, indent=1))
 
     # ---- steps --------------------------------------------------------------------------------------
     def split(self):
         data = Path(self.args.data).resolve()
-        self.run("split", ["split", "--labels", data / "labels.csv", "--test-fraction", "0.2", "--seed", "0",
-                           "--output", self.work], self.test)
+        self.run(
+            "split",
+            ["split", "--labels", data / "labels.csv", "--test-fraction", "0.2", "--seed", "0", "--output", self.work],
+            self.test,
+        )
 
     def pretrain(self, arm):
         a = self.args
-        return self.run(f"pretrain {arm}", ["pretrain", *SSL_ARMS[arm], "--images", self.train,
-                                            Path(a.data).resolve() / "unlabelled", "--output", f"backbones/{arm}",
-                                            "--arch", a.arch, "--size", str(a.size), "--epochs", str(a.epochs),
-                                            "--batch-size", "64", "--workers", "2", "--seed", "0", "--log-dir",
-                                            f"tensorboard/{arm}", "--no-progress"], self.work / "backbones" / arm)
+        return self.run(
+            f"pretrain {arm}",
+            [
+                "pretrain",
+                *SSL_ARMS[arm],
+                "--images",
+                self.train,
+                Path(a.data).resolve() / "unlabelled",
+                "--output",
+                f"backbones/{arm}",
+                "--arch",
+                a.arch,
+                "--size",
+                str(a.size),
+                "--epochs",
+                str(a.epochs),
+                "--batch-size",
+                "64",
+                "--workers",
+                "2",
+                "--seed",
+                "0",
+                "--log-dir",
+                f"tensorboard/{arm}",
+                "--no-progress",
+            ],
+            self.work / "backbones" / arm,
+        )
 
     def head(self, arm, shots, extra=(), backbone=None):
         few = [] if shots == "all" else ["--per-class", shots]
-        return self.run(f"head {arm} K={shots}", ["fit-head", "--model", backbone or f"backbones/{arm}", "--labels",
-                                                  self.train, *few, "--seed", "0", *extra, "--output",
-                                                  f"heads/{arm}_k{shots}"], self.work / "heads" / f"{arm}_k{shots}")
+        return self.run(
+            f"head {arm} K={shots}",
+            [
+                "fit-head",
+                "--model",
+                backbone or f"backbones/{arm}",
+                "--labels",
+                self.train,
+                *few,
+                "--seed",
+                "0",
+                *extra,
+                "--output",
+                f"heads/{arm}_k{shots}",
+            ],
+            self.work / "heads" / f"{arm}_k{shots}",
+        )
 
     def evaluate(self, key, models):
         models_args = [x for m in models for x in ("--model", m)]
-        return self.run(f"evaluate {key}", ["evaluate", *models_args, "--labels", self.test, "--output",
-                                            f"evaluations/{key}"], self.work / "evaluations" / key)
+        return self.run(
+            f"evaluate {key}",
+            ["evaluate", *models_args, "--labels", self.test, "--output", f"evaluations/{key}"],
+            self.work / "evaluations" / key,
+        )
 
     def scratch(self, shots):
-        self.run("random backbone", ["pretrain", "--method", "simclr", "--images", self.train, "--output",
-                                     "backbones/random", "--arch", self.args.arch, "--size", str(self.args.size),
-                                     "--epochs", "0", "--seed", "0"], self.work / "backbones" / "random")
+        self.run(
+            "random backbone",
+            [
+                "pretrain",
+                "--method",
+                "simclr",
+                "--images",
+                self.train,
+                "--output",
+                "backbones/random",
+                "--arch",
+                self.args.arch,
+                "--size",
+                str(self.args.size),
+                "--epochs",
+                "0",
+                "--seed",
+                "0",
+            ],
+            self.work / "backbones" / "random",
+        )
         n = 21 * int(shots) if shots != "all" else 1010  # in-domain train images (21 regions; K=1 takes 1 each)
         epochs = max(1, math.ceil(SCRATCH_IMAGE_BUDGET / n))
-        return self.head("scratch", shots, ["--fine-tune", "--epochs", str(epochs), "--lr", "1e-3"],
-                         backbone="backbones/random")
+        return self.head(
+            "scratch", shots, ["--fine-tune", "--epochs", str(epochs), "--lr", "1e-3"], backbone="backbones/random"
+        )
 
     def arm(self, arm):
         pretrained = self.pretrain(arm)
@@ -127,6 +193,7 @@ class Study:
         for arm in SSL_ARMS:
             if arm not in ENSEMBLE:
                 self.arm(arm)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

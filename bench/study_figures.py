@@ -7,9 +7,15 @@ from pathlib import Path
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-LABELS = {"simclr": "SimCLR", "byol": "BYOL", "supcon": "SupCon (train labels)", "ensemble": "Ensemble S+B+SC",
-          "scratch": "Supervised from scratch", "simclr-no-gauge": "SimCLR, no gauge",
-          "simclr-no-clean": "SimCLR, no cleaning"}
+LABELS = {
+    "simclr": "SimCLR",
+    "byol": "BYOL",
+    "supcon": "SupCon (train labels)",
+    "ensemble": "Ensemble S+B+SC",
+    "scratch": "Supervised from scratch",
+    "simclr-no-gauge": "SimCLR, no gauge",
+    "simclr-no-clean": "SimCLR, no cleaning",
+}
 SHOTS = ("1", "5", "20", "all")
 GRADCAM_PER_ROW = 6
 
@@ -38,15 +44,16 @@ def label_plot(results: dict, path: Path, majority: float | None = None) -> None
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n, (arm, label) in enumerate(LABELS.items()):
-        points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"])
-                  for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
+        points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"]) for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
         if not points:
             continue
         xs = [i for i, _ in points]
         style = "--" if "no-" in arm else "-"
         top1 = [r["top1"] for _, r in points]
-        errors = [[r["top1"] - r["ci95_top1"][0] for _, r in points],
-                  [r["ci95_top1"][1] - r["top1"] for _, r in points]]
+        errors = [
+            [r["top1"] - r["ci95_top1"][0] for _, r in points],
+            [r["ci95_top1"][1] - r["top1"] for _, r in points],
+        ]
         axes[0].errorbar(xs, top1, yerr=errors, fmt=style + "o", capsize=3, label=label, alpha=0.85)
         axes[1].plot(xs, [r["macro_recall"] for _, r in points], style + "o", label=label, alpha=0.85)
     if majority is not None:
@@ -130,8 +137,9 @@ def tsne_figure(bundle_path: Path, test_csv: Path, path: Path) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
-    ax.set_title(f"t-SNE of frozen SimCLR features, {len(items)} labelled images (no labels in pretraining)",
-                 fontsize=9)
+    ax.set_title(
+        f"t-SNE of frozen SimCLR features, {len(items)} labelled images (no labels in pretraining)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -144,6 +152,9 @@ def print_tables(results: dict) -> None:
         cells = []
         for k in SHOTS:
             r = results.get(f"{arm}/{k}")
-            cells.append(f"{r['top1']:.3f} ({r['ci95_top1'][0]:.3f}–{r['ci95_top1'][1]:.3f}) / "
-                         f"{r['macro_recall']:.3f}" if r else "–")
+            cells.append(
+                f"{r['top1']:.3f} ({r['ci95_top1'][0]:.3f}–{r['ci95_top1'][1]:.3f}) / {r['macro_recall']:.3f}"
+                if r
+                else "–"
+            )
         print(f"| {label} | " + " | ".join(cells) + " |")

@@ -100,18 +100,24 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} "
-          f"images = {2 * args.batch} views per step")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} "
+        f"images = {2 * args.batch} views per step"
+    )
     threads = torch.get_num_threads() if device.type == "cpu" else None
     gemm = {"fp32": gemm_flops(torch.float32, device), "bf16": gemm_flops(torch.bfloat16, device)}
     for name, (wall, cpu) in gemm.items():
         extra = f" ({cpu / 1e9:.0f} per CPU-second)" if threads else ""
         print(f"GEMM 2048^3 {name}: {wall / 1e9:.0f} GFLOP/s{extra}")
     if threads:
-        print(f"views/CPU-s x {threads} threads = what the CPU would do if it were ours alone; bound from GEMM "
-              "per CPU-second x threads")
-    print(f"{'size':>5} {'precision':<19} {'GFLOP/view':>10} {'views/s':>8} {'views/CPU-s':>11} {'bound/s':>8} "
-          f"{'of bound':>8}")
+        print(
+            f"views/CPU-s x {threads} threads = what the CPU would do if it were ours alone; bound from GEMM "
+            "per CPU-second x threads"
+        )
+    print(
+        f"{'size':>5} {'precision':<19} {'GFLOP/view':>10} {'views/s':>8} {'views/CPU-s':>11} {'bound/s':>8} "
+        f"{'of bound':>8}"
+    )
     for size in args.sizes:
         train_flops = 3 * forward_flops_per_view(size)
         for name, bf16 in (("fp32", False), ("bf16+channels_last", True)):
@@ -119,11 +125,15 @@ def main() -> None:
             wall_gemm, cpu_gemm = gemm["bf16" if bf16 else "fp32"]
             bound = cpu_gemm * threads / train_flops if threads else wall_gemm / train_flops
             achieved = per_cpu * threads if threads else wall
-            print(f"{size:>5} {name:<19} {train_flops / 1e9:>10.2f} {wall:>8.1f} {per_cpu:>11.1f} {bound:>8.1f} "
-                  f"{achieved / bound:>8.0%}")
+            print(
+                f"{size:>5} {name:<19} {train_flops / 1e9:>10.2f} {wall:>8.1f} {per_cpu:>11.1f} {bound:>8.1f} "
+                f"{achieved / bound:>8.0%}"
+            )
     for size in args.sizes:
-        print(f"augmentation (pretrain_views, 1 thread): {augment_views_per_cpu_second(size):.0f} views/CPU-s at "
-              f"{size} px")
+        print(
+            f"augmentation (pretrain_views, 1 thread): {augment_views_per_cpu_second(size):.0f} views/CPU-s at "
+            f"{size} px"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Make docs/augmentations.png: real radiographs, their gauge-augmented version, pretraining views, head views.
 
-    .venv/bin/python docs/make_augmentation_grid.py [--data ../shared/data/unifesp] [--size 128]
+.venv/bin/python docs/make_augmentation_grid.py [--data ../shared/data/unifesp] [--size 128]
 """
 
 import argparse

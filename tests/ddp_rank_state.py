@@ -18,8 +18,10 @@ _finish = pretrain.PretrainRun.finish
 
 def _dump_then_finish(run):
     RANKS.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in run.model.named_parameters()},
-              str(RANKS / f"rank{run.world.rank}.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in run.model.named_parameters()},
+        str(RANKS / f"rank{run.world.rank}.safetensors"),
+    )
     return _finish(run)
 
 

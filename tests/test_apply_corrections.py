@@ -35,12 +35,16 @@ def test_corrections_update_a_labels_csv_and_keep_its_columns(unifesp, tmp_path,
     new_label = "Knee" if rows[0]["labels"] != "Knee" else "Chest"
     corrections = tmp_path / "audit" / "corrections.csv"
     corrections.parent.mkdir()
-    corrections.write_text("image,labels,PatientID\n"
-                           f"{labels.parent / rows[0]['image']},{new_label},{rows[0]['PatientID']}\n"
-                           f"{labels.parent / rows[5]['image']},Hand|wrist,{rows[5]['PatientID']}\n")
+    corrections.write_text(
+        "image,labels,PatientID\n"
+        f"{labels.parent / rows[0]['image']},{new_label},{rows[0]['PatientID']}\n"
+        f"{labels.parent / rows[5]['image']},Hand|wrist,{rows[5]['PatientID']}\n"
+    )
     output = tmp_path / "out" / "corrected.csv"
-    assert main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels),
-                 "--output", str(output)]) == 0
+    assert (
+        main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels), "--output", str(output)])
+        == 0
+    )
     assert "6 images, 1 labels changed, 1 added" in capsys.readouterr().out
 
     written = read_csv(output)
@@ -55,11 +59,24 @@ def test_corrections_update_a_labels_csv_and_keep_its_columns(unifesp, tmp_path,
 def test_dicom_copies_get_body_part_and_originals_stay_unchanged(real_dicoms, tmp_path, capsys):
     before = {path: sha256(path) for path in real_dicoms}
     corrections = tmp_path / "corrections.csv"
-    corrections.write_text("image,labels\n" + "".join(f"{path},Lower Leg\n" for path in real_dicoms[1:])
-                           + f"{real_dicoms[0]},Chest\n")
+    corrections.write_text(
+        "image,labels\n" + "".join(f"{path},Lower Leg\n" for path in real_dicoms[1:]) + f"{real_dicoms[0]},Chest\n"
+    )
     out = tmp_path / "relabelled"
-    assert main(["apply-corrections", "--corrections", str(corrections), "--output", str(tmp_path / "fixed.csv"),
-                 "--dicom-out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "apply-corrections",
+                "--corrections",
+                str(corrections),
+                "--output",
+                str(tmp_path / "fixed.csv"),
+                "--dicom-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "3 relabelled DICOM copies" in capsys.readouterr().out
     assert {path: sha256(path) for path in real_dicoms} == before
     for path in real_dicoms:
@@ -68,8 +85,7 @@ def test_dicom_copies_get_body_part_and_originals_stay_unchanged(real_dicoms, tm
         assert copy.SOPInstanceUID != original.SOPInstanceUID
         assert copy.file_meta.MediaStorageSOPInstanceUID == copy.SOPInstanceUID
         assert copy.PixelData == original.PixelData and copy.PatientID == original.PatientID
-    assert [it.labels for it in read_labels_csv(tmp_path / "fixed.csv")] == [("Lower Leg",), ("Lower Leg",),
-                                                                           ("Chest",)]
+    assert [it.labels for it in read_labels_csv(tmp_path / "fixed.csv")] == [("Lower Leg",), ("Lower Leg",), ("Chest",)]
 
 
 def test_dicom_out_never_overwrites_the_original(real_dicoms, tmp_path, capsys):
@@ -79,17 +95,32 @@ def test_dicom_out_never_overwrites_the_original(real_dicoms, tmp_path, capsys):
     before = sha256(source)
     corrections = tmp_path / "corrections.csv"
     corrections.write_text(f"image,labels\n{source},Knee\n")
-    assert main(["apply-corrections", "--corrections", str(corrections), "--output", str(tmp_path / "x.csv"),
-                 "--dicom-out", str(source.parent)]) == 2
+    assert (
+        main(
+            [
+                "apply-corrections",
+                "--corrections",
+                str(corrections),
+                "--output",
+                str(tmp_path / "x.csv"),
+                "--dicom-out",
+                str(source.parent),
+            ]
+        )
+        == 2
+    )
     assert "overwrite the original" in capsys.readouterr().err
     assert sha256(source) == before
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("image,labels\n{image},Chset\n", "Chset"),
-    ("image,region\n{image},Chest\n", "missing column"),
-    ("image,labels\n{image},\n", "empty labels"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("image,labels\n{image},Chset\n", "Chset"),
+        ("image,region\n{image},Chest\n", "missing column"),
+        ("image,labels\n{image},\n", "empty labels"),
+    ],
+)
 def test_bad_corrections_are_clear_errors(unifesp, tmp_path, capsys, content, problem):
     image = next((unifesp / "images").glob("*.png"))
     corrections = tmp_path / "corrections.csv"

@@ -38,7 +38,7 @@ def test_the_engine_has_no_import_cycle():
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                cycles.append(stack[stack.index(target):] + [target])
+                cycles.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = "done"
@@ -55,7 +55,9 @@ def test_no_private_names_imported_from_the_engine():
         for path in (REPO / folder).rglob("*.py"):
             for imported, names in _imports(path):
                 if imported.startswith("radregion"):
-                    reach_ins += [f"{path.relative_to(REPO)}: {imported}.{n}" for n in names
-                                  if n.startswith("_") and not n.startswith("__")]
+                    reach_ins += [
+                        f"{path.relative_to(REPO)}: {imported}.{n}"
+                        for n in names
+                        if n.startswith("_") and not n.startswith("__")
+                    ]
     assert not reach_ins, reach_ins
-

@@ -73,8 +73,12 @@ def test_generic_field_is_refined_by_a_specific_one():
 
 
 def test_fields_that_agree_give_the_most_trusted_one():
-    meta = {"BodyPartExamined": "KNEE", "StudyDescription": "Rö Knie li.", "SeriesDescription": "Knie a.p.",
-            "ProtocolName": "KNEE_AP"}
+    meta = {
+        "BodyPartExamined": "KNEE",
+        "StudyDescription": "Rö Knie li.",
+        "SeriesDescription": "Knie a.p.",
+        "ProtocolName": "KNEE_AP",
+    }
     label = load_taxonomy().archive_label(meta)
     assert (label.region, label.field, label.matched, label.conflicts) == ("Knee", "BodyPartExamined", "KNEE", ())
 
@@ -85,17 +89,33 @@ def test_a_study_naming_two_regions_is_narrowed_by_the_series():
 
 
 CONFLICTS = [
-    ({"BodyPartExamined": "CHEST", "StudyDescription": "XR KNEE 2 VIEWS LEFT"},
-     (("BodyPartExamined", "Chest", "CHEST"), ("StudyDescription", "Knee", "XR KNEE 2 VIEWS LEFT"))),
-    ({"BodyPartExamined": "KNEE", "ProtocolName": "Thorax pa"},
-     (("BodyPartExamined", "Knee", "KNEE"), ("ProtocolName", "Chest", "Thorax pa"))),
-    ({"StudyDescription": "COLUNA LOMBAR", "SeriesDescription": "HWS seitlich"},
-     (("StudyDescription", "Lumbar Spine", "COLUNA LOMBAR"), ("SeriesDescription", "Cervical Spine", "HWS seitlich"))),
-    ({"BodyPartExamined": "SPINE", "StudyDescription": "Thorax pa"},  # a generic term can still contradict
-     (("BodyPartExamined", None, "SPINE"), ("StudyDescription", "Chest", "Thorax pa"))),
-    ({"BodyPartExamined": "HAND", "StudyDescription": "Hand", "SeriesDescription": "OSG li."},
-     (("BodyPartExamined", "Hand", "HAND"), ("StudyDescription", "Hand", "Hand"),
-      ("SeriesDescription", "Ankle", "OSG li."))),
+    (
+        {"BodyPartExamined": "CHEST", "StudyDescription": "XR KNEE 2 VIEWS LEFT"},
+        (("BodyPartExamined", "Chest", "CHEST"), ("StudyDescription", "Knee", "XR KNEE 2 VIEWS LEFT")),
+    ),
+    (
+        {"BodyPartExamined": "KNEE", "ProtocolName": "Thorax pa"},
+        (("BodyPartExamined", "Knee", "KNEE"), ("ProtocolName", "Chest", "Thorax pa")),
+    ),
+    (
+        {"StudyDescription": "COLUNA LOMBAR", "SeriesDescription": "HWS seitlich"},
+        (
+            ("StudyDescription", "Lumbar Spine", "COLUNA LOMBAR"),
+            ("SeriesDescription", "Cervical Spine", "HWS seitlich"),
+        ),
+    ),
+    (
+        {"BodyPartExamined": "SPINE", "StudyDescription": "Thorax pa"},  # a generic term can still contradict
+        (("BodyPartExamined", None, "SPINE"), ("StudyDescription", "Chest", "Thorax pa")),
+    ),
+    (
+        {"BodyPartExamined": "HAND", "StudyDescription": "Hand", "SeriesDescription": "OSG li."},
+        (
+            ("BodyPartExamined", "Hand", "HAND"),
+            ("StudyDescription", "Hand", "Hand"),
+            ("SeriesDescription", "Ankle", "OSG li."),
+        ),
+    ),
 ]
 
 

@@ -43,6 +43,7 @@ def read_csv(path) -> list[dict]:
 
 # --- issues.py: arrays in, arrays out ---------------------------------------------------------------------
 
+
 def noisy_probabilities(n=600, classes=6, flip_rate=0.1, seed=0):
     rng = np.random.default_rng(seed)
     true = rng.integers(0, classes, n)
@@ -107,14 +108,44 @@ def test_primary_label_of_a_multi_region_image_is_the_likeliest():
 
 
 def test_write_audit_csv_orders_most_suspicious_first(tmp_path):
-    rows = [{"image": "a", "given_label": "Chest", "suggested_label": "Chest", "issue_score": 0.1,
-             "is_issue": False, "ood_score": 0.2, "out_of_domain": False},
-            {"image": "b", "given_label": "", "suggested_label": "Knee", "issue_score": float("nan"),
-             "is_issue": False, "ood_score": 0.3, "out_of_domain": False},
-            {"image": "c", "given_label": "Knee", "suggested_label": "Chest", "issue_score": 0.9,
-             "is_issue": True, "ood_score": 0.1, "out_of_domain": False},
-            {"image": "d", "given_label": "Knee", "suggested_label": "Knee", "issue_score": 0.2,
-             "is_issue": False, "ood_score": 3.0, "out_of_domain": True}]
+    rows = [
+        {
+            "image": "a",
+            "given_label": "Chest",
+            "suggested_label": "Chest",
+            "issue_score": 0.1,
+            "is_issue": False,
+            "ood_score": 0.2,
+            "out_of_domain": False,
+        },
+        {
+            "image": "b",
+            "given_label": "",
+            "suggested_label": "Knee",
+            "issue_score": float("nan"),
+            "is_issue": False,
+            "ood_score": 0.3,
+            "out_of_domain": False,
+        },
+        {
+            "image": "c",
+            "given_label": "Knee",
+            "suggested_label": "Chest",
+            "issue_score": 0.9,
+            "is_issue": True,
+            "ood_score": 0.1,
+            "out_of_domain": False,
+        },
+        {
+            "image": "d",
+            "given_label": "Knee",
+            "suggested_label": "Knee",
+            "issue_score": 0.2,
+            "is_issue": False,
+            "ood_score": 3.0,
+            "out_of_domain": True,
+        },
+    ]
     path = write_audit_csv(rows, tmp_path / "label_issues.csv")
     written = read_csv(path)
     assert list(written[0]) == list(AUDIT_COLUMNS)
@@ -124,6 +155,7 @@ def test_write_audit_csv_orders_most_suspicious_first(tmp_path):
 
 
 # --- the command on real images ---------------------------------------------------------------------------
+
 
 def test_audit_finds_flipped_labels(tiny_bundle, unifesp, tmp_path, capsys):
     labels = tmp_path / "labels.csv"
@@ -165,8 +197,23 @@ def test_audit_cleanlab_method_agrees_on_most_flips(tiny_bundle, unifesp, tmp_pa
     labels = tmp_path / "labels.csv"
     flipped = flipped_labels_csv(unifesp, labels)
     out = tmp_path / "audit"
-    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(out),
-                 "--method", "cleanlab", "--no-gradcam"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(labels),
+                "--output",
+                str(out),
+                "--method",
+                "cleanlab",
+                "--no-gradcam",
+            ]
+        )
+        == 0
+    )
     flagged = {r["image"] for r in read_csv(out / "label_issues.csv") if r["is_issue"] == "true"}
     assert len(flagged & flipped) / len(flipped) >= 0.5
     assert 'alt="Grad-CAM"' not in (out / "index.html").read_text()
@@ -176,14 +223,14 @@ def test_audit_unknown_region_is_a_clear_error(tiny_bundle, unifesp, tmp_path, c
     labels = tmp_path / "labels.csv"
     image = next((unifesp / "images").glob("*.png"))
     labels.write_text(f"image,labels\n{image},Chset\n")
-    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output",
-                 str(tmp_path / "out")]) == 2
+    assert main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(labels) in err and "Chset" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "label_issues.csv").exists()
 
 
 # --- DICOM-folder mode ------------------------------------------------------------------------------------
+
 
 def dicom_folder(unifesp, real_dicoms, folder: Path, per_region=6) -> dict:
     """Real CR DICOMs plus DICOMs made from labelled PNGs: some with a BodyPartExamined, some with a wrong
@@ -306,8 +353,12 @@ def test_audit_of_a_few_dicoms_uses_the_models_own_head(tiny_bundle, real_dicoms
     for path in real_dicoms:
         shutil.copy(path, folder / path.name)
     out = tmp_path / "audit"
-    assert main(["audit", "--model", str(tiny_bundle), "--dicom-folder", str(folder), "--output", str(out),
-                 "--no-gradcam"]) == 0
+    assert (
+        main(
+            ["audit", "--model", str(tiny_bundle), "--dicom-folder", str(folder), "--output", str(out), "--no-gradcam"]
+        )
+        == 0
+    )
     rows = read_csv(out / "label_issues.csv")
     assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in real_dicoms)
     assert all(r["suggested_label"] and r["ood_score"] for r in rows)

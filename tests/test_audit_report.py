@@ -16,15 +16,25 @@ from radregion.cli import main
 from test_audit import FLIP_RATE, flipped_labels_csv, read_csv
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def chromium(tmp_path, *args) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"
     profile.mkdir(exist_ok=True)
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +55,9 @@ def test_report_loads_offline_without_console_errors(report, tmp_path):
     flagged = sum(r["is_issue"] == "true" for r in read_csv(report.parent / "label_issues.csv"))
     assert flagged >= FLIP_RATE * 150 / 2
 
-    run = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom",
-                   report.as_uri())
+    run = chromium(
+        tmp_path, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", report.as_uri()
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     body = re.search(r"<body[^>]*>", run.stdout).group(0)
     assert 'data-ok="true"' in body, body  # every <img> complete with naturalWidth > 0

@@ -39,8 +39,9 @@ def test_pretrain_views_are_deterministic_under_a_seed(radiograph):
 def test_head_transform_is_mild(radiograph):
     view = head_transform(64, gauge=False).set_random_state(0)(radiograph)
     assert view.shape == (1, 64, 64) and 0 <= view.min() and view.max() <= 1
-    plain = torch.nn.functional.interpolate(torch.as_tensor(radiograph / 255.0, dtype=torch.float32)[None, None],
-                                            size=(64, 64), mode="area")[0]
+    plain = torch.nn.functional.interpolate(
+        torch.as_tensor(radiograph / 255.0, dtype=torch.float32)[None, None], size=(64, 64), mode="area"
+    )[0]
     strong = pretrain_views(64, gauge=False).set_random_state(0)(radiograph)[0]
     assert (view - plain).abs().mean() < (strong - plain).abs().mean()
 
@@ -85,8 +86,11 @@ def test_gauge_is_deterministic_under_a_seed(radiograph):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("make_view", [lambda: head_transform(64, gauge=False),
-                                       lambda: pretrain_views(64, gauge=False)], ids=["head", "pretrain"])
+@pytest.mark.parametrize(
+    "make_view",
+    [lambda: head_transform(64, gauge=False), lambda: pretrain_views(64, gauge=False)],
+    ids=["head", "pretrain"],
+)
 def test_views_include_quarter_turns(radiograph, make_view):
     """Archives hold radiographs turned by 90 degrees: some training views must be turned too."""
     from radregion.cleaning import CleaningSettings, clean

@@ -12,16 +12,24 @@ from radregion.errors import RadiographError
 from radregion.head import LinearHead
 from radregion.networks import build_backbone
 
-META = {"architecture": {"name": "resnet10", "feature_dim": 512, "in_channels": 1},
-        "cleaning": {"size": 64, "crop_borders": True, "low_percentile": 0.5, "high_percentile": 99.5},
-        "taxonomy": {"name": "unifesp22"}, "training": {"data": "none", "command": "test"}}
+META = {
+    "architecture": {"name": "resnet10", "feature_dim": 512, "in_channels": 1},
+    "cleaning": {"size": 64, "crop_borders": True, "low_percentile": 0.5, "high_percentile": 99.5},
+    "taxonomy": {"name": "unifesp22"},
+    "training": {"data": "none", "command": "test"},
+}
 
 
 def _head(seed=0, regions=("Chest", "Hand", "Knee")):
     rng = np.random.default_rng(seed)
     d = META["architecture"]["feature_dim"]
-    return LinearHead(rng.normal(size=(len(regions), d)).astype(np.float32), rng.normal(size=len(regions)).astype(
-        np.float32), rng.normal(size=d).astype(np.float32), rng.uniform(0.5, 2, d).astype(np.float32), list(regions))
+    return LinearHead(
+        rng.normal(size=(len(regions), d)).astype(np.float32),
+        rng.normal(size=len(regions)).astype(np.float32),
+        rng.normal(size=d).astype(np.float32),
+        rng.uniform(0.5, 2, d).astype(np.float32),
+        list(regions),
+    )
 
 
 def test_tiny_bundle_is_complete_and_never_pickled(tiny_bundle):

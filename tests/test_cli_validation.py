@@ -30,8 +30,7 @@ def _labels_csv(unifesp, path, rows, patient=True):
 
 
 @pytest.mark.parametrize("command", ["fit-head", "evaluate"])
-def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, tiny_bundle, unifesp, tmp_path,
-                                                                      capsys):
+def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Kneee", "Hand"])
     code = main([command, "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -43,8 +42,19 @@ def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, t
 @pytest.mark.parametrize("command", ["fit-head", "evaluate"])
 def test_unknown_exclude_region_is_refused(command, tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Others", "Hand"])
-    code = main([command, "--model", str(tiny_bundle), "--labels", str(labels), "--exclude-regions", "Other",
-                 "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            command,
+            "--model",
+            str(tiny_bundle),
+            "--labels",
+            str(labels),
+            "--exclude-regions",
+            "Other",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--exclude-regions: unknown region(s) Other (known: Abdomen" in err and "Others" in err
@@ -54,8 +64,24 @@ def test_unknown_exclude_region_is_refused(command, tiny_bundle, unifesp, tmp_pa
 def test_exclude_regions_are_spelled_as_the_taxonomy_does(tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Hand", "Knee", "Chest", "Hand"])
     out = tmp_path / "out"
-    assert main(["evaluate", "--model", str(tiny_bundle), "--labels", str(labels), "--exclude-regions", "hand",
-                 "--output", str(out), "--bootstrap", "0"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(labels),
+                "--exclude-regions",
+                "hand",
+                "--output",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert "images: 4 in-domain" in capsys.readouterr().out  # the two Hand images are out of domain now
 
 
@@ -80,8 +106,19 @@ def test_predict_prints_the_reasons_of_wrong_paths(tiny_bundle, unifesp, tmp_pat
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     missing = [str(tmp_path / f"typo{i}.dcm") for i in range(6)]
     out = tmp_path / "preds.csv"
-    code = main(["predict", "--model", str(tiny_bundle), "--no-progress", "--output", str(out), str(good),
-                 str(tmp_path / "bad.png"), *missing])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tiny_bundle),
+            "--no-progress",
+            "--output",
+            str(out),
+            str(good),
+            str(tmp_path / "bad.png"),
+            *missing,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert "1 of 8 images predicted, 7 unreadable" in err
@@ -101,8 +138,22 @@ def test_evaluate_prints_the_reasons_of_unreadable_images(tiny_bundle, unifesp, 
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Hand"])
     with open(labels, "a", newline="") as handle:
         csv.writer(handle).writerow([tmp_path / "gone.png", "Knee", "p9"])
-    assert main(["evaluate", "--model", str(tiny_bundle), "--labels", str(labels), "--output",
-                 str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(labels),
+                "--output",
+                str(tmp_path / "eval"),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert f"radregion evaluate: {tmp_path / 'gone.png'}: " in capsys.readouterr().err
 
 
@@ -111,8 +162,9 @@ def test_apply_corrections_with_nothing_to_correct_is_not_an_error(unifesp, tmp_
     corrections.write_text("image,labels,PatientID\n")  # what `radregion audit` writes when it found nothing
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"])
     output = tmp_path / "fixed.csv"
-    code = main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels),
-                 "--output", str(output)])
+    code = main(
+        ["apply-corrections", "--corrections", str(corrections), "--labels", str(labels), "--output", str(output)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "nothing to do" in captured.out and not output.exists()
@@ -123,8 +175,20 @@ def test_apply_corrections_checks_the_labels_csv_too(unifesp, tmp_path, capsys):
     corrections = tmp_path / "corrections.csv"
     corrections.write_text(f"image,labels\n{image},Knee\n")
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Chset"])
-    assert main(["apply-corrections", "--corrections", str(corrections), "--labels", str(labels),
-                 "--output", str(tmp_path / "fixed.csv")]) == 2
+    assert (
+        main(
+            [
+                "apply-corrections",
+                "--corrections",
+                str(corrections),
+                "--labels",
+                str(labels),
+                "--output",
+                str(tmp_path / "fixed.csv"),
+            ]
+        )
+        == 2
+    )
     assert "row 4 (" in capsys.readouterr().err
 
 
@@ -149,17 +213,27 @@ def test_fit_head_says_when_the_backbone_saw_the_labels(tiny_bundle_copy, unifes
     assert main(args + ["--output", str(tmp_path / "plain")]) == 0
     assert "note:" not in capsys.readouterr().err  # random backbone: the figures are fair
 
-    _set_training(tiny_bundle_copy, training={"data": f"{labels} (all, seed 0)", "head": {"fine_tune_epochs": 3},
-                                              "backbone": {"method": "simclr", "data": [str(labels)]}})
+    _set_training(
+        tiny_bundle_copy,
+        training={
+            "data": f"{labels} (all, seed 0)",
+            "head": {"fine_tune_epochs": 3},
+            "backbone": {"method": "simclr", "data": [str(labels)]},
+        },
+    )
     assert main(args + ["--output", str(tmp_path / "tuned")]) == 0
     err = capsys.readouterr().err
-    assert f"note: the backbone was trained with labels from {labels}, which list 21 of these 21 in-domain " \
-           "images: the cross-validated figures above are optimistic" in err
+    assert (
+        f"note: the backbone was trained with labels from {labels}, which list 21 of these 21 in-domain "
+        "images: the cross-validated figures above are optimistic" in err
+    )
 
     _set_training(tiny_bundle_copy, training={"method": "supcon", "data": [str(tmp_path / "gone.csv")]})
     assert main(args + ["--output", str(tmp_path / "supcon")]) == 0
-    assert f"note: the backbone was trained with the labels of {tmp_path / 'gone.csv'}, which cannot be read " \
-           "here" in capsys.readouterr().err
+    assert (
+        f"note: the backbone was trained with the labels of {tmp_path / 'gone.csv'}, which cannot be read "
+        "here" in capsys.readouterr().err
+    )
 
 
 def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp, tmp_path, capsys):
@@ -168,24 +242,66 @@ def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp,
     with open(seen, newline="") as handle:
         rows = list(csv.reader(handle))
     other = tmp_path / "other.csv"  # one image the head saw, one it did not
-    other.write_text(f"image,labels,PatientID\n{rows[1][0]},Knee,p0\n"
-                     f"{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n")
+    other.write_text(
+        f"image,labels,PatientID\n{rows[1][0]},Knee,p0\n{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n"
+    )
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(tiny_bundle_copy), "--labels", str(other), "--output", str(out),
-                 "--bootstrap", "0"]) == 0
-    assert f"was trained with labels from {seen}, which list 1 of these 2 images: the figures are in-sample" in \
-        capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_bundle_copy),
+                "--labels",
+                str(other),
+                "--output",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        f"was trained with labels from {seen}, which list 1 of these 2 images: the figures are in-sample"
+        in capsys.readouterr().err
+    )
     fresh = tmp_path / "fresh.csv"
     fresh.write_text(f"image,labels,PatientID\n{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n")
-    assert main(["evaluate", "--model", str(tiny_bundle_copy), "--labels", str(fresh), "--output", str(out),
-                 "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_bundle_copy),
+                "--labels",
+                str(fresh),
+                "--output",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "in-sample" not in capsys.readouterr().err
 
 
 def test_licence_is_what_the_command_is_told(unifesp, tmp_path, tiny_bundle_copy, capsys):
     images = [str(unifesp / "labels.csv")]
-    common = ["pretrain", "--method", "simclr", "--images", *images, "--arch", "resnet10", "--size", "64",
-              "--epochs", "0"]
+    common = [
+        "pretrain",
+        "--method",
+        "simclr",
+        "--images",
+        *images,
+        "--arch",
+        "resnet10",
+        "--size",
+        "64",
+        "--epochs",
+        "0",
+    ]
     assert main(common + ["--output", str(tmp_path / "a")]) == 0
     assert main(common + ["--output", str(tmp_path / "b"), "--licence", "CC BY 4.0 (our archive)"]) == 0
     assert load_bundle(tmp_path / "a").meta["licence"] == "unknown"
@@ -209,7 +325,7 @@ def test_the_shipped_model_keeps_unifesp_terms():
     assert "CC BY-NC-SA 4.0" in unifesp and "non-commercial" in unifesp
     meta = json.loads((REPO / "apps" / "radregion" / "model" / "bundle.json").read_text())
     assert meta["licence"].startswith(unifesp)
-    recipe = makefile[makefile.index("\nmodel:"):makefile.index("\nclean:")]
+    recipe = makefile[makefile.index("\nmodel:") : makefile.index("\nclean:")]
     lines = recipe.replace("\\\n", " ").splitlines()
     writers = [line for line in lines if " pretrain " in line or " fit-head " in line]
     assert writers and all("--licence " in line for line in writers)

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radregion.datasets import (LabelledImage, patient_folds, patient_split, read_labels_csv, sample_fraction,
-                                sample_per_class, scan_labelled_folder, write_labels_csv)
+from radregion.datasets import (
+    LabelledImage,
+    patient_folds,
+    patient_split,
+    read_labels_csv,
+    sample_fraction,
+    sample_per_class,
+    scan_labelled_folder,
+    write_labels_csv,
+)
 from radregion.errors import RadiographError
 from radregion.taxonomy import load_taxonomy
 
@@ -126,8 +134,10 @@ BAD_CSV = [
     ("image,labels\n,Knee\n", "row 2: empty image path"),
     ("image,labels\na.png,Knee\na.png,Hand\n", "row 3: image a.png already listed in row 2"),
     ("image,labels\n", "no rows below the header"),
-    ("image,labels\na.png,Knee\nmissing.png,Knee\nother.png,Hand\n",
-     "row 3: image not found: .*missing.png \\(and 1 more"),
+    (
+        "image,labels\na.png,Knee\nmissing.png,Knee\nother.png,Hand\n",
+        "row 3: image not found: .*missing.png \\(and 1 more",
+    ),
 ]
 
 
@@ -158,20 +168,27 @@ def test_csv_options(tmp_path):
 def test_write_and_read_back(tmp_path, items):
     path = write_labels_csv(items[:50], tmp_path / "copy" / "labels.csv")
     again = read_labels_csv(path, check_files=False)
-    assert [(it.labels, it.patient_id, it.path.name) for it in again] == \
-           [(it.labels, it.patient_id, it.path.name) for it in items[:50]]
+    assert [(it.labels, it.patient_id, it.path.name) for it in again] == [
+        (it.labels, it.patient_id, it.path.name) for it in items[:50]
+    ]
     assert list(path.parent.iterdir()) == [path]  # no temp file left
 
 
 def test_write_relative_paths_and_extra_columns(tmp_path):
     image = _png(tmp_path / "images" / "x.png")
-    rows = [{"image": image, "labels": ["Hand", "Wrist"], "PatientID": "7", "annotator": "rk"},
-            LabelledImage(Path("images/x2.png"), ("Knee",), None),
-            {"image": "images/x3.png", "labels": "Ankle|Feet"}]  # a row as read from a labels CSV
+    rows = [
+        {"image": image, "labels": ["Hand", "Wrist"], "PatientID": "7", "annotator": "rk"},
+        LabelledImage(Path("images/x2.png"), ("Knee",), None),
+        {"image": "images/x3.png", "labels": "Ankle|Feet"},
+    ]  # a row as read from a labels CSV
     path = write_labels_csv(rows, tmp_path / "labels.csv")
     lines = path.read_text().splitlines()
-    assert lines == ["image,labels,PatientID,annotator", "images/x.png,Hand|Wrist,7,rk", "images/x2.png,Knee,,",
-                     "images/x3.png,Ankle|Feet,,"]
+    assert lines == [
+        "image,labels,PatientID,annotator",
+        "images/x.png,Hand|Wrist,7,rk",
+        "images/x2.png,Knee,,",
+        "images/x3.png,Ankle|Feet,,",
+    ]
 
 
 def test_write_is_atomic(tmp_path):

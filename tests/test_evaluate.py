@@ -54,8 +54,21 @@ def test_evaluate_command_writes_figures_and_png(tiny_bundle, unifesp, tmp_path,
         writer.writeheader()
         writer.writerows(chosen)
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", str(tiny_bundle), "--labels", str(labels), "--images-root", str(unifesp),
-                 "--output", str(out), "--bootstrap", "200"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_bundle),
+            "--labels",
+            str(labels),
+            "--images-root",
+            str(unifesp),
+            "--output",
+            str(out),
+            "--bootstrap",
+            "200",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figures = json.loads((out / "figures.json").read_text())

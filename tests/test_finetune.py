@@ -33,8 +33,9 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
 
     items = sample_per_class(read_labels_csv(unifesp / "labels.csv"), 2, seed=3)
     assert any("Others" in it.labels for it in items)
-    result = train_head(load_bundle(tiny_bundle), items, tmp_path / "tuned", fine_tune_epochs=1,
-                        outlier_exposure=True, folds=2, seed=3)
+    result = train_head(
+        load_bundle(tiny_bundle), items, tmp_path / "tuned", fine_tune_epochs=1, outlier_exposure=True, folds=2, seed=3
+    )
     head = result.meta["training"]["head"]
     assert head["outlier_exposure"] and head["class_weights"] == "sqrt"
     assert "optimistic" in result.meta["metrics"]["ood"]["note"]

@@ -15,8 +15,7 @@ from radregion.ood import METHODS, auroc, fit_ood
 @pytest.fixture(scope="module")
 def real_features(tiny_bundle, unifesp):
     bundle = load_bundle(tiny_bundle)
-    items = [it for it in sample_per_class(read_labels_csv(unifesp / "labels.csv"), 5, seed=1)
-             if it.label != "Others"]
+    items = [it for it in sample_per_class(read_labels_csv(unifesp / "labels.csv"), 5, seed=1) if it.label != "Others"]
     images = load_clean_images([it.path for it in items], bundle.settings)
     return extract_features(bundle.backbone(), images), [it.labels for it in items]
 
@@ -96,12 +95,42 @@ def test_fit_head_cli_is_seeded(tiny_bundle, unifesp, tmp_path, capsys):
 def test_fit_head_cli_size_sets_the_new_bundles_input_size(tiny_bundle, unifesp, tmp_path, capsys):
     out = tmp_path / "bigger"
     size = load_bundle(tiny_bundle).settings.size + 16
-    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--per-class", "1",
-                 "--size", str(size), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit-head",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(unifesp / "labels.csv"),
+                "--per-class",
+                "1",
+                "--size",
+                str(size),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     bundle = load_bundle(out)
     assert bundle.settings.size == size and f"--size {size}" in bundle.meta["training"]["command"]
-    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--size", "8",
-                 "--output", str(tmp_path / "tiny")]) == 2
+    assert (
+        main(
+            [
+                "fit-head",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(unifesp / "labels.csv"),
+                "--size",
+                "8",
+                "--output",
+                str(tmp_path / "tiny"),
+            ]
+        )
+        == 2
+    )
     assert "--size must be at least 32" in capsys.readouterr().err
 
 
@@ -113,11 +142,31 @@ def test_fit_head_cli_without_default_model(unifesp, tmp_path, monkeypatch, caps
 
 def test_fit_head_cli_fine_tune_changes_the_backbone(tiny_bundle, unifesp, tmp_path):
     out = tmp_path / "tuned"
-    assert main(["fit-head", "--model", str(tiny_bundle), "--labels", str(unifesp / "labels.csv"), "--per-class", "1",
-                 "--fine-tune", "--epochs", "1", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit-head",
+                "--model",
+                str(tiny_bundle),
+                "--labels",
+                str(unifesp / "labels.csv"),
+                "--per-class",
+                "1",
+                "--fine-tune",
+                "--epochs",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     before, after = load_bundle(tiny_bundle), load_bundle(out)
-    changed = [k for k, v in before.backbone_state().items()
-               if v.is_floating_point() and not np.allclose(v.numpy(), after.backbone_state()[k].numpy())]
+    changed = [
+        k
+        for k, v in before.backbone_state().items()
+        if v.is_floating_point() and not np.allclose(v.numpy(), after.backbone_state()[k].numpy())
+    ]
     assert changed and after.meta["training"]["head"]["fine_tune_epochs"] == 1
     assert after.meta["training"]["head"]["fine_tune_lr"] == 1e-4
     assert after.meta["weights_dtype"] == "float16" and after.regions == before.regions

@@ -46,7 +46,9 @@ def test_inspect_console_command_all_good(tmp_path):
     image = factory.write(tmp_path / "IM0001", body_part="CHEST")
     result = subprocess.run(
         [sys.executable, "-m", "radregion.cli", "inspect", str(image), "--size", "32"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert str(image) in result.stdout and "Chest" in result.stdout

@@ -93,9 +93,7 @@ def test_lossless_syntaxes_decode_to_the_same_image(name):
     np.testing.assert_allclose(image, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "name", ["CT_small.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "image_dfl.dcm", "693_J2KI.dcm"]
-)
+@pytest.mark.parametrize("name", ["CT_small.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "image_dfl.dcm", "693_J2KI.dcm"])
 def test_pydicom_files_read(name):
     path = get_testdata_file(name)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -143,8 +141,19 @@ def test_pydicom_bad_files_name_their_cause(name, cause):
         lambda p: factory.write(p, modality="DX"),
         lambda p: factory.write(p, 4095 - factory.phantom(), bits_stored=12, PresentationLUTShape="INVERSE"),
     ],
-    ids=["mono2-12bit", "mono2-16bit", "mono2-8bit", "mono1-12bit", "mono1-16bit", "high-bits", "jpeg-baseline",
-         "jpeg2000", "rle", "dx", "presentation-lut-inverse"],  # fmt: skip
+    ids=[
+        "mono2-12bit",
+        "mono2-16bit",
+        "mono2-8bit",
+        "mono1-12bit",
+        "mono1-16bit",
+        "high-bits",
+        "jpeg-baseline",
+        "jpeg2000",
+        "rle",
+        "dx",
+        "presentation-lut-inverse",
+    ],  # fmt: skip
 )
 def test_synthetic_dicoms_are_bone_bright(tmp_path, make):
     image = read_radiograph(make(tmp_path / "image.dcm")).image

@@ -78,7 +78,8 @@ def test_supcon_with_unique_labels_is_ntxent():
     z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
     labels = torch.arange(6).repeat(2)
     assert supcon_loss(torch.cat([z1, z2]), labels, 0.3).item() == pytest.approx(
-        ntxent_loss(z1, z2, 0.3).item(), rel=1e-5)
+        ntxent_loss(z1, z2, 0.3).item(), rel=1e-5
+    )
 
 
 def test_supcon_by_hand():

@@ -60,8 +60,14 @@ def test_imagenet_features_tell_regions_apart(imagenet_pair, unifesp):
 
 def test_efficientnet_bundle_round_trip(imagenet_pair, tmp_path):
     grey, _ = imagenet_pair
-    meta = {"architecture": {"name": "efficientnet-lite0", "feature_dim": feature_dim("efficientnet-lite0"),
-                             "in_channels": 1}, "cleaning": CleaningSettings(size=64).to_dict()}
+    meta = {
+        "architecture": {
+            "name": "efficientnet-lite0",
+            "feature_dim": feature_dim("efficientnet-lite0"),
+            "in_channels": 1,
+        },
+        "cleaning": CleaningSettings(size=64).to_dict(),
+    }
     save_bundle(tmp_path / "b", grey.state_dict(), None, meta)
     loaded = load_bundle(tmp_path / "b").backbone()
     x = torch.rand(2, 1, 64, 64)

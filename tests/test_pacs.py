@@ -53,12 +53,20 @@ def png_dicoms(folder: Path, unifesp: Path) -> dict:
         pixels = np.asarray(Image.open(png).convert("L"))
         if photometric == "MONOCHROME1":
             pixels = 255 - pixels  # bone bright in the PNG: stored inverted, as a MONOCHROME1 CR is
-        path = array_to_dicom(pixels, folder / f"case{i}.dcm", photometric=photometric, patient_id=f"PACS{i}",
-                              **{"modality": "CR", **header})
+        path = array_to_dicom(
+            pixels,
+            folder / f"case{i}.dcm",
+            photometric=photometric,
+            patient_id=f"PACS{i}",
+            **{"modality": "CR", **header},
+        )
         truth[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID] = region
     mammo = array_to_dicom(np.zeros((64, 64), np.uint8), folder / "mammo.dcm", modality="MG", body_part="BREAST")
-    return {"truth": truth, "mammo": pydicom.dcmread(mammo, stop_before_pixels=True).SOPInstanceUID,
-            "files": sorted(folder.glob("*.dcm"))}
+    return {
+        "truth": truth,
+        "mammo": pydicom.dcmread(mammo, stop_before_pixels=True).SOPInstanceUID,
+        "files": sorted(folder.glob("*.dcm")),
+    }
 
 
 @pytest.fixture
@@ -70,8 +78,12 @@ def pacs(orthanc, tmp_path, unifesp, real_dicoms):
         answer = orthanc.upload(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         orthanc.paths[ds.SOPInstanceUID] = Path(path)
-        orthanc.stored[ds.SOPInstanceUID] = (answer["ID"], sha256(Path(path).read_bytes()), ds.StudyInstanceUID,
-                                             ds.SeriesInstanceUID)
+        orthanc.stored[ds.SOPInstanceUID] = (
+            answer["ID"],
+            sha256(Path(path).read_bytes()),
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+        )
     orthanc.truth = made["truth"]
     orthanc.mammo = made["mammo"]
     orthanc.real = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p.name for p in real_dicoms}
@@ -81,8 +93,12 @@ def pacs(orthanc, tmp_path, unifesp, real_dicoms):
 def stored_hash(orthanc, sop) -> str:
     """sha256 of the instance's bytes as WADO-RS returns them (stored transfer syntax, multipart unwrapped)."""
     _, _, study, series = orthanc.stored[sop]
-    r = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}", auth=orthanc.auth,
-                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=30)
+    r = requests.get(
+        f"{orthanc.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}",
+        auth=orthanc.auth,
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        timeout=30,
+    )
     r.raise_for_status()
     boundary = re.search(r'boundary="?([^";]+)"?', r.headers["Content-Type"]).group(1).encode()
     parts = [p for p in r.content.split(b"--" + boundary) if p.strip() not in (b"", b"--")]
@@ -93,8 +109,9 @@ def stored_hash(orthanc, sop) -> str:
 def datastore(orthanc, root: Path, **kwargs) -> RadRegionDICOMwebDatastore:
     kwargs.setdefault("username", orthanc.username)
     kwargs.setdefault("password", orthanc.password)
-    return RadRegionDICOMwebDatastore(orthanc.dicomweb_url, root / "cache", label_dir=root / "labels",
-                                      retries=1, backoff=0.1, **kwargs)
+    return RadRegionDICOMwebDatastore(
+        orthanc.dicomweb_url, root / "cache", label_dir=root / "labels", retries=1, backoff=0.1, **kwargs
+    )
 
 
 def label_file(tmp_path, region, annotator="dr.test", comment="") -> str:
@@ -104,8 +121,12 @@ def label_file(tmp_path, region, annotator="dr.test", comment="") -> str:
 
 
 def find_instances(orthanc, **query) -> list:
-    r = requests.post(f"{orthanc.url}/tools/find", auth=orthanc.auth, timeout=30,
-                      json={"Level": "Instance", "Query": query, "Expand": True})
+    r = requests.post(
+        f"{orthanc.url}/tools/find",
+        auth=orthanc.auth,
+        timeout=30,
+        json={"Level": "Instance", "Query": query, "Expand": True},
+    )
     r.raise_for_status()
     return r.json()
 
@@ -141,12 +162,15 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path, shared_data):
     assert store.get_label(wrong_knee, "final")["region"] == "Knee"
     log = [json.loads(line) for line in (tmp_path / "labels" / "writeback.jsonl").read_text().splitlines()]
     assert [(e["image"], e["status"], e["body_part"]) for e in log] == [
-        (wrong_knee, "queued", "KNEE"), (wrong_knee, "stored", "KNEE")]
+        (wrong_knee, "queued", "KNEE"),
+        (wrong_knee, "stored", "KNEE"),
+    ]
     log = log[1:]
     copies = find_instances(pacs, SOPInstanceUID=log[0]["new_sop"])
     assert len(copies) == 1 and pacs.instance_count() == len(pacs.stored) + 1
-    copy = pydicom.dcmread(io.BytesIO(requests.get(
-        f"{pacs.url}/instances/{copies[0]['ID']}/file", auth=pacs.auth, timeout=30).content))
+    copy = pydicom.dcmread(
+        io.BytesIO(requests.get(f"{pacs.url}/instances/{copies[0]['ID']}/file", auth=pacs.auth, timeout=30).content)
+    )
     assert copy.BodyPartExamined == "KNEE" and copy.SeriesDescription.startswith(WRITEBACK_MARKER)
     assert copy.SOPInstanceUID != wrong_knee and copy.SeriesInstanceUID != log[0]["series"]
     assert copy.StudyInstanceUID == log[0]["study"]
@@ -166,8 +190,14 @@ def test_lists_fetches_labels_and_writes_back(pacs, tmp_path, shared_data):
     assert first["who"] == "dr.test" and first["time"].endswith("Z") and first["decision"]["region"] == "Knee"
     assert first["archive"]["region"] == "Chest" and first["archive"]["BodyPartExamined"] == "CHEST"
     assert first["patient"] == original.PatientID and first["previous"] is None
-    assert first["written"] == {"mode": "stow", "to": pacs.dicomweb_url, "status": "queued", "sop": log[0]["new_sop"],
-                                "series": log[0]["new_series"], "study": log[0]["study"]}
+    assert first["written"] == {
+        "mode": "stow",
+        "to": pacs.dicomweb_url,
+        "status": "queued",
+        "sop": log[0]["new_sop"],
+        "series": log[0]["new_series"],
+        "study": log[0]["study"],
+    }
     written = [d for d in decisions if d["event"] == "written"]
     assert [(w["decision"], w["status"], w["sop"]) for w in written] == [(first["id"], "stored", log[0]["new_sop"])]
     agrees = next(d for d in decisions if d["image"] == missing_chest)
@@ -203,8 +233,9 @@ def test_csv_export_instead_of_stow(pacs, tmp_path):
     abdomen = list(pacs.truth)[3]  # header says FOOT
     store.save_label(abdomen, label_file(tmp_path, "Abdomen", annotator="ana"), "final", {})
     rows = list(csv.DictReader(open(tmp_path / "labels" / "writeback.csv", newline="")))
-    assert [(r["SOPInstanceUID"], r["archive_BodyPartExamined"], r["BodyPartExamined"], r["annotator"])
-            for r in rows] == [(abdomen, "FOOT", "ABDOMEN", "ana")]
+    assert [
+        (r["SOPInstanceUID"], r["archive_BodyPartExamined"], r["BodyPartExamined"], r["annotator"]) for r in rows
+    ] == [(abdomen, "FOOT", "ABDOMEN", "ana")]
     assert pacs.instance_count() == len(pacs.stored), "csv mode sends nothing to the PACS"
 
 
@@ -253,9 +284,13 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
     from fixtures.server import RadRegionServer
 
     state = tmp_path / "state"
-    server = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "server.log", extra_conf={
-        "state_dir": state, "username": pacs.username, "writeback": "stow"},
-        env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password})  # secrets never on the command line
+    server = RadRegionServer(
+        pacs.dicomweb_url,
+        tiny_bundle,
+        log_path=tmp_path / "server.log",
+        extra_conf={"state_dir": state, "username": pacs.username, "writeback": "stow"},
+        env={"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password},
+    )  # secrets never on the command line
     api = server.url
     images = sorted(set(pacs.stored) - {pacs.mammo})
     wrong_knee, abdomen = list(pacs.truth)[1], list(pacs.truth)[3]
@@ -269,24 +304,33 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
 
         local = dict(zip(images, Predictor(tiny_bundle, workers=0).predict([pacs.paths[s] for s in images])))
         for sop in images:  # through DICOMweb, the same answers as the engine on the uploaded files
-            answer = requests.post(f"{api}/infer/radregion", params={"image": sop, "output": "json"}, timeout=300,
-                                   headers=server.auth)
+            answer = requests.post(
+                f"{api}/infer/radregion", params={"image": sop, "output": "json"}, timeout=300, headers=server.auth
+            )
             assert answer.status_code == 200, answer.text
             result = answer.json()
             assert (result["region"], result["pacs_label"]) == (local[sop].region, local[sop].pacs_label)
             assert result["confidence"] == pytest.approx(local[sop].confidence, abs=1e-3)
         assert local[wrong_knee].pacs_label == "Chest" and local[abdomen].pacs_label == "Feet"
         image = requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60)
-        assert image.status_code == 200 and pydicom.dcmread(io.BytesIO(image.content)).SOPInstanceUID \
-            == images[0]
+        assert image.status_code == 200 and pydicom.dcmread(io.BytesIO(image.content)).SOPInstanceUID == images[0]
 
         for sop, region in ((wrong_knee, "Knee"), (abdomen, "Abdomen")):
-            answer = requests.put(f"{api}/datastore/label", params={"image": sop, "tag": "final"}, timeout=120,
-                                  headers=server.auth,
-                                  files={"label": ("l.json", json.dumps({"region": region, "annotator": "e2e"}))})
+            answer = requests.put(
+                f"{api}/datastore/label",
+                params={"image": sop, "tag": "final"},
+                timeout=120,
+                headers=server.auth,
+                files={"label": ("l.json", json.dumps({"region": region, "annotator": "e2e"}))},
+            )
             assert answer.status_code == 200, answer.text
-        bad = requests.put(f"{api}/datastore/label", params={"image": abdomen, "tag": "final"}, timeout=60,
-                           headers=server.auth, files={"label": ("l.json", json.dumps({"region": "Abdomenn"}))})
+        bad = requests.put(
+            f"{api}/datastore/label",
+            params={"image": abdomen, "tag": "final"},
+            timeout=60,
+            headers=server.auth,
+            files={"label": ("l.json", json.dumps({"region": "Abdomenn"}))},
+        )
         assert bad.status_code == 422 and "Abdomen" in bad.text
 
         # restart both ends
@@ -301,11 +345,13 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         assert stats["total"] == len(images), "written-back copies are not listed"
         train = requests.get(f"{api}/datastore/", params={"output": "train"}, timeout=60).json()
         assert sorted((Path(t["image"]).stem, t["region"]) for t in train) == sorted(
-            [(wrong_knee, "Knee"), (abdomen, "Abdomen")])
+            [(wrong_knee, "Knee"), (abdomen, "Abdomen")]
+        )
         log = [json.loads(line) for line in next(state.rglob("writeback.jsonl")).read_text().splitlines()]
         log = [e for e in log if e["status"] != "queued"]
         assert sorted((e["image"], e["status"], e["body_part"]) for e in log) == sorted(
-            [(wrong_knee, "stored", "KNEE"), (abdomen, "stored", "ABDOMEN")])
+            [(wrong_knee, "stored", "KNEE"), (abdomen, "stored", "ABDOMEN")]
+        )
         for entry in log:
             copies = find_instances(pacs, SOPInstanceUID=entry["new_sop"])
             assert len(copies) == 1 and copies[0]["MainDicomTags"]["SOPInstanceUID"] == entry["new_sop"]
@@ -317,8 +363,9 @@ def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
         next(state.rglob(f"{uncached}.dcm")).unlink()
         pacs.stop(kill=True)
         assert requests.get(f"{api}/datastore/image", params={"image": images[0]}, timeout=60).status_code == 200
-        answer = requests.post(f"{api}/infer/radregion", params={"image": images[0], "output": "json"}, timeout=300,
-                               headers=server.auth)
+        answer = requests.post(
+            f"{api}/infer/radregion", params={"image": images[0], "output": "json"}, timeout=300, headers=server.auth
+        )
         assert answer.status_code == 200, answer.text
         down = requests.get(f"{api}/datastore/image", params={"image": uncached}, timeout=120)
         assert down.status_code == 502 and pacs.dicomweb_url in down.json()["detail"], down.text
@@ -400,8 +447,9 @@ def test_bearer_token_and_a_slow_pacs(token_pacs, tmp_path):
         bad._query()
 
     token_pacs.delay = 2.0
-    slow = RadRegionDICOMwebDatastore(token_pacs.url, tmp_path / "c", token="good-token", timeout=(1.0, 0.5),
-                                      retries=2, backoff=0.05)
+    slow = RadRegionDICOMwebDatastore(
+        token_pacs.url, tmp_path / "c", token="good-token", timeout=(1.0, 0.5), retries=2, backoff=0.05
+    )
     token_pacs.requests = 0
     with pytest.raises(PACSError) as error:
         slow._query()
@@ -410,6 +458,7 @@ def test_bearer_token_and_a_slow_pacs(token_pacs, tmp_path):
 
 
 # -- issue 14: a truthful PACS trail ------------------------------------------------------------------------------
+
 
 def label_json(tmp_path, **fields) -> str:
     path = tmp_path / f"label-{time.monotonic_ns()}.json"
@@ -435,25 +484,33 @@ def test_knee_ankle_undo_knee_leaves_one_knee_decision_and_supersedes_the_ankle_
     assert set(live_copies(store, wrong_knee)) == {"Ankle"}, "the Ankle decision superseded the Knee copy"
 
     # undo (what the panel sends): the earlier label back, naming the decision it takes back and who undid it
-    store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="first", undo_of="d-ankle",
-                                            undone_by="second"), "final", {})
+    store.save_label(
+        wrong_knee,
+        label_json(tmp_path, region="Knee", annotator="first", undo_of="d-ankle", undone_by="second"),
+        "final",
+        {},
+    )
     # and the annotator, shown the restored Knee label, confirms Knee
     store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="second"), "final", {})
     assert store.writeback.wait(60)
 
     decisions = [d for d in store.writeback.decisions(wrong_knee) if d["event"] != "written"]
     assert [(d["event"], d["decision"]["region"], d["who"]) for d in decisions] == [
-        ("label", "Knee", "first"), ("label", "Ankle", "second"), ("undo", "Knee", "second"),
-        ("confirm", "Knee", "second")]
+        ("label", "Knee", "first"),
+        ("label", "Ankle", "second"),
+        ("undo", "Knee", "second"),
+        ("confirm", "Knee", "second"),
+    ]
     undo = decisions[2]
     assert undo["undo_of"] == "d-ankle" and undo["previous"]["region"] == "Ankle"
     assert [s["region"] for s in undo["supersedes"]] == ["Ankle"] and undo["supersedes"][0]["sop"] == ankle["new_sop"]
     assert undo["written"]["status"] == "stored" and "current again" in undo["written"]["why"]
     changes = [d for d in decisions if d["event"] != "confirm"]
     standing = store.writeback.current_decisions()[wrong_knee]
-    assert standing["decision"]["region"] == "Knee" and sum(
-        1 for d in changes if d["decision"]["region"] == "Knee" and d["event"] == "label") == 1, \
-        "one Knee decision; the undo restored it, the confirmation changed nothing"
+    assert (
+        standing["decision"]["region"] == "Knee"
+        and sum(1 for d in changes if d["decision"]["region"] == "Knee" and d["event"] == "label") == 1
+    ), "one Knee decision; the undo restored it, the confirmation changed nothing"
 
     live = live_copies(store, wrong_knee)
     assert set(live) == {"Knee"}, f"one copy stands, the Knee one: {live}"
@@ -475,19 +532,26 @@ def test_knee_ankle_undo_knee_leaves_one_knee_decision_and_supersedes_the_ankle_
 def test_out_of_domain_findings_in_the_decision_log_and_the_csv(pacs, tmp_path):
     store = datastore(pacs, tmp_path, writeback="csv")
     image = list(pacs.truth)[3]  # header says FOOT
-    store.save_label(image, label_json(tmp_path, region=None, out_of_domain=True, annotator="ana",
-                                       comment="calibration phantom"), "final", {})
+    store.save_label(
+        image,
+        label_json(tmp_path, region=None, out_of_domain=True, annotator="ana", comment="calibration phantom"),
+        "final",
+        {},
+    )
     decision = store.writeback.decisions(image)[-1]
     assert decision["decision"]["out_of_domain"] is True and decision["who"] == "ana"
     assert decision["written"]["status"] == "exported" and decision["written"]["why"] == "out of domain"
     rows = list(csv.DictReader(open(tmp_path / "labels" / "writeback.csv", newline="")))
-    assert [(r["SOPInstanceUID"], r["out_of_domain"], r["region"], r["archive_BodyPartExamined"], r["status"])
-            for r in rows] == [(image, "true", "", "FOOT", "current")]
+    assert [
+        (r["SOPInstanceUID"], r["out_of_domain"], r["region"], r["archive_BodyPartExamined"], r["status"]) for r in rows
+    ] == [(image, "true", "", "FOOT", "current")]
 
     store.save_label(image, label_json(tmp_path, region="Abdomen", annotator="ana"), "final", {})
     rows = list(csv.DictReader(open(tmp_path / "labels" / "writeback.csv", newline="")))
     assert [(r["out_of_domain"], r["region"], r["status"]) for r in rows] == [
-        ("true", "", "superseded"), ("false", "Abdomen", "current")]
+        ("true", "", "superseded"),
+        ("false", "Abdomen", "current"),
+    ]
 
     stow = datastore(pacs, tmp_path / "stow", writeback="stow")  # a STOW-RS site: logged, nothing stored
     stow.save_label(image, label_json(tmp_path, out_of_domain=True, annotator="ana"), "final", {})
@@ -496,7 +560,7 @@ def test_out_of_domain_findings_in_the_decision_log_and_the_csv(pacs, tmp_path):
 
 
 def test_multi_region_archive_string_agrees_with_any_of_its_regions(pacs, tmp_path, tiny_bundle):
-    """"HAND WRIST" names two regions: a prediction of either agrees (the first one alone used to be compared)."""
+    """ "HAND WRIST" names two regions: a prediction of either agrees (the first one alone used to be compared)."""
     from radregion.inference import Predictor
 
     predictor = Predictor(tiny_bundle, workers=0)
@@ -547,8 +611,13 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
 
     state = tmp_path / "state"
     secret = {"MONAI_LABEL_DATASTORE_PASSWORD": pacs.password}  # never on the command line
-    server = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "server.log", extra_conf={
-        "state_dir": state, "username": pacs.username, "writeback": "stow"}, env=secret)
+    server = RadRegionServer(
+        pacs.dicomweb_url,
+        tiny_bundle,
+        log_path=tmp_path / "server.log",
+        extra_conf={"state_dir": state, "username": pacs.username, "writeback": "stow"},
+        env=secret,
+    )
     api, auth = server.url, server.auth
     wrong_knee = list(pacs.truth)[1]  # the archive says CHEST
     count = pacs.instance_count()
@@ -590,12 +659,14 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
         log = export(image=wrong_knee)
         decisions = [d for d in log if d["event"] != "written"]
         assert [(d["event"], d["decision"]["region"], d["who"]) for d in decisions] == [
-            ("label", "Knee", "first"), ("label", "Ankle", "second"), ("undo", "Knee", "second"),
-            ("confirm", "Knee", "second")]
+            ("label", "Knee", "first"),
+            ("label", "Ankle", "second"),
+            ("undo", "Knee", "second"),
+            ("confirm", "Knee", "second"),
+        ]
         assert all(d["model"] and d["model"]["region"] and d["model"]["model_version"] for d in decisions)
         assert all(d["archive"]["region"] == "Chest" for d in decisions)
-        assert [(w["status"], w["to"]) for w in log if w["event"] == "written"] == [
-            ("stored", pacs.dicomweb_url)] * 2
+        assert [(w["status"], w["to"]) for w in log if w["event"] == "written"] == [("stored", pacs.dicomweb_url)] * 2
         assert decisions[2]["supersedes"][0]["region"] == "Ankle"
         standing = export(image=wrong_knee, current="true")
         assert len(standing) == 1 and standing[0]["decision"]["region"] == "Knee", standing
@@ -614,24 +685,35 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
         finding = export(image=phantom)[-1]
         assert finding["event"] == "label" and finding["decision"]["out_of_domain"] is True
         assert finding["who"] == "first" and finding["decision"]["comment"] == "calibration phantom"
-        audit = requests.post(f"{api}/batch/infer/radregion", params={"images": "all", "run_sync": "true"},
-                              headers=auth, timeout=300)
+        audit = requests.post(
+            f"{api}/batch/infer/radregion", params={"images": "all", "run_sync": "true"}, headers=auth, timeout=300
+        )
         assert audit.status_code == 200, audit.text
         rows = {r["image"]: r for r in csv.DictReader(open(audit.json()["csv"], newline=""))}
         assert rows[phantom]["out_of_domain"] == "true"
 
         # an id the PACS does not have is a 404; the PACS down is a 502 that says why
-        answer = requests.post(f"{api}/infer/radregion", params={"image": "1.2.3.4.5.6.7", "output": "json"},
-                               headers=auth, timeout=120)
+        answer = requests.post(
+            f"{api}/infer/radregion", params={"image": "1.2.3.4.5.6.7", "output": "json"}, headers=auth, timeout=120
+        )
         assert answer.status_code == 404, answer.text
         server.stop()
         pacs.stop(kill=True)
-        fresh = RadRegionServer(pacs.dicomweb_url, tiny_bundle, log_path=tmp_path / "fresh.log", extra_conf={
-            "state_dir": tmp_path / "fresh", "username": pacs.username}, env=secret)
+        fresh = RadRegionServer(
+            pacs.dicomweb_url,
+            tiny_bundle,
+            log_path=tmp_path / "fresh.log",
+            extra_conf={"state_dir": tmp_path / "fresh", "username": pacs.username},
+            env=secret,
+        )
         try:
             fresh.start()  # started while the PACS is down: nothing listed, nothing cached
-            answer = requests.post(f"{fresh.url}/infer/radregion", params={"image": wrong_knee, "output": "json"},
-                                   headers=fresh.auth, timeout=300)
+            answer = requests.post(
+                f"{fresh.url}/infer/radregion",
+                params={"image": wrong_knee, "output": "json"},
+                headers=fresh.auth,
+                timeout=300,
+            )
             assert answer.status_code == 502, answer.text
             assert pacs.dicomweb_url in answer.json()["detail"] and "cannot connect" in answer.json()["detail"]
         finally:

@@ -63,8 +63,13 @@ def test_nothing_readable_exits_non_zero(tiny_bundle, tmp_path, capsys):
 
 def test_predict_to_stdout_as_a_real_process(tiny_bundle, real_dicoms, tmp_path):
     env = {**os.environ, "RADREGION_MODEL": str(tiny_bundle), "PYTHONPATH": str(REPO / "lib")}
-    result = subprocess.run([sys.executable, "-m", "radregion.cli", "predict", str(real_dicoms[0]),
-                             str(real_dicoms[1])], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "radregion.cli", "predict", str(real_dicoms[0]), str(real_dicoms[1])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = _rows(result.stdout)
     assert [r["path"] for r in rows] == [str(real_dicoms[0]), str(real_dicoms[1])]
@@ -75,13 +80,22 @@ def test_predict_to_stdout_as_a_real_process(tiny_bundle, real_dicoms, tmp_path)
 def test_skipping_unused_imports_keeps_predictions(tiny_bundle, real_dicoms, tmp_path):
     """radregion.startup: the console run never loads MONAI's optional integrations, and predicts the same."""
     env = {**os.environ, "RADREGION_MODEL": str(tiny_bundle), "PYTHONPATH": str(REPO / "lib")}
-    code = ("import sys{pre}; from radregion.cli import main; "
-            f"code = main(['predict', {str(real_dicoms[0])!r}, '--output', sys.argv[1]], fresh_process=True); "
-            "print('loaded:', sorted(m for m in ('ignite', 'mlflow', 'matplotlib') if sys.modules.get(m))); "
-            "sys.exit(code)")
-    runs = {name: subprocess.run([sys.executable, "-c", code.format(pre=pre), str(tmp_path / f"{name}.csv")],
-                                 env=env, timeout=300, capture_output=True, text=True)
-            for name, pre in (("all", ", ignite, matplotlib"), ("fast", ""))}
+    code = (
+        "import sys{pre}; from radregion.cli import main; "
+        f"code = main(['predict', {str(real_dicoms[0])!r}, '--output', sys.argv[1]], fresh_process=True); "
+        "print('loaded:', sorted(m for m in ('ignite', 'mlflow', 'matplotlib') if sys.modules.get(m))); "
+        "sys.exit(code)"
+    )
+    runs = {
+        name: subprocess.run(
+            [sys.executable, "-c", code.format(pre=pre), str(tmp_path / f"{name}.csv")],
+            env=env,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
+        for name, pre in (("all", ", ignite, matplotlib"), ("fast", ""))
+    }
     assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-2000:] for r in runs.values()]
     assert "loaded: ['ignite', 'matplotlib']" in runs["all"].stdout and "loaded: []" in runs["fast"].stdout
     assert (tmp_path / "all.csv").read_text() == (tmp_path / "fast.csv").read_text()

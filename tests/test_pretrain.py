@@ -55,8 +55,16 @@ def _backbone_tensors(bundle_path) -> dict:
 @pytest.mark.parametrize("method, precision", [("simclr", "auto"), ("byol", "fp32"), ("supcon", "bf16")])
 def test_each_method_writes_a_bundle_that_loads(method, precision, images, tmp_path):
     output = tmp_path / f"{method}-bundle"
-    result = pretrain(method, [images["csv"], images["folder"]], output, epochs=2, seed=0, precision=precision,
-                      log_dir=tmp_path / "tb", **SMALL)
+    result = pretrain(
+        method,
+        [images["csv"], images["folder"]],
+        output,
+        epochs=2,
+        seed=0,
+        precision=precision,
+        log_dir=tmp_path / "tb",
+        **SMALL,
+    )
     assert result == output and not checkpoint_path(output).exists()
     bundle = load_bundle(output)
     assert bundle.meta["architecture"]["name"] == "resnet10" and bundle.settings.size == 64
@@ -94,8 +102,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(images, tmp_path):
     inputs = [images["folder"], images["csv"]]
     whole = pretrain("simclr", inputs, tmp_path / "whole", epochs=2, seed=3, log_dir=tmp_path / "tb1", **SMALL)
     output = tmp_path / "resumed"
-    assert pretrain("simclr", inputs, output, epochs=2, seed=3, stop_after=1, log_dir=tmp_path / "tb2",
-                    **SMALL) is None
+    assert pretrain("simclr", inputs, output, epochs=2, seed=3, stop_after=1, log_dir=tmp_path / "tb2", **SMALL) is None
     state = torch.load(checkpoint_path(output), weights_only=True)
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and state["global_step"] == 2
     assert state["optimizer"]["state"], "the optimizer state is saved"
@@ -111,8 +118,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run(images, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "radregion.cli", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "radregion.cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _finish(process, timeout=600):
@@ -126,9 +139,29 @@ def _finish(process, timeout=600):
 
 def test_sigterm_checkpoints_and_resume_finishes(images, tmp_path):
     output = tmp_path / "killed"
-    args = ["pretrain", "--method", "byol", "--images", images["folder"], images["csv"], "--output", output,
-            "--arch", "resnet10", "--size", "32", "--epochs", "3", "--batch-size", "4", "--workers", "1",
-            "--log-dir", tmp_path / "tb", "--no-progress"]
+    args = [
+        "pretrain",
+        "--method",
+        "byol",
+        "--images",
+        images["folder"],
+        images["csv"],
+        "--output",
+        output,
+        "--arch",
+        "resnet10",
+        "--size",
+        "32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--log-dir",
+        tmp_path / "tb",
+        "--no-progress",
+    ]
     process = _cli(*args)
     deadline = time.monotonic() + 600
     while not checkpoint_path(output).exists() and process.poll() is None and time.monotonic() < deadline:
@@ -150,9 +183,28 @@ def test_bad_files_are_skipped_and_missing_inputs_are_clear(images, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(images["folder"], folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    process = _cli("pretrain", "--method", "simclr", "--images", folder, "--output", tmp_path / "b", "--arch",
-                   "resnet10", "--size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
-                   "--log-dir", tmp_path / "tb", "--no-progress")
+    process = _cli(
+        "pretrain",
+        "--method",
+        "simclr",
+        "--images",
+        folder,
+        "--output",
+        tmp_path / "b",
+        "--arch",
+        "resnet10",
+        "--size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-dir",
+        tmp_path / "tb",
+        "--no-progress",
+    )
     out, err = _finish(process)
     assert process.returncode == 0, err
     assert "skipped 1 unusable file" in err and "broken.png" in err
@@ -166,14 +218,41 @@ def test_ddp_two_processes_stay_in_sync(images, tmp_path):
     """torchrun with 2 CPU processes (gloo); SupCon gathers embeddings and labels across the ranks."""
     ranks = tmp_path / "ranks"
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "ddp_rank_state.py"), str(ranks), "pretrain", "--method", "supcon",
-               "--images", str(images["folder"]),
-               str(images["csv"]), "--output", str(output), "--arch", "resnet10", "--size", "48", "--epochs", "2",
-               "--batch-size", "4", "--workers", "0", "--log-dir", str(tmp_path / "tb"), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "ddp_rank_state.py"),
+        str(ranks),
+        "pretrain",
+        "--method",
+        "supcon",
+        "--images",
+        str(images["folder"]),
+        str(images["csv"]),
+        "--output",
+        str(output),
+        "--arch",
+        "resnet10",
+        "--size",
+        "48",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-dir",
+        str(tmp_path / "tb"),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     out, err = _finish(process)
     assert process.returncode == 0, err[-3000:]
     rank0, rank1 = load_file(str(ranks / "rank0.safetensors")), load_file(str(ranks / "rank1.safetensors"))
@@ -193,8 +272,12 @@ def test_command_choices_match_the_engine():
     from radregion.pretrain import METHODS
 
     assert command.METHODS == METHODS and set(command.ARCHITECTURES) == set(ARCHITECTURES)
-    help_run = subprocess.run([sys.executable, "-X", "importtime", "-m", "radregion.cli", "--help"],
-                              capture_output=True, text=True, check=True)
+    help_run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "radregion.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "pretrain" in help_run.stdout and " monai" not in help_run.stderr and " torch\n" not in help_run.stderr
 
 

@@ -71,8 +71,9 @@ def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
     server_tmp = root / "server-tmp"
     server_tmp.mkdir()
     model = Path(shutil.copytree(tiny_bundle, root / "model"))
-    server = RadRegionServer(studies, model, log_path=root / "server.log", env={"TMPDIR": str(server_tmp)},
-                             extra_conf={"max_upload_mb": 2})
+    server = RadRegionServer(
+        studies, model, log_path=root / "server.log", env={"TMPDIR": str(server_tmp)}, extra_conf={"max_upload_mb": 2}
+    )
     server.root, server.outside, server.tmp, server.pngs = root, outside, server_tmp, pngs
     try:
         server.start()
@@ -84,14 +85,25 @@ def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
 
 def put_image(server, image_id, name, data, headers=AUTH):
     params = {"image": image_id} if image_id is not None else {}
-    return requests.put(f"{server.url}/datastore/image", params=params, headers=headers,
-                        files={"file": (name, data, "application/octet-stream")}, timeout=120)
+    return requests.put(
+        f"{server.url}/datastore/image",
+        params=params,
+        headers=headers,
+        files={"file": (name, data, "application/octet-stream")},
+        timeout=120,
+    )
 
 
 def put_label(server, image_id, label, tag="final", headers=AUTH, params=None):
     data = {"params": params} if params is not None else None
-    return requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": tag}, headers=headers,
-                        data=data, files={"label": ("label.json", label, "application/json")}, timeout=60)
+    return requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": image_id, "tag": tag},
+        headers=headers,
+        data=data,
+        files={"label": ("label.json", label, "application/json")},
+        timeout=60,
+    )
 
 
 def infer(server, image=None, params=None):
@@ -109,6 +121,7 @@ def files_under(folder):
 
 
 # ---- nothing outside the studies folder ------------------------------------------------------------------
+
 
 def test_image_upload_under_a_path_id_writes_nothing_outside(env):
     png = env.pngs[2].read_bytes()
@@ -132,8 +145,9 @@ def test_delete_with_a_path_id_deletes_nothing_outside(env):
     for image_id in ["../outside/victim", "../outside/victim.txt", str(env.outside / "victim.txt")]:
         answer = requests.delete(f"{env.url}/datastore/image", params={"id": image_id}, headers=AUTH, timeout=60)
         assert 400 <= answer.status_code < 500, answer.text
-        answer = requests.delete(f"{env.url}/datastore/label", params={"id": image_id, "tag": "final"},
-                                 headers=AUTH, timeout=60)
+        answer = requests.delete(
+            f"{env.url}/datastore/label", params={"id": image_id, "tag": "final"}, headers=AUTH, timeout=60
+        )
         assert 400 <= answer.status_code < 500, answer.text
     assert (env.outside / "victim.txt").read_text() == "do not delete"
 
@@ -159,9 +173,13 @@ def test_deleting_a_link_deletes_the_link_not_its_target(env):
 
 def test_infer_takes_ids_only_and_answers_one_message_for_everything_unknown(env):
     outside_png = str(env.outside / "secret.png")
-    probes = {"/etc/passwd": infer(env, "/etc/passwd"), "../../x": infer(env, "../../x"),
-              outside_png: infer(env, outside_png), "no-such-image": infer(env, "no-such-image"),
-              "/no/such/file.png": infer(env, "/no/such/file.png")}
+    probes = {
+        "/etc/passwd": infer(env, "/etc/passwd"),
+        "../../x": infer(env, "../../x"),
+        outside_png: infer(env, outside_png),
+        "no-such-image": infer(env, "no-such-image"),
+        "/no/such/file.png": infer(env, "/no/such/file.png"),
+    }
     probes["params"] = infer(env, "no-such-image", params=json.dumps({"image": outside_png}))
     for probe, answer in probes.items():
         assert answer.status_code == 404, (probe, answer.text)
@@ -179,29 +197,46 @@ def test_session_uploads_that_unpack_archives_are_off(env):
         member.size = len(data)
         tar.addfile(member, io.BytesIO(data))
     before = files_under(env.root)
-    answer = requests.put(f"{env.url}/session/", params={"uncompress": "true"}, headers=AUTH,
-                          files={"files": ("x.tar.gz", buffer.getvalue())}, timeout=60)
+    answer = requests.put(
+        f"{env.url}/session/",
+        params={"uncompress": "true"},
+        headers=AUTH,
+        files={"files": ("x.tar.gz", buffer.getvalue())},
+        timeout=60,
+    )
     assert answer.status_code == 403 and "sessions are off" in answer.json()["detail"]
     assert files_under(env.root) == before and not (APP_DIR / "escaped.txt").exists()
 
 
 def test_routes_radregion_does_not_use_are_off(env):
-    for method, path in [("GET", "/proxy/dicom/qido/studies"), ("GET", "/ohif/index.html"), ("GET", "/ohif/"),
-                         ("POST", "/infer/wsi/radregion"), ("POST", "/infer/wsi_v2/radregion"),
-                         ("GET", "/session/x"), ("DELETE", "/session/x")]:
+    for method, path in [
+        ("GET", "/proxy/dicom/qido/studies"),
+        ("GET", "/ohif/index.html"),
+        ("GET", "/ohif/"),
+        ("POST", "/infer/wsi/radregion"),
+        ("POST", "/infer/wsi_v2/radregion"),
+        ("GET", "/session/x"),
+        ("DELETE", "/session/x"),
+    ]:
         answer = requests.request(method, f"{env.url}{path}", headers=AUTH, timeout=60)
         assert answer.status_code in (403, 404) and answer.json()["detail"], (path, answer.text)
 
 
 def test_batch_run_writes_its_csv_only_in_the_state_folder(env):
     target = env.outside / "audit.csv"
-    answer = requests.post(f"{env.url}/batch/infer/radregion", params={"run_sync": "true"}, headers=AUTH,
-                           json={"output": str(target)}, timeout=300)
+    answer = requests.post(
+        f"{env.url}/batch/infer/radregion",
+        params={"run_sync": "true"},
+        headers=AUTH,
+        json={"output": str(target)},
+        timeout=300,
+    )
     assert answer.status_code == 400, answer.text
     assert not target.exists()
 
 
 # ---- the token, CORS, secrets ---------------------------------------------------------------------------
+
 
 def test_every_write_needs_the_token(env):
     image = env.pngs[0].stem
@@ -216,8 +251,9 @@ def test_every_write_needs_the_token(env):
         lambda h: requests.delete(f"{env.url}/train/", headers=h, timeout=60),
         lambda h: requests.post(f"{env.url}/scoring/radregion_scores", headers=h, timeout=60),
         lambda h: requests.post(f"{env.url}/infer/radregion", params={"image": image}, headers=h, timeout=60),
-        lambda h: requests.put(f"{env.url}/model/radregion", files={"file": ("m.safetensors", b"x")}, headers=h,
-                               timeout=60),
+        lambda h: requests.put(
+            f"{env.url}/model/radregion", files={"file": ("m.safetensors", b"x")}, headers=h, timeout=60
+        ),
         lambda h: requests.get(f"{env.url}/model/radregion", headers=h, timeout=60),
         lambda h: requests.get(f"{env.url}/logs/", headers=h, timeout=60),
         lambda h: requests.get(f"{env.url}/datastore/dataset", headers=h, timeout=60),
@@ -236,8 +272,9 @@ def test_model_cannot_be_replaced_deleted_or_downloaded_without_the_admin(env):
     before = weights.read_bytes()
     published = env.studies / ".radregion" / "model" / "model.safetensors"
     served = published.read_bytes()
-    answer = requests.put(f"{env.url}/model/radregion", headers=AUTH, timeout=60,
-                          files={"file": ("model.safetensors", b"not weights")})
+    answer = requests.put(
+        f"{env.url}/model/radregion", headers=AUTH, timeout=60, files={"file": ("model.safetensors", b"not weights")}
+    )
     assert answer.status_code == 403 and "model upload over REST is off" in answer.json()["detail"]
     answer = requests.delete(f"{env.url}/model/radregion", headers=AUTH, timeout=60)
     assert answer.status_code == 403
@@ -249,8 +286,15 @@ def test_cors_allows_no_origin_by_default(env):
     evil = "https://evil.example"
     answer = requests.get(f"{env.url}/info/", headers={"Origin": evil, "Cookie": "a=b"}, timeout=60)
     assert "access-control-allow-origin" not in {k.lower() for k in answer.headers}
-    preflight = requests.options(f"{env.url}/datastore/label", timeout=60, headers={
-        "Origin": evil, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "authorization"})
+    preflight = requests.options(
+        f"{env.url}/datastore/label",
+        timeout=60,
+        headers={
+            "Origin": evil,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
     assert preflight.headers.get("access-control-allow-origin") not in (evil, "*")
     assert "access-control-allow-credentials" not in {k.lower() for k in preflight.headers}
 
@@ -264,8 +308,12 @@ def small_studies(env, folder) -> Path:
 
 def test_a_password_on_the_command_line_is_refused_and_never_logged(env, tiny_bundle, tmp_path):
     secret = f"pacs-secret-{os.getpid()}-{time.time_ns()}"
-    server = RadRegionServer(small_studies(env, tmp_path / "studies"), tiny_bundle, log_path=tmp_path / "server.log",
-                             extra_conf={"password": secret})
+    server = RadRegionServer(
+        small_studies(env, tmp_path / "studies"),
+        tiny_bundle,
+        log_path=tmp_path / "server.log",
+        extra_conf={"password": secret},
+    )
     with pytest.raises(RuntimeError, match="exited with 2"):
         server.start()
     log = server.log_path.read_text(errors="replace")
@@ -274,13 +322,18 @@ def test_a_password_on_the_command_line_is_refused_and_never_logged(env, tiny_bu
 
 
 def test_off_loopback_every_request_needs_the_token_which_is_generated_into_an_admin_only_file(
-        env, tiny_bundle, tmp_path):
+    env, tiny_bundle, tmp_path
+):
     """Also: CORS for a configured origin, and a model upload the admin enabled is verified before served."""
     state = tmp_path / "state"
-    server = RadRegionServer(small_studies(env, tmp_path / "studies"), tiny_bundle, host="0.0.0.0",
-                             log_path=tmp_path / "server.log", env={"RADREGION_API_TOKEN": None},
-                             extra_conf={"state_dir": state, "cors_origins": "https://viewer.example",
-                                         "model_upload": "true"})
+    server = RadRegionServer(
+        small_studies(env, tmp_path / "studies"),
+        tiny_bundle,
+        host="0.0.0.0",
+        log_path=tmp_path / "server.log",
+        env={"RADREGION_API_TOKEN": None},
+        extra_conf={"state_dir": state, "cors_origins": "https://viewer.example", "model_upload": "true"},
+    )
     token_file = state / "api_token"
     try:
         server.launch()
@@ -296,8 +349,9 @@ def test_off_loopback_every_request_needs_the_token_which_is_generated_into_an_a
         for path in ("/info/", "/datastore/", "/datastore/image?image=" + env.pngs[0].stem):
             assert requests.get(f"{server.url}{path}", timeout=60).status_code == 401, path
         assert requests.get(f"{server.url}/info/", headers=server.auth, timeout=60).status_code == 200
-        allowed = requests.get(f"{server.url}/info/", timeout=60,
-                               headers={**server.auth, "Origin": "https://viewer.example"})
+        allowed = requests.get(
+            f"{server.url}/info/", timeout=60, headers={**server.auth, "Origin": "https://viewer.example"}
+        )
         assert allowed.headers.get("access-control-allow-origin") == "https://viewer.example"
         check_model_upload(server, state)
     finally:
@@ -308,24 +362,37 @@ def check_model_upload(server, state):
     from safetensors.torch import load_file, save
 
     def upload(data, headers=server.auth):
-        return requests.put(f"{server.url}/model/radregion", headers=headers, timeout=120,
-                            files={"file": ("model.safetensors", data, "application/octet-stream")})
+        return requests.put(
+            f"{server.url}/model/radregion",
+            headers=headers,
+            timeout=120,
+            files={"file": ("model.safetensors", data, "application/octet-stream")},
+        )
 
     def served_version():
-        return requests.get(f"{server.url}/info/", headers=server.auth, timeout=60).json()[
-            "models"]["radregion"]["model_version"]
+        return requests.get(f"{server.url}/info/", headers=server.auth, timeout=60).json()["models"]["radregion"][
+            "model_version"
+        ]
 
     before = served_version()
     tensors = load_file(str(state / "model" / "model.safetensors"))
     assert upload(save(tensors), headers={}).status_code == 401
-    other = requests.put(f"{server.url}/model/other", headers=server.auth, timeout=60,
-                         files={"file": ("model.safetensors", save(tensors))})
+    other = requests.put(
+        f"{server.url}/model/other",
+        headers=server.auth,
+        timeout=60,
+        files={"file": ("model.safetensors", save(tensors))},
+    )
     assert other.status_code == 404, other.text
     wrong_shape = {**tensors, "head.weight": tensors["head.weight"][:3].clone()}
     not_finite = {**tensors, "head.bias": tensors["head.bias"] * float("nan")}
     extra = {**tensors, "backdoor": tensors["head.bias"].clone()}
-    for data, words in [(b"not weights", "not a safetensors"), (save(wrong_shape), "head.weight"),
-                        (save(not_finite), "not finite"), (save(extra), "unexpected")]:
+    for data, words in [
+        (b"not weights", "not a safetensors"),
+        (save(wrong_shape), "head.weight"),
+        (save(not_finite), "not finite"),
+        (save(extra), "unexpected"),
+    ]:
         answer = upload(data)
         assert answer.status_code == 422 and words in answer.json()["detail"], answer.text
         assert served_version() == before
@@ -336,6 +403,7 @@ def check_model_upload(server, state):
 
 
 # ---- uploads ---------------------------------------------------------------------------------------------
+
 
 def test_bad_uploads_are_refused_before_they_are_stored_and_leave_no_temp_file(env):
     png = env.pngs[3].read_bytes()
@@ -367,8 +435,11 @@ def test_an_upload_never_replaces_an_image_and_twins_are_two_images(env):
     assert original.read_bytes() == before
     ids = listing(env)
     assert {TWIN, f"{TWIN}.dcm"} <= ids or {TWIN, f"{TWIN}.png"} <= ids, sorted(ids)
-    bodies = {requests.get(f"{env.url}/datastore/image", params={"image": i}, timeout=60).content
-              for i in ids if i.startswith(TWIN)}
+    bodies = {
+        requests.get(f"{env.url}/datastore/image", params={"image": i}, timeout=60).content
+        for i in ids
+        if i.startswith(TWIN)
+    }
     assert bodies == {(env.studies / f"{TWIN}.png").read_bytes(), (env.studies / f"{TWIN}.dcm").read_bytes()}
     fresh = put_image(env, "fresh-upload", "fresh.png", env.pngs[5].read_bytes())
     assert fresh.status_code == 200 and (env.studies / "fresh-upload.png").read_bytes() == env.pngs[5].read_bytes()
@@ -380,10 +451,15 @@ def test_label_size_is_limited(env):
     answer = put_label(env, image, big_comment)
     assert answer.status_code == 413, answer.text
     body, content_type = requests.models.RequestEncodingMixin._encode_files(
-        {"label": ("label.json", big_comment, "application/json")}, {})
-    chunked = requests.put(f"{env.url}/datastore/label", params={"image": image, "tag": "final"}, timeout=60,
-                           headers={**AUTH, "Content-Type": content_type},
-                           data=(body[k:k + 65536] for k in range(0, len(body), 65536)))  # no Content-Length
+        {"label": ("label.json", big_comment, "application/json")}, {}
+    )
+    chunked = requests.put(
+        f"{env.url}/datastore/label",
+        params={"image": image, "tag": "final"},
+        timeout=60,
+        headers={**AUTH, "Content-Type": content_type},
+        data=(body[k : k + 65536] for k in range(0, len(body), 65536)),
+    )  # no Content-Length
     assert chunked.status_code == 413, chunked.text
     answer = put_label(env, image, json.dumps({"region": "Chest", "comment": "x" * 10000}))
     assert answer.status_code == 422 and "comment too long" in answer.json()["detail"]
@@ -402,6 +478,7 @@ def test_dataset_export_leaves_no_zip_behind(env):
 
 # ---- images with no content ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(NO_CONTENT))
 def test_images_without_content_answer_422_naming_the_problem(env, name):
     image_id = Path(name).stem
@@ -412,6 +489,7 @@ def test_images_without_content_answer_422_naming_the_problem(env, name):
 
 
 # ---- malformed requests ----------------------------------------------------------------------------------
+
 
 def test_malformed_requests_answer_4xx_with_a_message(env):
     image = env.pngs[0].stem
@@ -424,8 +502,13 @@ def test_malformed_requests_answer_4xx_with_a_message(env):
         "label params not JSON": put_label(env, image, json.dumps({"region": "Chest"}), params="{oops"),
         "label nested 100000 deep": put_label(env, image, "[" * 100000 + "]" * 100000),
         "label nested 10000 deep": put_label(env, image, '{"region": ' * 5000 + '"Chest"' + "}" * 5000),
-        "label info not JSON": requests.put(f"{env.url}/datastore/label/info", headers=AUTH, timeout=60,
-                                            params={"label": image, "tag": "final"}, data={"info": "{x"}),
+        "label info not JSON": requests.put(
+            f"{env.url}/datastore/label/info",
+            headers=AUTH,
+            timeout=60,
+            params={"label": image, "tag": "final"},
+            data={"info": "{x"},
+        ),
     }
     for what, answer in answers.items():
         assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text)
@@ -444,6 +527,7 @@ def test_ids_are_escaped_in_the_log(env):
 
 
 # ---- how the server is started -------------------------------------------------------------------------
+
 
 def test_every_documented_start_command_binds_loopback():
     dry = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True)

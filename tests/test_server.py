@@ -15,20 +15,34 @@ import requests
 from fixtures.server import AUTH, EXTENSIONLESS_DICOM, start_server
 
 SWAP = {"Chest": "Knee", "Knee": "Chest", "Abdomen": "Pelvis", "Pelvis": "Abdomen"}
-RESULT_KEYS = {"prediction", "region", "confidence", "ood_score", "out_of_domain", "pacs_label", "agrees_with_pacs",
-               "model_version"}
+RESULT_KEYS = {
+    "prediction",
+    "region",
+    "confidence",
+    "ood_score",
+    "out_of_domain",
+    "pacs_label",
+    "agrees_with_pacs",
+    "model_version",
+}
 
 
 def infer(server, image_id, expect=200):
-    answer = requests.post(f"{server.url}/infer/radregion", headers=AUTH,
-                           params={"image": image_id, "output": "json"}, timeout=120)
+    answer = requests.post(
+        f"{server.url}/infer/radregion", headers=AUTH, params={"image": image_id, "output": "json"}, timeout=120
+    )
     assert answer.status_code == expect, answer.text
     return answer.json()
 
 
 def save_label(server, image_id, label, expect=200):
-    answer = requests.put(f"{server.url}/datastore/label", headers=AUTH, params={"image": image_id, "tag": "final"},
-                          files={"label": ("label.json", json.dumps(label), "application/json")}, timeout=60)
+    answer = requests.put(
+        f"{server.url}/datastore/label",
+        headers=AUTH,
+        params={"image": image_id, "tag": "final"},
+        files={"label": ("label.json", json.dumps(label), "application/json")},
+        timeout=60,
+    )
     assert answer.status_code == expect, answer.text
     return answer.json()
 
@@ -147,12 +161,15 @@ def test_strategies_hand_out_unlabelled_images_in_their_order(radregion_server, 
     ood = sorted(ids, key=lambda i: (-expected[i].ood_score, i))
     walk("ood", ood, 4)
     assert set(served[4:]).isdisjoint(served[:4])  # ood skipped what uncertain had just handed out
-    disagree = sorted((i for i in ids if expected[i].pacs_label and expected[i].pacs_label != expected[i].region),
-                      key=lambda i: (-expected[i].confidence, i))
+    disagree = sorted(
+        (i for i in ids if expected[i].pacs_label and expected[i].pacs_label != expected[i].region),
+        key=lambda i: (-expected[i].confidence, i),
+    )
     if disagree:
         walk("disagreement", disagree, len(disagree))
-    assert all(expected[i].pacs_label is None or expected[i].pacs_label == expected[i].region
-               for i in set(ids) - set(disagree))
+    assert all(
+        expected[i].pacs_label is None or expected[i].pacs_label == expected[i].region for i in set(ids) - set(disagree)
+    )
     # diverse: picks among the most uncertain and never the same image twice in a row
     diverse = [next_image(radregion_server, "diverse")["id"] for _ in range(5)]
     assert len(set(diverse)) == 5 and set(diverse) <= set(uncertain[:50])
@@ -164,8 +181,12 @@ def test_save_and_read_back_labels(radregion_server):
     image_id = next(iter(radregion_server.truth))
     save_label(radregion_server, image_id, {"region": "Abdomen", "annotator": "dr-a", "comment": "checked"})
     label = read_label(radregion_server, image_id)
-    assert (label["region"], label["annotator"], label["comment"], label["out_of_domain"]) == \
-        ("Abdomen", "dr-a", "checked", False)
+    assert (label["region"], label["annotator"], label["comment"], label["out_of_domain"]) == (
+        "Abdomen",
+        "dr-a",
+        "checked",
+        False,
+    )
     save_label(radregion_server, "RG3_J2KI", {"region": "Others"})
     assert read_label(radregion_server, "RG3_J2KI")["out_of_domain"] is True  # `Others` is out of domain
     stats = requests.get(f"{radregion_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
@@ -180,12 +201,20 @@ def test_unknown_region_is_422_with_the_valid_names(radregion_server):
     answer = save_label(radregion_server, image_id, {"region": "Elbw"}, expect=422)
     assert "Elbw" in answer["detail"] and "Elbow" in answer["valid_regions"]
     assert save_label(radregion_server, image_id, "not json", expect=422)["detail"]
-    answer = requests.put(f"{radregion_server.url}/datastore/label", headers=AUTH,
-                          params={"image": image_id, "tag": "final"},
-                          files={"label": ("label.json", b"{oops")}, timeout=60)
+    answer = requests.put(
+        f"{radregion_server.url}/datastore/label",
+        headers=AUTH,
+        params={"image": image_id, "tag": "final"},
+        files={"label": ("label.json", b"{oops")},
+        timeout=60,
+    )
     assert answer.status_code == 422 and "not JSON" in answer.json()["detail"]
-    assert requests.get(f"{radregion_server.url}/datastore/label", params={"label": image_id, "tag": "final"},
-                        timeout=60).status_code == 404  # nothing half-saved
+    assert (
+        requests.get(
+            f"{radregion_server.url}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=60
+        ).status_code
+        == 404
+    )  # nothing half-saved
     assert save_label(radregion_server, "no-such-image", {"region": "Chest"}, expect=404)["detail"]
 
 
@@ -194,14 +223,16 @@ def test_train_publishes_a_new_head_that_infer_uses(radregion_server, tiny_bundl
 
     regions = load_bundle(tiny_bundle).regions
     before = model_info(radregion_server)["model_version"]
-    answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
-                           params={"run_sync": "true"}, timeout=300)
+    answer = requests.post(
+        f"{radregion_server.url}/train/radregion", headers=AUTH, params={"run_sync": "true"}, timeout=300
+    )
     assert answer.status_code == 422 and "at least" in answer.json()["detail"]  # 1 in-domain label: refused
     assert model_info(radregion_server)["model_version"] == before
     for image_id, region in radregion_server.truth.items():
         save_label(radregion_server, image_id, {"region": region, "annotator": "trainer"})
-    answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
-                           params={"run_sync": "true"}, timeout=300)
+    answer = requests.post(
+        f"{radregion_server.url}/train/radregion", headers=AUTH, params={"run_sync": "true"}, timeout=300
+    )
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert result["published"] is True, result
@@ -231,12 +262,15 @@ def test_train_on_swapped_labels_publishes_only_when_not_worse(radregion_server,
     before = model_info(radregion_server)["model_version"]
     for image_id, region in radregion_server.truth.items():
         save_label(radregion_server, image_id, {"region": SWAP[region], "annotator": "trainer"})
-    answer = requests.post(f"{radregion_server.url}/train/radregion", headers=AUTH,
-                           params={"run_sync": "true"}, timeout=300)
+    answer = requests.post(
+        f"{radregion_server.url}/train/radregion", headers=AUTH, params={"run_sync": "true"}, timeout=300
+    )
     assert answer.status_code == 200, answer.text
     result = answer.json()
-    not_worse = (result["validation"]["new"] >= result["validation"]["current"]
-                 and result["heldout"]["new"] >= result["heldout"]["current"] - 0.01)
+    not_worse = (
+        result["validation"]["new"] >= result["validation"]["current"]
+        and result["heldout"]["new"] >= result["heldout"]["current"] - 0.01
+    )
     assert result["published"] is not_worse and result["status"] == ("published" if not_worse else "kept"), result
     info = model_info(radregion_server)
     assert info["model_version"] == (result["model_version"] if not_worse else before)
@@ -251,8 +285,12 @@ def test_train_on_swapped_labels_publishes_only_when_not_worse(radregion_server,
 def test_batch_run_writes_the_audit_csv(radregion_server):
     import csv
 
-    answer = requests.post(f"{radregion_server.url}/batch/infer/radregion", headers=AUTH,
-                           params={"images": "all", "run_sync": "true"}, timeout=300)
+    answer = requests.post(
+        f"{radregion_server.url}/batch/infer/radregion",
+        headers=AUTH,
+        params={"images": "all", "run_sync": "true"},
+        timeout=300,
+    )
     assert answer.status_code == 200, answer.text
     result = answer.json()
     with open(result["csv"], newline="") as f:
@@ -272,23 +310,36 @@ def test_corrupt_or_unsupported_files_are_4xx_and_the_server_keeps_serving(radre
     url = radregion_server.url
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)
-    answer = requests.put(f"{url}/datastore/image", headers=AUTH, params={"image": "broken"},
-                          files={"file": ("broken.png", bad.read_bytes())}, timeout=60)
+    answer = requests.put(
+        f"{url}/datastore/image",
+        headers=AUTH,
+        params={"image": "broken"},
+        files={"file": ("broken.png", bad.read_bytes())},
+        timeout=60,
+    )
     assert answer.status_code == 422 and answer.json()["image"] == "broken", answer.text  # decoded before stored
     assert "unreadable PNG" in answer.json()["problem"]
     shutil.copy(bad, radregion_server.studies / "broken.png")  # put there by hand: found unusable at inference
     radregion_server.get_json("/datastore/?output=stats")
     deadline = time.monotonic() + 30
-    while (answer := requests.post(f"{url}/infer/radregion", headers=AUTH, timeout=60,
-                                   params={"image": "broken", "output": "json"})).status_code == 404:
+    while (
+        answer := requests.post(
+            f"{url}/infer/radregion", headers=AUTH, timeout=60, params={"image": "broken", "output": "json"}
+        )
+    ).status_code == 404:
         assert time.monotonic() < deadline, "the datastore never listed broken.png"
         time.sleep(0.5)
     assert answer.status_code == 422 and answer.json()["image"] == "broken", answer.text
     assert answer.json()["problem"]
     answer = requests.put(f"{url}/datastore/image", headers=AUTH, files={"file": ("notes.txt", b"hello")}, timeout=60)
     assert answer.status_code == 422 and "unknown format" in answer.json()["detail"], answer.text
-    answer = requests.post(f"{url}/infer/radregion", headers=AUTH, params={"output": "json"},
-                           files={"file": ("notes.txt", b"not an image")}, timeout=60)
+    answer = requests.post(
+        f"{url}/infer/radregion",
+        headers=AUTH,
+        params={"output": "json"},
+        files={"file": ("notes.txt", b"not an image")},
+        timeout=60,
+    )
     assert 400 <= answer.status_code < 500 and answer.json()["detail"], answer.text
     assert infer(radregion_server, "nope", expect=404)["detail"]
     assert infer(radregion_server, "RG1_J2KI")["region"]  # still serving
@@ -322,8 +373,12 @@ def test_eight_concurrent_clients(radregion_server):
         out = []
         for k in range(25):
             image_id = ids[(n + k) % len(ids)]
-            answer = session.post(f"{radregion_server.url}/infer/radregion", headers=AUTH,
-                                  params={"image": image_id, "output": "json"}, timeout=120)
+            answer = session.post(
+                f"{radregion_server.url}/infer/radregion",
+                headers=AUTH,
+                params={"image": image_id, "output": "json"},
+                timeout=120,
+            )
             out.append((answer.status_code, image_id, answer.json().get("region")))
         return out
 
@@ -337,20 +392,29 @@ def test_eight_concurrent_clients(radregion_server):
 def test_concurrent_label_saves_and_deletes_never_fail(radregion_server):
     """Requests and MONAI Label's file watcher change the datastore at once (a DELETE once raced it into a 500)."""
     ids = list(radregion_server.truth)[:4]
-    before = {i: requests.get(f"{radregion_server.url}/datastore/label", params={"label": i, "tag": "final"},
-                              timeout=60) for i in ids}
+    before = {
+        i: requests.get(f"{radregion_server.url}/datastore/label", params={"label": i, "tag": "final"}, timeout=60)
+        for i in ids
+    }
     before = {i: answer.json() for i, answer in before.items() if answer.status_code == 200}
 
     def churn(image_id):
         session, statuses = requests.Session(), []
         for k in range(10):
-            answer = session.put(f"{radregion_server.url}/datastore/label", headers=AUTH,
-                                 params={"image": image_id, "tag": "final"},
-                                 files={"label": ("label.json", json.dumps({"region": "Chest"}))}, timeout=120)
+            answer = session.put(
+                f"{radregion_server.url}/datastore/label",
+                headers=AUTH,
+                params={"image": image_id, "tag": "final"},
+                files={"label": ("label.json", json.dumps({"region": "Chest"}))},
+                timeout=120,
+            )
             statuses.append(answer.status_code)
-            answer = session.delete(f"{radregion_server.url}/datastore/label", headers=AUTH,
-                                    params={"id": image_id, "tag": "final"},
-                                    timeout=120)
+            answer = session.delete(
+                f"{radregion_server.url}/datastore/label",
+                headers=AUTH,
+                params={"id": image_id, "tag": "final"},
+                timeout=120,
+            )
             statuses.append(answer.status_code)
         return statuses
 

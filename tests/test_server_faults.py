@@ -37,15 +37,24 @@ def model(server):
 
 
 def save_label(server, image_id, region):
-    answer = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "final"},
-                          headers=server.auth, timeout=120,
-                          files={"label": ("label.json", json.dumps({"region": region, "annotator": "faults"}))})
+    answer = requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": image_id, "tag": "final"},
+        headers=server.auth,
+        timeout=120,
+        files={"label": ("label.json", json.dumps({"region": region, "annotator": "faults"}))},
+    )
     assert answer.status_code == 200, answer.text
 
 
 def train(server, timeout=600, **params):
-    return requests.post(f"{server.url}/train/radregion", params={"run_sync": "true"}, json=params or None,
-                         headers=server.auth, timeout=timeout)
+    return requests.post(
+        f"{server.url}/train/radregion",
+        params={"run_sync": "true"},
+        json=params or None,
+        headers=server.auth,
+        timeout=timeout,
+    )
 
 
 def next_image(server, strategy):
@@ -69,8 +78,11 @@ def server_process(server) -> psutil.Process:
 
 def task_processes(server, method):
     main = server_process(server)
-    return [c for c in main.children() if "monailabel.interfaces.utils.app" in " ".join(c.cmdline())
-            and method in c.cmdline()]
+    return [
+        c
+        for c in main.children()
+        if "monailabel.interfaces.utils.app" in " ".join(c.cmdline()) and method in c.cmdline()
+    ]
 
 
 def wait_task_done(server, timeout=600):
@@ -158,8 +170,12 @@ def faults_server(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
     for n in range(BIG_PNGS):
         write_big_png(root / "studies" / f"big{n}.png", seed=n)
     model_dir = Path(shutil.copytree(tiny_bundle, root / "model"))
-    server = RadRegionServer(root / "studies", model_dir, log_path=root / "server.log",
-                             env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "RADREGION_TEST_FAULTS": "1"})
+    server = RadRegionServer(
+        root / "studies",
+        model_dir,
+        log_path=root / "server.log",
+        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "RADREGION_TEST_FAULTS": "1"},
+    )
     server.truth = truth
     try:
         server.start()
@@ -175,8 +191,12 @@ def test_info_and_label_saves_answer_while_images_decode(faults_server):
     done = {}
 
     def infer(n):
-        answer = requests.post(f"{faults_server.url}/infer/radregion", params={"image": f"big{n}", "output": "json"},
-                               headers=faults_server.auth, timeout=600)
+        answer = requests.post(
+            f"{faults_server.url}/infer/radregion",
+            params={"image": f"big{n}", "output": "json"},
+            headers=faults_server.auth,
+            timeout=600,
+        )
         done[f"infer{n}"] = time.monotonic()
         return answer.status_code
 
@@ -191,16 +211,24 @@ def test_info_and_label_saves_answer_while_images_decode(faults_server):
         assert [s.result() for s in statuses] == [200] * BIG_PNGS
     last_infer = max(v for k, v in done.items() if k.startswith("infer"))
     assert done["info"] < last_infer and done["label"] < last_infer, done
-    requests.delete(f"{faults_server.url}/datastore/label", params={"id": image_id, "tag": "final"},
-                    headers=faults_server.auth, timeout=60)
+    requests.delete(
+        f"{faults_server.url}/datastore/label",
+        params={"id": image_id, "tag": "final"},
+        headers=faults_server.auth,
+        timeout=60,
+    )
 
 
 def test_queues_serve_provisionally_while_scoring_has_not_finished(faults_server):
     answer = next_image(faults_server, "uncertain")
     assert answer["provisional"] is True and answer["id"], answer
     assert answer["scoring"]["scored"] < answer["scoring"]["images"]
-    scoring = requests.post(f"{faults_server.url}/scoring/radregion_scores", params={"run_sync": "true"},
-                            headers=faults_server.auth, timeout=600)
+    scoring = requests.post(
+        f"{faults_server.url}/scoring/radregion_scores",
+        params={"run_sync": "true"},
+        headers=faults_server.auth,
+        timeout=600,
+    )
     assert scoring.status_code == 200, scoring.text
     answer = next_image(faults_server, "uncertain")
     assert answer["provisional"] is False and answer["score"] is not None, answer
@@ -273,8 +301,12 @@ def test_train_keeps_the_model_when_confirmed_labels_make_it_worse(faults_server
     stats = info(faults_server)["train_stats"]["radregion"]
     assert stats["status"] == "kept" and stats["reason"] == result["reason"]
     for image_id in faults_server.truth:  # back to the 6 true labels of the test before
-        requests.delete(f"{faults_server.url}/datastore/label", params={"id": image_id, "tag": "final"},
-                        headers=faults_server.auth, timeout=60)
+        requests.delete(
+            f"{faults_server.url}/datastore/label",
+            params={"id": image_id, "tag": "final"},
+            headers=faults_server.auth,
+            timeout=60,
+        )
     for image_id, region in faults_server.published_labels.items():
         save_label(faults_server, image_id, region)
 
@@ -292,16 +324,23 @@ def test_rollback_serves_the_previous_model_again(faults_server, tiny_bundle):
     assert result["model_version"] == shipped and result["rolled_back_from"] == trained
     assert model(faults_server)["model_version"] == shipped
     image_id = next(iter(faults_server.truth))
-    inferred = requests.post(f"{faults_server.url}/infer/radregion", params={"image": image_id, "output": "json"},
-                             headers=faults_server.auth, timeout=120).json()
+    inferred = requests.post(
+        f"{faults_server.url}/infer/radregion",
+        params={"image": image_id, "output": "json"},
+        headers=faults_server.auth,
+        timeout=120,
+    ).json()
     assert inferred["model_version"] == shipped
-    history = requests.get(f"{faults_server.url}/model/radregion/history", headers=faults_server.auth,
-                           timeout=60).json()
+    history = requests.get(
+        f"{faults_server.url}/model/radregion/history", headers=faults_server.auth, timeout=60
+    ).json()
     assert history["current"]["generation"] == 3 and history["current"]["restores"].endswith(shipped)
     again = requests.post(url, headers=faults_server.auth, timeout=60)
     assert again.status_code == 409 and "no earlier" in again.json()["detail"]
-    assert requests.post(f"{faults_server.url}/model/nope/rollback", headers=faults_server.auth,
-                         timeout=60).status_code == 404
+    assert (
+        requests.post(f"{faults_server.url}/model/nope/rollback", headers=faults_server.auth, timeout=60).status_code
+        == 404
+    )
 
 
 def test_a_training_requested_before_a_newer_model_never_replaces_it(faults_server):
@@ -319,15 +358,17 @@ def test_a_training_requested_before_a_newer_model_never_replaces_it(faults_serv
     assert ModelStore(state(faults_server)).generation() == newer["generation"] == 5
 
 
-@pytest.mark.parametrize("step,served", [("publish:written", "before"), ("publish:renamed", "before"),
-                                         ("publish:linked", "new")])
+@pytest.mark.parametrize(
+    "step,served", [("publish:written", "before"), ("publish:renamed", "before"), ("publish:linked", "new")]
+)
 def test_a_crash_in_the_middle_of_a_publish_serves_the_last_published_model(faults_server, step, served):
     """The training process is killed (SIGKILL) at each step of its publish: the server keeps serving the last
     published model (the new one once the link was swapped); leftovers go at the next start (test below)."""
     before = model(faults_server)["model_version"]
     generation = ModelStore(state(faults_server)).generation()
-    answer = requests.post(f"{faults_server.url}/train/radregion", json={"crash_at": step},
-                           headers=faults_server.auth, timeout=60)
+    answer = requests.post(
+        f"{faults_server.url}/train/radregion", json={"crash_at": step}, headers=faults_server.auth, timeout=60
+    )
     assert answer.status_code == 200, answer.text
     task = wait_task_done(faults_server)
     assert task["status"] == "ERROR", task  # killed
@@ -385,12 +426,13 @@ def test_the_server_starts_without_conf_model_from_the_installed_package(tmp_pat
         def command(self):
             cmd = super().command()
             i = cmd.index("model")
-            return cmd[:i - 1] + cmd[i + 2:]
+            return cmd[: i - 1] + cmd[i + 2 :]
 
     studies = tmp_path / "studies"
     make_studies(studies, unifesp, real_dicoms[:1])
-    server = NoModelConf(studies, tmp_path / "unused", log_path=tmp_path / "server.log",
-                         env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    server = NoModelConf(
+        studies, tmp_path / "unused", log_path=tmp_path / "server.log", env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    )
     assert "--conf model" not in " ".join(server.command())
     try:
         server.start()

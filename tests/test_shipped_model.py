@@ -35,8 +35,11 @@ def test_real_cr_dicoms(predictor, real_dicoms):
 def test_rare_regions_of_held_out_patients(predictor, unifesp):
     paths = [unifesp / image for image in RARE_REGIONS]
     predicted = {str(p.path): p.region for p in predictor.predict(paths)}
-    wrong = {image: (region, predicted[str(unifesp / image)]) for image, region in RARE_REGIONS.items()
-             if predicted[str(unifesp / image)] != region}
+    wrong = {
+        image: (region, predicted[str(unifesp / image)])
+        for image, region in RARE_REGIONS.items()
+        if predicted[str(unifesp / image)] != region
+    }
     assert not wrong
 
 

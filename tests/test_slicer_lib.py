@@ -16,8 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
 
 from RadRegionLib import (  # noqa: E402
-    QUEUES, RadRegionClient, RequestRejected, ReviewSession, ServerUnreachable, parse_infer, parse_summary,
-    server_work_dir, train_status_text,
+    QUEUES,
+    RadRegionClient,
+    RequestRejected,
+    ReviewSession,
+    ServerUnreachable,
+    parse_infer,
+    parse_summary,
+    server_work_dir,
+    train_status_text,
 )
 from RadRegionLib.review import Case, label_text  # noqa: E402
 
@@ -39,8 +46,10 @@ def wait_for_scores(session):
     deadline = time.monotonic() + SCORING_WAIT_S
     while time.monotonic() < deadline:
         scores = (session.client.info().get("models", {}).get("radregion", {}) or {}).get("scores") or {}
-        if scores.get("model_version") and scores.get("images", 0) + scores.get("unreadable", 0) >= \
-                session.client.stats()["total"]:
+        if (
+            scores.get("model_version")
+            and scores.get("images", 0) + scores.get("unreadable", 0) >= session.client.stats()["total"]
+        ):
             return
         time.sleep(2)
     pytest.fail(f"the server did not score its images in {SCORING_WAIT_S} s")
@@ -63,19 +72,35 @@ CLOSED = "http://127.0.0.1:9"
 
 def offline_session(work):
     session = ReviewSession(RadRegionClient(CLOSED, timeout=5), str(work), annotator="pytest")
-    session.summary = parse_summary(CLOSED, {"models": {"radregion": {"labels": ["Chest", "Hand", "Knee"]}}},
-                                    {"total": 10, "completed": 4})
-    answer = {"prediction": [{"idx": 0, "label": "Hand", "score": 0.2}, {"idx": 1, "label": "Chest", "score": 0.7},
-                             {"idx": 2, "label": "Knee", "score": 0.1}],
-              "pacs_label": "Knee", "agrees_with_pacs": False}
+    session.summary = parse_summary(
+        CLOSED, {"models": {"radregion": {"labels": ["Chest", "Hand", "Knee"]}}}, {"total": 10, "completed": 4}
+    )
+    answer = {
+        "prediction": [
+            {"idx": 0, "label": "Hand", "score": 0.2},
+            {"idx": 1, "label": "Chest", "score": 0.7},
+            {"idx": 2, "label": "Knee", "score": 0.1},
+        ],
+        "pacs_label": "Knee",
+        "agrees_with_pacs": False,
+    }
     session.current = session._cases["img1"] = Case("img1", parse_infer(answer, "img1"))
     return session
 
 
 def test_parse_infer_ranks_and_explains():
-    result = parse_infer({"prediction": [{"label": r, "score": s} for r, s in
-                                         [("A", 0.1), ("B", 0.5), ("C", 0.05), ("D", 0.2), ("E", 0.1), ("F", 0.05)]],
-                          "ood_score": 3.2, "out_of_domain": True, "pacs_label": None}, "x")
+    result = parse_infer(
+        {
+            "prediction": [
+                {"label": r, "score": s}
+                for r, s in [("A", 0.1), ("B", 0.5), ("C", 0.05), ("D", 0.2), ("E", 0.1), ("F", 0.05)]
+            ],
+            "ood_score": 3.2,
+            "out_of_domain": True,
+            "pacs_label": None,
+        },
+        "x",
+    )
     assert result.region == "B" and result.confidence == 0.5 and len(result.top) == 5
     assert [r for r, _ in result.top][:2] == ["B", "D"]
     assert result.agreement_text == "The archive has no region label for this image"
@@ -83,8 +108,10 @@ def test_parse_infer_ranks_and_explains():
     assert parse_infer({"prediction": [], "region": None}).prediction_text == "No prediction"
     assert train_status_text(None).startswith("Not trained")
     assert train_status_text({"status": "RUNNING", "start_ts": "t0"}) == "Training running since t0"
-    assert train_status_text({"status": "ERROR", "end_ts": "t1", "details": ["x", "CUDA out of memory", ""]}) == \
-        "Last training error at t1: CUDA out of memory"
+    assert (
+        train_status_text({"status": "ERROR", "end_ts": "t1", "details": ["x", "CUDA out of memory", ""]})
+        == "Last training error at t1: CUDA out of memory"
+    )
 
 
 def test_offline_decisions_wait_on_disk_and_undo_takes_them_back(tmp_path):
@@ -183,8 +210,11 @@ def test_confirm_correct_out_of_domain_and_undo(session, radregion_server):
     assert session.progress() == (1, 15)
 
     truth = radregion_server.truth.get(corrected.image)  # None for the DICOMs
-    wrong = truth if truth and truth != corrected.result.region else \
-        next(r for r in session.key_regions() if r != corrected.result.region)
+    wrong = (
+        truth
+        if truth and truth != corrected.result.region
+        else next(r for r in session.key_regions() if r != corrected.result.region)
+    )
     number = session.key_of(wrong)
     for n, digit in enumerate(str(number)):  # typed as on the keyboard: 1 then 4 picks region 14
         session.type_digit(int(digit), now=1000.0 + 0.2 * n)
@@ -399,12 +429,16 @@ def test_slicer_widget_review_by_keyboard(radregion_server, monkeypatch, tmp_pat
     assert ui.headerLabel.text.startswith("Body part: CHEST\nStudy: THORAX") and ui.headerLabel.isVisible()
     ui.nextButton.setFocus()
     press(window, Qt.Key_A)
-    assert ui.pendingLabel.text in ("Enter: Confirm Chest", "Enter: Correct to Chest",
-                                    f"Enter: Replace {label_text(session.current.existing)} with Chest")
+    assert ui.pendingLabel.text in (
+        "Enter: Confirm Chest",
+        "Enter: Correct to Chest",
+        f"Enter: Replace {label_text(session.current.existing)} with Chest",
+    )
     close_widget(widget, window)
 
 
 # -- issue 14: the panel under real conditions ---------------------------------------------------------------------
+
 
 class ForwardingProxy:
     """A real HTTP forwarder on 127.0.0.1 in front of the real server. `.delay` seconds are added to requests whose
@@ -539,8 +573,9 @@ def test_relabel_shows_who_and_when_and_undo_restores_the_earlier_label(radregio
 
 
 def test_header_context_archive_key_and_multi_region_archive(radregion_server, tmp_path):
-    session = ReviewSession(RadRegionClient(radregion_server.url, token=server_token(radregion_server)),
-                            str(tmp_path), annotator="pytest")
+    session = ReviewSession(
+        RadRegionClient(radregion_server.url, token=server_token(radregion_server)), str(tmp_path), annotator="pytest"
+    )
     session.connect()
     case = session.open_case("RG1_J2KI")
     header = case.result.header
@@ -660,9 +695,11 @@ def test_panel_stays_responsive_while_the_server_delays_and_prefetches_the_next_
     waited = answered[0]
     during = [t for t in ticks if pressed <= t <= waited]
     gaps = [b - a for a, b in zip([pressed] + during, during + [waited])]
-    print(f"Next through a 3 s server: key handler {returned - pressed:.3f} s, {len(during)} ticks of 20 ms in "
-          f"the {waited - pressed:.1f} s until the answer, longest gap {max(gaps):.3f} s; case shown after "
-          f"{done - pressed:.1f} s")
+    print(
+        f"Next through a 3 s server: key handler {returned - pressed:.3f} s, {len(during)} ticks of 20 ms in "
+        f"the {waited - pressed:.1f} s until the answer, longest gap {max(gaps):.3f} s; case shown after "
+        f"{done - pressed:.1f} s"
+    )
     assert waited - pressed >= proxy.delay, "the answer did come through the slow server"
     assert max(gaps) < proxy.delay / 3, "the UI thread was blocked while the server thought"
     assert len(during) >= 10

@@ -61,8 +61,12 @@ def standin_modules() -> dict:
         def delayDisplay(self, message, msec=0):
             print(message)
 
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
+    for cls in (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+    ):
         setattr(slm, cls.__name__, cls)
     removed = []
 
@@ -81,8 +85,13 @@ def standin_modules() -> dict:
     slicer.app = types.SimpleNamespace(cachePath=None, layoutManager=lambda: None)
     slicer.util = types.SimpleNamespace(loadVolume=load_volume_with_itk, resetSliceViews=lambda: None)
     slicer.vtkMRMLLayoutNode = types.SimpleNamespace(SlicerLayoutOneUpRedSliceView=6)
-    return {"slicer": slicer, "slicer.ScriptedLoadableModule": slm, "qt": types.ModuleType("qt"),
-            "ctk": types.ModuleType("ctk"), "vtk": types.ModuleType("vtk")}
+    return {
+        "slicer": slicer,
+        "slicer.ScriptedLoadableModule": slm,
+        "qt": types.ModuleType("qt"),
+        "ctk": types.ModuleType("ctk"),
+        "vtk": types.ModuleType("vtk"),
+    }
 
 
 def import_radregion_module(monkeypatch):
@@ -118,11 +127,12 @@ def test_logic_says_in_words_when_the_server_is_unreachable(monkeypatch, tmp_pat
 
 
 def test_radregion_lib_imports_without_slicer_or_qt():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import RadRegionLib, RadRegionLib.panel; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('slicer', 'qt', 'ctk', 'vtk', 'PySide6', 'PyQt5', 'requests', 'numpy')); print(bad)")
-    result = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True,
-                            timeout=60)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import RadRegionLib, RadRegionLib.panel; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('slicer', 'qt', 'ctk', 'vtk', 'PySide6', 'PyQt5', 'requests', 'numpy')); print(bad)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"RadRegionLib pulled in {result.stdout.strip()}"
 
@@ -139,8 +149,9 @@ def test_every_widget_the_module_uses_exists_in_the_ui_file():
 
     names = {w.get("name") for w in ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "RadRegion.ui").iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "RadRegion.py").read_text()))
-    used |= set(re.findall(r'"(\w+(?:Button|Edit|Widget|Label|Bar|ComboBox))"',
-                           (MODULE_DIR / "RadRegion.py").read_text()))
+    used |= set(
+        re.findall(r'"(\w+(?:Button|Edit|Widget|Label|Bar|ComboBox))"', (MODULE_DIR / "RadRegion.py").read_text())
+    )
     assert used, "found no widget use in RadRegion.py"
     assert used <= names, f"RadRegion.py uses widgets missing from RadRegion.ui: {sorted(used - names)}"
     ui_file = MODULE_DIR / "Resources" / "UI" / "RadRegion.ui"

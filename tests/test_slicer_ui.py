@@ -22,9 +22,30 @@ from RadRegionLib import RadRegionClient, ReviewSession, parse_infer, parse_summ
 from RadRegionLib.panel import PanelView  # noqa: E402
 from RadRegionLib.review import Case  # noqa: E402
 
-REGIONS = ["Abdomen", "Ankle", "Cervical Spine", "Chest", "Clavicles", "Elbow", "Feet", "Finger", "Forearm",
-           "Hand", "Hip", "Knee", "Lower Leg", "Lumbar Spine", "Others", "Pelvis", "Shoulder", "Sinus", "Skull",
-           "Thigh", "Thoracic Spine", "Wrist"]
+REGIONS = [
+    "Abdomen",
+    "Ankle",
+    "Cervical Spine",
+    "Chest",
+    "Clavicles",
+    "Elbow",
+    "Feet",
+    "Finger",
+    "Forearm",
+    "Hand",
+    "Hip",
+    "Knee",
+    "Lower Leg",
+    "Lumbar Spine",
+    "Others",
+    "Pelvis",
+    "Shoulder",
+    "Sinus",
+    "Skull",
+    "Thigh",
+    "Thoracic Spine",
+    "Wrist",
+]
 SCORES = {"Hand": 0.46, "Wrist": 0.38, "Finger": 0.07, "Forearm": 0.04, "Elbow": 0.02}
 
 
@@ -46,24 +67,47 @@ def load_panel(app):
 LONG_ID = "1.2.826.0.1.3680043.8.498." + "1005330952459549085281557905222533601612345678901234567890" * 3
 
 
-def example_session(tmp_path, image="1.2.826.0.1.3680043.8.498.10053309524595490852815579052225336016",
-                    existing=True) -> ReviewSession:
+def example_session(
+    tmp_path, image="1.2.826.0.1.3680043.8.498.10053309524595490852815579052225336016", existing=True
+) -> ReviewSession:
     session = ReviewSession(RadRegionClient("http://127.0.0.1:8000"), str(tmp_path), annotator="dr.example")
     info = {"name": "RadRegion", "models": {"radregion": {"labels": REGIONS, "model_version": "3f9c2a1e"}}}
     session.summary = parse_summary("http://127.0.0.1:8000", info, {"total": 1364, "completed": 212})
     rest = (1.0 - sum(SCORES.values())) / (len(REGIONS) - len(SCORES))
-    answer = {"prediction": [{"idx": i, "label": r, "score": SCORES.get(r, rest)} for i, r in enumerate(REGIONS)],
-              "ood_score": 0.71, "out_of_domain": True, "pacs_label": "Hand", "pacs_labels": ["Hand", "Wrist"],
-              "agrees_with_pacs": True, "model_version": "3f9c2a1e",
-              "header": {"BodyPartExamined": "HAND WRIST", "StudyDescription": "XR HAND LEFT 3 VIEWS",
-                         "SeriesDescription": "PA", "StudyDate": "20260412", "Modality": "CR"}}
-    previous = {"region": "Hand", "out_of_domain": False, "annotator": "dr.other", "comment": "",
-                "saved_at": "2026-11-29T16:02:11Z"} if existing else None
-    session.current = Case(image=image, result=parse_infer(answer, image=image), source="uncertain",
-                           existing=previous)
+    answer = {
+        "prediction": [{"idx": i, "label": r, "score": SCORES.get(r, rest)} for i, r in enumerate(REGIONS)],
+        "ood_score": 0.71,
+        "out_of_domain": True,
+        "pacs_label": "Hand",
+        "pacs_labels": ["Hand", "Wrist"],
+        "agrees_with_pacs": True,
+        "model_version": "3f9c2a1e",
+        "header": {
+            "BodyPartExamined": "HAND WRIST",
+            "StudyDescription": "XR HAND LEFT 3 VIEWS",
+            "SeriesDescription": "PA",
+            "StudyDate": "20260412",
+            "Modality": "CR",
+        },
+    }
+    previous = (
+        {
+            "region": "Hand",
+            "out_of_domain": False,
+            "annotator": "dr.other",
+            "comment": "",
+            "saved_at": "2026-11-29T16:02:11Z",
+        }
+        if existing
+        else None
+    )
+    session.current = Case(image=image, result=parse_infer(answer, image=image), source="uncertain", existing=previous)
     session.queue = "uncertain"
-    session.history = ["14:02  1.2.82…000117: Knee", "14:03  1.2.82…000118: Chest (was Abdomen)",
-                       "14:03  1.2.82…000118: undo Chest, back to Abdomen"]
+    session.history = [
+        "14:02  1.2.82…000117: Knee",
+        "14:03  1.2.82…000118: Chest (was Abdomen)",
+        "14:03  1.2.82…000118: undo Chest, back to Abdomen",
+    ]
     session.choose("Wrist")
     return session
 
@@ -86,10 +130,28 @@ def filled_panel(app, tmp_path, **kwargs):
 
 def test_panel_loads_fills_and_is_saved_as_screenshot(app, tmp_path):
     widget, ui = load_panel(app)
-    for name in ["serverUrlEdit", "tokenEdit", "connectButton", "queueComboBox", "nextButton", "imageIdEdit",
-                 "regionListWidget", "commentEdit", "submitButton", "outOfDomainButton", "undoButton",
-                 "acceptArchiveButton", "historyListWidget", "headerLabel", "existingLabel",
-                 "progressBar", "trainButton", "trainStatusLabel", "statusLabel", "oodWarningLabel"]:
+    for name in [
+        "serverUrlEdit",
+        "tokenEdit",
+        "connectButton",
+        "queueComboBox",
+        "nextButton",
+        "imageIdEdit",
+        "regionListWidget",
+        "commentEdit",
+        "submitButton",
+        "outOfDomainButton",
+        "undoButton",
+        "acceptArchiveButton",
+        "historyListWidget",
+        "headerLabel",
+        "existingLabel",
+        "progressBar",
+        "trainButton",
+        "trainStatusLabel",
+        "statusLabel",
+        "oodWarningLabel",
+    ]:
         assert hasattr(ui, name), f"RadRegion.ui has no widget named {name}"
     widget.close()
 
@@ -111,8 +173,12 @@ def test_panel_loads_fills_and_is_saved_as_screenshot(app, tmp_path):
     assert ui.topRegionLabel1.text() == "[10]  Hand" and ui.topScoreLabel1.text() == "46%"
     assert ui.topRegionLabel2.text() == "[22]  Wrist" and ui.topScoreBar2.value() == 380
     # the header an annotator reads, the label someone already set (who, when), what Enter does
-    assert ui.headerLabel.text().splitlines() == ["Body part: HAND WRIST", "Study: XR HAND LEFT 3 VIEWS",
-                                                  "Series: PA", "2026-04-12 · CR"]
+    assert ui.headerLabel.text().splitlines() == [
+        "Body part: HAND WRIST",
+        "Study: XR HAND LEFT 3 VIEWS",
+        "Series: PA",
+        "2026-04-12 · CR",
+    ]
     assert ui.existingLabel.text() == "Labelled Hand by dr.other on 2026-11-29 16:02 UTC"
     assert ui.submitButton.text() == "Replace Hand with Wrist (Enter)"
     assert ui.pendingLabel.text() == "Enter: Replace Hand with Wrist"
@@ -146,8 +212,9 @@ def test_long_ids_never_widen_the_panel_or_clip_the_confirm_button(app, tmp_path
     assert ui.caseLabel.toolTip() == LONG_ID and len(ui.caseLabel.text().splitlines()[0]) <= 44
     session.current.provisional = True  # a queue's choice while the server is still scoring says so
     view.show_case(session)
-    assert ui.caseLabel.text().splitlines()[1] == \
-        "queue: Uncertain predictions (provisional: the server is still scoring)"
+    assert (
+        ui.caseLabel.text().splitlines()[1] == "queue: Uncertain predictions (provisional: the server is still scoring)"
+    )
     assert ui.submitButton.toolTip() == "Replace Hand with Thoracic Spine"
     assert ui.submitButton.text() == "Replace with Thoracic Spine (Enter)"
     assert widget.minimumSizeHint().width() <= 380, "something in the panel insists on a wide layout"

@@ -8,11 +8,46 @@ import pytest
 from radregion.errors import RadiographError
 from radregion.taxonomy import Taxonomy, body_part_term, builtin_names, load_taxonomy, normalise
 
-UNIFESP22 = ["Abdomen", "Ankle", "Cervical Spine", "Chest", "Clavicles", "Elbow", "Feet", "Finger", "Forearm", "Hand",
-             "Hip", "Knee", "Lower Leg", "Lumbar Spine", "Others", "Pelvis", "Shoulder", "Sinus", "Skull", "Thigh",
-             "Thoracic Spine", "Wrist"]
-PAPER14 = ["Knee", "Shoulder", "Ankle", "Elbow", "Foot", "Wrist", "Hand", "Cervical Spine", "Clavicle",
-           "Thoracic Spine", "Lumbar Spine", "Skull", "Ribs", "Scapula"]
+UNIFESP22 = [
+    "Abdomen",
+    "Ankle",
+    "Cervical Spine",
+    "Chest",
+    "Clavicles",
+    "Elbow",
+    "Feet",
+    "Finger",
+    "Forearm",
+    "Hand",
+    "Hip",
+    "Knee",
+    "Lower Leg",
+    "Lumbar Spine",
+    "Others",
+    "Pelvis",
+    "Shoulder",
+    "Sinus",
+    "Skull",
+    "Thigh",
+    "Thoracic Spine",
+    "Wrist",
+]
+PAPER14 = [
+    "Knee",
+    "Shoulder",
+    "Ankle",
+    "Elbow",
+    "Foot",
+    "Wrist",
+    "Hand",
+    "Cervical Spine",
+    "Clavicle",
+    "Thoracic Spine",
+    "Lumbar Spine",
+    "Skull",
+    "Ribs",
+    "Scapula",
+]
 
 
 def test_builtins():
@@ -91,9 +126,13 @@ def _write(tmp_path, data, name="mine.json"):
 
 
 def test_user_taxonomy_file(tmp_path):
-    data = {"name": "two", "regions": [
-        {"name": "Knee", "body_part_terms": ["KNEE"], "synonyms": ["Knie"]},
-        {"name": "Elsewhere", "out_of_domain": True}]}
+    data = {
+        "name": "two",
+        "regions": [
+            {"name": "Knee", "body_part_terms": ["KNEE"], "synonyms": ["Knie"]},
+            {"name": "Elsewhere", "out_of_domain": True},
+        ],
+    }
     taxonomy = load_taxonomy(_write(tmp_path, data))
     assert taxonomy.names == ["Knee", "Elsewhere"] and taxonomy.in_domain == ["Knee"]
     assert taxonomy.archive_label({"StudyDescription": "Rö Knie"}).region == "Knee"
@@ -107,8 +146,9 @@ def test_user_taxonomy_yaml(tmp_path):
 
 
 def _base():
-    return copy.deepcopy({"name": "t", "regions": [
-        {"name": "Knee", "synonyms": ["KNIE"]}, {"name": "Hand", "synonyms": ["MAO"]}]})
+    return copy.deepcopy(
+        {"name": "t", "regions": [{"name": "Knee", "synonyms": ["KNIE"]}, {"name": "Hand", "synonyms": ["MAO"]}]}
+    )
 
 
 def _breaks(change):
@@ -134,8 +174,10 @@ BAD = [
     (lambda d: d.update(name=""), "needs a non-empty string 'name'"),
     (lambda d: [r.update(out_of_domain=True) for r in d["regions"]], "every region is out_of_domain"),
     (lambda d: d.update(ambiguous=[{"terms": ["LIMB"], "regions": ["Knee", "Foot"]}]), "unknown region 'Foot'"),
-    (lambda d: d.update(ambiguous=[{"terms": ["KNIE"], "regions": ["Knee", "Hand"]}]),
-     "ambiguous term 'KNIE' is also a term of region 'Knee'"),
+    (
+        lambda d: d.update(ambiguous=[{"terms": ["KNIE"], "regions": ["Knee", "Hand"]}]),
+        "ambiguous term 'KNIE' is also a term of region 'Knee'",
+    ),
     (lambda d: d.update(ambiguous=[{"terms": ["LIMB"], "regions": ["Knee"]}]), "at least two regions"),
 ]
 

@@ -8,8 +8,13 @@ import pytest
 from radregion.datasets import LabelledImage
 from radregion.evaluate import macro_recall
 from radregion.head import fit_head
-from radregion.validation import (fold_ids, fold_masks, label_set_fold_ids, out_of_fold_predictions,
-                                  out_of_fold_probabilities)
+from radregion.validation import (
+    fold_ids,
+    fold_masks,
+    label_set_fold_ids,
+    out_of_fold_predictions,
+    out_of_fold_probabilities,
+)
 
 
 def _items(labels, patients):
@@ -37,11 +42,14 @@ def test_fold_ids_cap_k_at_the_patients_and_need_two():
 
 
 def test_unlabelled_images_are_never_held_out():
-    folds = label_set_fold_ids([("A",), (), ("B",), ("A",), ("B",)], ["p1", "p2", "p3", "p4", "p5"],
-                               [f"{i}.png" for i in range(5)], k=2)
+    folds = label_set_fold_ids(
+        [("A",), (), ("B",), ("A",), ("B",)], ["p1", "p2", "p3", "p4", "p5"], [f"{i}.png" for i in range(5)], k=2
+    )
     assert folds[1] == -1 and set(folds[[0, 2, 3, 4]]) == {0, 1}
     assert [(f, list(train), list(test)) for f, train, test in fold_masks([0, -1, 1])] == [
-        (0, [False, False, True], [True, False, False]), (1, [True, False, False], [False, False, True])]
+        (0, [False, False, True], [True, False, False]),
+        (1, [True, False, False], [False, False, True]),
+    ]
 
 
 def test_out_of_fold_heads_do_not_see_the_rows_they_judge():
@@ -66,11 +74,21 @@ def test_out_of_fold_probabilities_and_extra_rows():
     probs = out_of_fold_probabilities(features, [(lab,) for lab in labels], ["A", "B", "C"], folds)
     assert probs.shape == (20, 3) and np.allclose(probs.sum(1), 1) and (probs[:, 2] == 0).all()
     extra = np.stack([centres["C"] + rng.normal(size=8) for _ in range(5)]).astype(np.float32)
-    with_extra = out_of_fold_predictions(features, labels, ["A", "B", "C"], folds,
-                                         extra_features=extra, extra_label_sets=[("C",)] * 5)
+    with_extra = out_of_fold_predictions(
+        features, labels, ["A", "B", "C"], folds, extra_features=extra, extra_label_sets=[("C",)] * 5
+    )
     assert len(with_extra) == 20 and with_extra == labels  # the extra rows train every fold, are never predicted
-    assert out_of_fold_probabilities(features, [(lab,) for lab in labels], ["A", "B", "C"], folds,
-                                     extra_features=extra, extra_label_sets=[("C",)] * 5)[:, 2].max() > 0
+    assert (
+        out_of_fold_probabilities(
+            features,
+            [(lab,) for lab in labels],
+            ["A", "B", "C"],
+            folds,
+            extra_features=extra,
+            extra_label_sets=[("C",)] * 5,
+        )[:, 2].max()
+        > 0
+    )
 
 
 def test_a_fold_with_one_region_is_skipped_or_an_error():
@@ -84,5 +102,6 @@ def test_a_fold_with_one_region_is_skipped_or_an_error():
 
 def test_macro_recall_hand_computed():
     assert macro_recall(["A", "B", "A", None], [("A",), ("A", "B"), ("B",), ("A",)]) == pytest.approx(
-        (2 / 3 + 1 / 2) / 2)
+        (2 / 3 + 1 / 2) / 2
+    )
     assert macro_recall(["A", "A"], ["A", "B"], regions=["A", "B", "C"]) == pytest.approx(0.5)

@@ -61,8 +61,14 @@ class RadRegionApp(MONAILabelApp):
         install_safe_logging(secrets)
         logger.info(f"API token: {token_source}")
         self._label_lock = threading.Lock()
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="RadRegion",
-                         description="Anatomical region of every radiograph in the archive", version="1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="RadRegion",
+            description="Anatomical region of every radiograph in the archive",
+            version="1.0",
+        )
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -77,7 +83,8 @@ class RadRegionApp(MONAILabelApp):
         conf = self.conf
         modalities = tuple(m for m in conf.get("modalities", "CR,DX").split(",") if m.strip())
         return RadRegionDICOMwebDatastore(
-            self.studies.rstrip("/"), self.context.state_dir / "pacs",
+            self.studies.rstrip("/"),
+            self.context.state_dir / "pacs",
             modalities=modalities,
             username=conf.get("username") or os.environ.get("MONAI_LABEL_DATASTORE_USERNAME") or None,
             password=self.app_config.pacs_secret("password"),
@@ -94,10 +101,13 @@ class RadRegionApp(MONAILabelApp):
         if k is None:
             return None
         probabilities = table.probabilities[k]
-        return {"region": table.regions[int(probabilities.argmax())],
-                "confidence": round(float(probabilities.max()), 4),
-                "out_of_domain": bool(table.out_of_domain[k]), "ood_score": round(float(table.ood_score[k]), 4),
-                "model_version": table.version}
+        return {
+            "region": table.regions[int(probabilities.argmax())],
+            "confidence": round(float(probabilities.max()), 4),
+            "out_of_domain": bool(table.out_of_domain[k]),
+            "ood_score": round(float(table.ood_score[k]), 4),
+            "model_version": table.version,
+        }
 
     def init_infers(self):
         return {MODEL: RadRegionInfer(self.context)}
@@ -127,8 +137,12 @@ class RadRegionApp(MONAILabelApp):
             from lib.writeback import install_export_route
 
             install_export_route(self, getattr(self, "api_token", None))  # the PACS decision log, for the admin
-            install_security(self, self.api_token, self.app_config,
-                             dataset_archive=lambda limit: self.datastore().get_dataset_archive(limit))
+            install_security(
+                self,
+                self.api_token,
+                self.app_config,
+                dataset_archive=lambda limit: self.datastore().get_dataset_archive(limit),
+            )
             install_model_routes(self, MODEL)
             install_offload()  # last: the outermost middleware, every request on a worker thread
 
@@ -144,8 +158,9 @@ class RadRegionApp(MONAILabelApp):
         get the same 404."""
         image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise AppError("no image given: POST /infer/radregion?image=ID" if not image else
-                           "image must be an image id (text)")
+            raise AppError(
+                "no image given: POST /infer/radregion?image=ID" if not image else "image must be an image id (text)"
+            )
         datastore = datastore or self.datastore()
         uri = datastore.get_image_uri(image) if is_plain_name(image) else ""
         if not uri:

@@ -73,9 +73,11 @@ class TrainingSet:
     groups: np.ndarray
 
     def tensors(self) -> dict:
-        return {"train.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
-                "train.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
-                "train.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64))}
+        return {
+            "train.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
+            "train.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
+            "train.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64)),
+        }
 
 
 class Bundle:
@@ -114,8 +116,11 @@ class Bundle:
     # --- tensors -------------------------------------------------------------------------------------------
     def backbone_state(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
         prefix = "backbone."
-        return {k[len(prefix):]: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-                for k, v in self._tensors.items() if k.startswith(prefix)}
+        return {
+            k[len(prefix) :]: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            for k, v in self._tensors.items()
+            if k.startswith(prefix)
+        }
 
     def backbone(self) -> torch.nn.Module:
         """The backbone network with its weights (fp32), in eval mode."""
@@ -125,8 +130,11 @@ class Bundle:
         net = build_backbone(arch["name"])
         missing, unexpected = net.load_state_dict(self.backbone_state(), strict=False)
         if missing or unexpected:
-            raise RadiographError(self.path / WEIGHTS, f"weights do not fit architecture {arch['name']!r} "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise RadiographError(
+                self.path / WEIGHTS,
+                f"weights do not fit architecture {arch['name']!r} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            )
         return net.eval()
 
     def _array(self, key) -> np.ndarray | None:
@@ -175,11 +183,21 @@ class Bundle:
         """The features, region indices and patient groups the head was fitted on (None if not stored)."""
         if "train.features" not in self._tensors:
             return None
-        return TrainingSet(self._array("train.features"), self._tensors["train.targets"].numpy(),
-                           self._tensors["train.groups"].numpy())
+        return TrainingSet(
+            self._array("train.features"), self._tensors["train.targets"].numpy(), self._tensors["train.groups"].numpy()
+        )
 
-    def with_head(self, path, head, ood=None, meta_updates: dict | None = None, *, backbone_state=None,
-                  half_backbone: bool | None = None, training_set: TrainingSet | None = None) -> "Bundle":
+    def with_head(
+        self,
+        path,
+        head,
+        ood=None,
+        meta_updates: dict | None = None,
+        *,
+        backbone_state=None,
+        half_backbone: bool | None = None,
+        training_set: TrainingSet | None = None,
+    ) -> "Bundle":
         """The one way to replace a bundle's head: save a new bundle at `path` with this backbone (or
         `backbone_state`), a new head, OOD detector and training set; metrics and the old OOD block are dropped,
         `meta_updates` applied. `half_backbone` None: fp16 when this bundle stores fp16."""
@@ -211,8 +229,9 @@ def load_bundle(path) -> Bundle:
         raise RadiographError(meta_file, f"unreadable bundle description ({error})") from None
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise RadiographError(meta_file, f"unsupported bundle format version {version!r} "
-                                         f"(this RadRegion reads up to {FORMAT_VERSION})")
+        raise RadiographError(
+            meta_file, f"unsupported bundle format version {version!r} (this RadRegion reads up to {FORMAT_VERSION})"
+        )
     for key in ("architecture", "cleaning"):
         if key not in meta:
             raise RadiographError(meta_file, f"missing {key!r}")
@@ -225,8 +244,9 @@ def load_bundle(path) -> Bundle:
     if bundle.has_head:
         c, d = tensors["head.weight"].shape
         if c != len(bundle.regions) or d != meta["architecture"].get("feature_dim", d):
-            raise RadiographError(weights_file, f"head has shape ({c}, {d}) but bundle.json lists "
-                                                f"{len(bundle.regions)} regions")
+            raise RadiographError(
+                weights_file, f"head has shape ({c}, {d}) but bundle.json lists {len(bundle.regions)} regions"
+            )
     return bundle
 
 
@@ -242,8 +262,13 @@ def git_commit(cwd=None) -> str | None:
 
 def provenance(data, command, **extra) -> dict:
     """The "training" block of bundle.json."""
-    return {"data": data, "command": command, "git_commit": git_commit(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+    return {
+        "data": data,
+        "command": command,
+        "git_commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
 def combined_licence(data_licence: str, backbone_licence: str | None) -> str:
@@ -285,8 +310,15 @@ def labelled_images(bundle, include_head: bool = False) -> tuple[set, list[str],
     return seen, sources, unreadable
 
 
-def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None, ood=None,
-                half_backbone: bool = False, training_set: TrainingSet | None = None) -> Path:
+def save_bundle(
+    path,
+    backbone_state: dict,
+    head=None,
+    meta: dict | None = None,
+    ood=None,
+    half_backbone: bool = False,
+    training_set: TrainingSet | None = None,
+) -> Path:
     """Write a bundle folder atomically (temp folder next to it, then rename; an old bundle is replaced whole).
 
     `meta` needs "architecture" ({name, feature_dim, in_channels}) and "cleaning" (CleaningSettings.to_dict());
@@ -319,9 +351,16 @@ def save_bundle(path, backbone_state: dict, head=None, meta: dict | None = None,
     meta["format_version"] = FORMAT_VERSION
     meta["input_size"] = meta["cleaning"].get("size")
     meta.setdefault("licence", UNKNOWN_LICENCE)
-    meta["weights_dtype"] = "float16" if half_backbone else str(
-        next((v.dtype for k, v in tensors.items() if k.startswith("backbone.") and v.is_floating_point()),
-             torch.float32)).replace("torch.", "")
+    meta["weights_dtype"] = (
+        "float16"
+        if half_backbone
+        else str(
+            next(
+                (v.dtype for k, v in tensors.items() if k.startswith("backbone.") and v.is_floating_point()),
+                torch.float32,
+            )
+        ).replace("torch.", "")
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))

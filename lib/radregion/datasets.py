@@ -38,8 +38,9 @@ class LabelledImage:
         return f"patient:{self.patient_id}" if self.patient_id else f"image:{self.path}"
 
 
-def read_labels_csv(csv_path, images_root=None, taxonomy=None, check_files: bool = True,
-                    allow_empty: bool = False) -> list[LabelledImage]:
+def read_labels_csv(
+    csv_path, images_root=None, taxonomy=None, check_files: bool = True, allow_empty: bool = False
+) -> list[LabelledImage]:
     """Read a labels CSV; RadiographError naming the CSV and row for any problem.
 
     `taxonomy` (name, path or Taxonomy): reject labels it does not know and spell them as it does.
@@ -56,8 +57,11 @@ def read_labels_csv(csv_path, images_root=None, taxonomy=None, check_files: bool
             reader = csv.DictReader(handle, delimiter=delimiter)
             missing = [c for c in ("image", "labels") if c not in (reader.fieldnames or [])]
             if missing:
-                raise RadiographError(csv_path, f"missing column(s) {', '.join(missing)} "
-                                                f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+                raise RadiographError(
+                    csv_path,
+                    f"missing column(s) {', '.join(missing)} "
+                    f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})",
+                )
             items, first_row = [], {}
             for row_number, row in enumerate(reader, start=2):  # row 1 is the header
                 items.append(_parse_row(row, row_number, csv_path, root, known, first_row))
@@ -163,12 +167,14 @@ def _row(entry, folder: Path) -> dict:
         image = image.resolve().relative_to(folder.resolve()) if image.is_absolute() else image
     except ValueError:
         pass  # outside the CSV's folder: keep it absolute
-    row.update(image=image.as_posix(), labels=LABEL_SEPARATOR.join(map(str, labels)),
-               PatientID=row.get("PatientID") or "")
+    row.update(
+        image=image.as_posix(), labels=LABEL_SEPARATOR.join(map(str, labels)), PatientID=row.get("PatientID") or ""
+    )
     return row
 
 
 # --- splits and sampling -----------------------------------------------------------------------------------
+
 
 def patient_split(items, test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
     """(train, test): every patient on one side; first labels stratified as well as patients allow.
@@ -183,8 +189,10 @@ def patient_split(items, test_fraction: float = 0.2, seed: int = 0) -> tuple[lis
     groups = _groups(items)
     classes = sorted({it.label for it in items})
     index = {c: i for i, c in enumerate(classes)}
-    counts = {g: np.bincount([index[items[i].label] for i in members], minlength=len(classes))
-              for g, members in groups.items()}
+    counts = {
+        g: np.bincount([index[items[i].label] for i in members], minlength=len(classes))
+        for g, members in groups.items()
+    }
     totals = np.bincount([index[it.label] for it in items], minlength=len(classes)).astype(float)
     target = test_fraction * totals
 
@@ -250,7 +258,7 @@ def _sample(items, how_many, seed: int) -> list:
     for label in sorted(by_class):
         members = sorted(by_class[label], key=lambda i: str(items[i].path))  # input order does not matter
         rng = np.random.default_rng([seed, _stable_hash(label)])  # a class's draw does not depend on the others
-        chosen.update(members[j] for j in rng.permutation(len(members))[:how_many(len(members))])
+        chosen.update(members[j] for j in rng.permutation(len(members))[: how_many(len(members))])
     return [it for i, it in enumerate(items) if i in chosen]
 
 

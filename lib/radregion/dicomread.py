@@ -66,7 +66,9 @@ def read_header(path, *, pixels: bool = False) -> pydicom.Dataset:
         ds.file_meta.TransferSyntaxUID = (
             pydicom.uid.ImplicitVRLittleEndian
             if ds.is_implicit_VR
-            else pydicom.uid.ExplicitVRLittleEndian if ds.is_little_endian else pydicom.uid.ExplicitVRBigEndian
+            else pydicom.uid.ExplicitVRLittleEndian
+            if ds.is_little_endian
+            else pydicom.uid.ExplicitVRBigEndian
         )
     return ds
 

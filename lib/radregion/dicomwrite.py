@@ -101,9 +101,7 @@ def copy_with_body_part(src, dst, body_part, *, study_description=None) -> Path:
     ds = pydicom.dcmread(src, force=True)
     meta = ds.file_meta if hasattr(ds, "file_meta") else FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = (
-            pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
-        )
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
     ds.SOPInstanceUID = generate_uid()
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if "SOPClassUID" in ds:

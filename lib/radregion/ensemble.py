@@ -87,7 +87,9 @@ class Ensemble:
                 scores.append(s if len(self.models) == 1 else s / model.ood.threshold)
         n = len(batch)
         score = (np.mean(scores, 0) if len(scores) == len(self.models) else np.full(n, np.nan)).astype(np.float32)
-        return {"probabilities": np.mean(probs, 0).astype(np.float32),
-                "features": np.concatenate(feats, 1),
-                "ood_score": score,
-                "out_of_domain": score > self.threshold}
+        return {
+            "probabilities": np.mean(probs, 0).astype(np.float32),
+            "features": np.concatenate(feats, 1),
+            "ood_score": score,
+            "out_of_domain": score > self.threshold,
+        }

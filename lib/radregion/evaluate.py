@@ -75,9 +75,13 @@ def _bootstrap(correct, truths, regions, groups, n_boot, seed) -> dict:
         n = m.sum(0)
         per = (c[:, None] & m).sum(0)[n > 0] / n[n > 0]
         macro[b] = per.mean() if len(per) else np.nan
-    return {"top1": [float(np.nanpercentile(top1, 2.5)), float(np.nanpercentile(top1, 97.5))],
-            "macro_recall": [float(np.nanpercentile(macro, 2.5)), float(np.nanpercentile(macro, 97.5))],
-            "resamples": n_boot, "unit": unit, "seed": seed}
+    return {
+        "top1": [float(np.nanpercentile(top1, 2.5)), float(np.nanpercentile(top1, 97.5))],
+        "macro_recall": [float(np.nanpercentile(macro, 2.5)), float(np.nanpercentile(macro, 97.5))],
+        "resamples": n_boot,
+        "unit": unit,
+        "seed": seed,
+    }
 
 
 def confusion(predicted, truths, regions) -> np.ndarray:
@@ -103,7 +107,7 @@ def plot_confusion(matrix: np.ndarray, regions, path, title="Confusion matrix") 
 
     path = Path(path)
     columns = list(regions) + (["(error)"] if matrix[:, -1].any() else [])
-    matrix = matrix[:, :len(columns)]
+    matrix = matrix[:, : len(columns)]
     rows = matrix.sum(1, keepdims=True)
     norm = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
     size = 2 + 0.45 * len(columns)
@@ -115,8 +119,15 @@ def plot_confusion(matrix: np.ndarray, regions, path, title="Confusion matrix") 
     ax.set_ylabel("true")
     ax.set_title(title)
     for i, j in zip(*np.nonzero(matrix)):
-        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if norm[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            str(matrix[i, j]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if norm[i, j] > 0.5 else "black",
+        )
     fig.colorbar(image, ax=ax, fraction=0.04, label="fraction of the row")
     fig.tight_layout()
     try:
@@ -161,7 +172,8 @@ def evaluate_predictions(predictions, items, regions, out_of_domain_regions=(), 
     figures = summarise(predicted, truths, label_regions, groups=[k[2] for k in keep], n_boot=n_boot, seed=seed)
     figures["unreadable"] = errors
     figures["out_of_domain"] = {
-        "n_in_domain": len(in_scores), "n_out_of_domain": len(ood_scores),
+        "n_in_domain": len(in_scores),
+        "n_out_of_domain": len(ood_scores),
         "auroc": auroc([s for s, _ in in_scores], [s for s, _ in ood_scores]),
         "flagged_in_domain": float(np.mean([f for _, f in in_scores])) if in_scores else None,
         "flagged_out_of_domain": float(np.mean([f for _, f in ood_scores])) if ood_scores else None,

@@ -31,14 +31,17 @@ def forward_features(backbone, batch: torch.Tensor, device: torch.device, precis
     return out.float().cpu().numpy()
 
 
-def extract_features(backbone, images_uint8: np.ndarray, batch_size: int = 64, device="auto",
-                     precision: str = "auto") -> np.ndarray:
+def extract_features(
+    backbone, images_uint8: np.ndarray, batch_size: int = 64, device="auto", precision: str = "auto"
+) -> np.ndarray:
     """(N, S, S) uint8 -> (N, D) float32 features of `backbone` (put in eval mode, channels_last)."""
     device = resolve_device(device)
     backbone = prepare_backbone(backbone, device, precision)
     tensor = images_to_tensor(images_uint8)
-    parts = [forward_features(backbone, tensor[i:i + batch_size], device, precision)
-             for i in range(0, len(tensor), batch_size)]
+    parts = [
+        forward_features(backbone, tensor[i : i + batch_size], device, precision)
+        for i in range(0, len(tensor), batch_size)
+    ]
     if not parts:
         raise ValueError("no images to extract features from")
     return np.concatenate(parts).astype(np.float32, copy=False)
@@ -91,11 +94,16 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
     backbone = bundle.backbone() if todo else None
-    bar = tqdm(total=len(todo), desc=f"features {bundle.path.name}", unit="img", file=sys.stderr,
-               disable=not progress or not todo)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"features {bundle.path.name}",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress or not todo,
+    )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(todo), batch_size):
-            batch = list(pool.map(load, todo[start:start + batch_size]))
+            batch = list(pool.map(load, todo[start : start + batch_size]))
             good = [(i, image) for i, image, error in batch if error is None]
             errors.update({i: error for i, _, error in batch if error is not None})
             if good:

@@ -38,10 +38,24 @@ def outlier_exposure_loss(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=1).mean(1).mean()
 
 
-def fine_tune(bundle, images: np.ndarray, targets, n_regions: int, *, outliers: np.ndarray | None = None,
-              epochs: int = 20, lr: float = 5e-4, batch_size: int = 32, weight_decay: float = 0.01,
-              class_weights: str = "sqrt", label_smoothing: float = 0.1, seed: int = 0, device="auto",
-              precision: str = "auto", progress: bool = False) -> torch.nn.Module:
+def fine_tune(
+    bundle,
+    images: np.ndarray,
+    targets,
+    n_regions: int,
+    *,
+    outliers: np.ndarray | None = None,
+    epochs: int = 20,
+    lr: float = 5e-4,
+    batch_size: int = 32,
+    weight_decay: float = 0.01,
+    class_weights: str = "sqrt",
+    label_smoothing: float = 0.1,
+    seed: int = 0,
+    device="auto",
+    precision: str = "auto",
+    progress: bool = False,
+) -> torch.nn.Module:
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
     [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure. Returns the backbone (CPU,
     eval mode)."""
@@ -60,15 +74,18 @@ def fine_tune(bundle, images: np.ndarray, targets, n_regions: int, *, outliers: 
     x_out = images_to_tensor(outliers) if outliers is not None and len(outliers) else None
     augment = fine_tune_view(bundle.settings.size).set_random_state(seed)
     weights = region_weights(y, n_regions, class_weights)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                        label_smoothing=label_smoothing)
+    loss_fn = torch.nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.to(device), label_smoothing=label_smoothing
+    )
     decay = [p for p in list(backbone.parameters()) + list(linear.parameters()) if p.ndim > 1]
     no_decay = [p for p in list(backbone.parameters()) + list(linear.parameters()) if p.ndim <= 1]
-    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
     steps_per_epoch = math.ceil(len(y) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                   pct_start=0.1, anneal_strategy="cos")
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos"
+    )
     scaler = device_rule.grad_scaler(device, precision)
     generator = torch.Generator().manual_seed(seed)
     outlier_batch = max(1, batch_size // 4)
@@ -76,8 +93,7 @@ def fine_tune(bundle, images: np.ndarray, targets, n_regions: int, *, outliers: 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", unit="step", file=sys.stderr, dynamic_ncols=True)
     for epoch in range(epochs):
         for batch in torch.randperm(len(y), generator=generator).split(batch_size):
             views = [augment(img) for img in x_all[batch]]

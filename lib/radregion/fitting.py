@@ -36,10 +36,27 @@ def split_in_domain(items, ood_regions):
     return in_items, in_labels, ood_items
 
 
-def train_head(bundle, items, output, *, exclude_regions=("Others",), class_balanced=True, C=DEFAULT_C,
-               folds=5, seed=0, fine_tune_epochs=0, fine_tune_lr=5e-4, class_weights="sqrt",
-               outlier_exposure=False, data=None, command=None, workers=2, progress=False, half_backbone=None,
-               device="auto"):
+def train_head(
+    bundle,
+    items,
+    output,
+    *,
+    exclude_regions=("Others",),
+    class_balanced=True,
+    C=DEFAULT_C,
+    folds=5,
+    seed=0,
+    fine_tune_epochs=0,
+    fine_tune_lr=5e-4,
+    class_weights="sqrt",
+    outlier_exposure=False,
+    data=None,
+    command=None,
+    workers=2,
+    progress=False,
+    half_backbone=None,
+    device="auto",
+):
     """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
 
     Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
@@ -69,14 +86,27 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
     if fine_tune_epochs:
         from radregion.finetune import fine_tune
 
-        backbone = fine_tune(bundle, in_images, y, len(regions), outliers=ood_images if outlier_exposure else None,
-                             epochs=fine_tune_epochs, lr=fine_tune_lr, class_weights=class_weights, seed=seed,
-                             device=device, progress=progress)
+        backbone = fine_tune(
+            bundle,
+            in_images,
+            y,
+            len(regions),
+            outliers=ood_images if outlier_exposure else None,
+            epochs=fine_tune_epochs,
+            lr=fine_tune_lr,
+            class_weights=class_weights,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
     else:
         backbone = bundle.backbone()
     feats = extract_features(backbone, in_images, device=device)
-    ood_feats = (extract_features(backbone, ood_images, device=device) if ood_images is not None
-                 else np.zeros((0, feats.shape[1]), np.float32))
+    ood_feats = (
+        extract_features(backbone, ood_images, device=device)
+        if ood_images is not None
+        else np.zeros((0, feats.shape[1]), np.float32)
+    )
 
     fold_of = fold_ids(in_items, folds, seed)
     oof_pred = out_of_fold_predictions(feats, names, regions, fold_of, class_balanced=class_balanced, C=C)
@@ -86,11 +116,23 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
 
     known = [i for i, p in enumerate(oof_pred) if p is not None]
     metrics = {
-        "cross_validated": {"folds": int(len(np.unique(fold_of))), **summarise(
-            [oof_pred[i] for i in known], [in_labels[i] for i in known], regions,
-            groups=[in_items[i].patient_id for i in known], n_boot=200, seed=seed)},
-        "ood": {"method": detector.method, "auroc_others": aurocs, "n_out_of_domain_images": len(ood_items),
-                "in_domain_flagged_fraction": float(np.mean(oof_scores[detector.method] > detector.threshold))},
+        "cross_validated": {
+            "folds": int(len(np.unique(fold_of))),
+            **summarise(
+                [oof_pred[i] for i in known],
+                [in_labels[i] for i in known],
+                regions,
+                groups=[in_items[i].patient_id for i in known],
+                n_boot=200,
+                seed=seed,
+            ),
+        },
+        "ood": {
+            "method": detector.method,
+            "auroc_others": aurocs,
+            "n_out_of_domain_images": len(ood_items),
+            "in_domain_flagged_fraction": float(np.mean(oof_scores[detector.method] > detector.threshold)),
+        },
         "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
     }
     if fine_tune_epochs:
@@ -99,22 +141,40 @@ def train_head(bundle, items, output, *, exclude_regions=("Others",), class_bala
             metrics["ood"]["note"] = "optimistic: the out-of-domain images took part in fine-tuning"
     head_settings = {"C": C, "class_balanced": class_balanced, "seed": seed, "fine_tune_epochs": fine_tune_epochs}
     if fine_tune_epochs:
-        head_settings.update(fine_tune_lr=fine_tune_lr, class_weights=class_weights,
-                             outlier_exposure=bool(outlier_exposure and ood_items))
+        head_settings.update(
+            fine_tune_lr=fine_tune_lr,
+            class_weights=class_weights,
+            outlier_exposure=bool(outlier_exposure and ood_items),
+        )
     meta_updates = {
-        "taxonomy": {**bundle.meta.get("taxonomy", {}),
-                     "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),
-                     "definition": taxonomy.to_dict() if taxonomy is not None else None,
-                     "out_of_domain": {"regions": sorted(ood_regions),
-                                       "handling": "not in the head; flagged by the OOD score above threshold"}},
-        "training": provenance(data, command or " ".join(shlex.quote(a) for a in sys.argv), head=head_settings,
-                               backbone=bundle.meta.get("training")),
+        "taxonomy": {
+            **bundle.meta.get("taxonomy", {}),
+            "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),
+            "definition": taxonomy.to_dict() if taxonomy is not None else None,
+            "out_of_domain": {
+                "regions": sorted(ood_regions),
+                "handling": "not in the head; flagged by the OOD score above threshold",
+            },
+        },
+        "training": provenance(
+            data,
+            command or " ".join(shlex.quote(a) for a in sys.argv),
+            head=head_settings,
+            backbone=bundle.meta.get("training"),
+        ),
         "metrics": metrics,
     }
     patients = {p: i for i, p in enumerate(dict.fromkeys(it.patient_id for it in in_items))}
     training_set = TrainingSet(feats, y, np.array([patients[it.patient_id] for it in in_items]))
-    return bundle.with_head(output, head, detector, meta_updates, backbone_state=backbone.state_dict(),
-                            half_backbone=half_backbone, training_set=training_set)
+    return bundle.with_head(
+        output,
+        head,
+        detector,
+        meta_updates,
+        backbone_state=backbone.state_dict(),
+        half_backbone=half_backbone,
+        training_set=training_set,
+    )
 
 
 def _out_of_fold_ood_scores(feats, y, fold_of) -> dict:

@@ -13,10 +13,10 @@ DEFAULT_C = 0.5
 
 @dataclass
 class LinearHead:
-    weight: np.ndarray        # (C, D), acts on standardised features
-    bias: np.ndarray          # (C,)
+    weight: np.ndarray  # (C, D), acts on standardised features
+    bias: np.ndarray  # (C,)
     feature_mean: np.ndarray  # (D,)
-    feature_std: np.ndarray   # (D,)
+    feature_std: np.ndarray  # (D,)
     regions: list
 
     def logits(self, features: np.ndarray) -> np.ndarray:
@@ -33,8 +33,12 @@ class LinearHead:
         return [self.regions[i] for i in self.probabilities(features).argmax(1)]
 
     def tensors(self) -> dict:
-        return {"head.weight": self.weight, "head.bias": self.bias,
-                "head.feature_mean": self.feature_mean, "head.feature_std": self.feature_std}
+        return {
+            "head.weight": self.weight,
+            "head.bias": self.bias,
+            "head.feature_mean": self.feature_mean,
+            "head.feature_std": self.feature_std,
+        }
 
 
 def first_labels(labels) -> list[str]:
@@ -42,8 +46,15 @@ def first_labels(labels) -> list[str]:
     return [lab if isinstance(lab, str) else lab[0] for lab in labels]
 
 
-def fit_head(features: np.ndarray, labels, regions=None, class_balanced: bool = True, C: float = DEFAULT_C,
-             max_iter: int = 1000, tol: float = 1e-3) -> LinearHead:
+def fit_head(
+    features: np.ndarray,
+    labels,
+    regions=None,
+    class_balanced: bool = True,
+    C: float = DEFAULT_C,
+    max_iter: int = 1000,
+    tol: float = 1e-3,
+) -> LinearHead:
     """Multinomial logistic regression (lbfgs) on standardised features.
 
     `labels`: one region name (or tuple of names, first used) per row. `regions`: the head's classes in order

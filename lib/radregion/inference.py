@@ -81,6 +81,7 @@ def _thread_batches(dataset, batch_size, workers, ahead=2):
     """Batches of `dataset` decoded by `workers` threads, at most `ahead` batches ahead of the consumer."""
     starts = list(range(0, len(dataset), batch_size))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="radregion-decode") as pool:
+
         def submit(start):
             return [pool.submit(dataset.__getitem__, i) for i in range(start, min(start + batch_size, len(dataset)))]
 
@@ -178,8 +179,14 @@ class Predictor:
             # fork copies the locks other threads hold (logging's, for one) into the worker, which can hang forever
             yield from _thread_batches(dataset, batch_size, self.workers)
             return
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.workers, collate_fn=_as_list,
-                            prefetch_factor=2, persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.workers,
+            collate_fn=_as_list,
+            prefetch_factor=2,
+            persistent_workers=False,
+        )
         yield from loader
 
     def predict(self, paths, batch_size: int = 32, progress: bool = False) -> Iterator[Prediction]:
@@ -215,11 +222,18 @@ class Predictor:
         archive = self._archive_label(meta)
         pacs = archive.region if archive else None
         return Prediction(
-            path=path, region=region, confidence=float(probs[best]),
+            path=path,
+            region=region,
+            confidence=float(probs[best]),
             probabilities={r: float(p) for r, p in zip(self.regions, probs)},
-            ood_score=float(out["ood_score"][row]), out_of_domain=bool(out["out_of_domain"][row]),
-            pacs_label=pacs, agrees_with_pacs=None if pacs is None else region in (archive.regions or (pacs,)),
-            pacs_labels=tuple(archive.regions) if pacs else (), error=None, features=out["features"][row])
+            ood_score=float(out["ood_score"][row]),
+            out_of_domain=bool(out["out_of_domain"][row]),
+            pacs_label=pacs,
+            agrees_with_pacs=None if pacs is None else region in (archive.regions or (pacs,)),
+            pacs_labels=tuple(archive.regions) if pacs else (),
+            error=None,
+            features=out["features"][row],
+        )
 
     def _archive_label(self, meta):
         """The taxonomy's ArchiveLabel of the header ("HAND WRIST" names Hand and Wrist), None without one."""

@@ -19,6 +19,7 @@ def _resnet(factory):
         if pretrained:
             raise ValueError("no pretrained weights are installed for the MONAI ResNets; use efficientnet-lite0")
         return factory(spatial_dims=2, n_input_channels=1, conv1_t_stride=2, feed_forward=False)
+
     return build
 
 
@@ -88,6 +89,7 @@ def imagenet_state(name: str) -> dict:
 def _efficientnet(name):
     def build(pretrained: bool = False) -> nn.Module:
         return EfficientNetLite(name, pretrained)
+
     return build
 
 

@@ -19,14 +19,19 @@ def check_dimensions(rows: int, columns: int, path) -> None:
     """Refuse, from the header alone, sizes no radiograph has: too small, degenerate aspect, too many pixels."""
     rows, columns = int(rows), int(columns)
     if rows * columns > MAX_PIXELS:
-        raise RadiographError(path, f"image too large: {rows} x {columns} pixels ({rows * columns / 1e6:.0f} MP); "
-                                    f"the limit is {MAX_PIXELS / 1e6:.0f} MP")
+        raise RadiographError(
+            path,
+            f"image too large: {rows} x {columns} pixels ({rows * columns / 1e6:.0f} MP); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} MP",
+        )
     if min(rows, columns) < MIN_SIDE:
-        raise RadiographError(path, f"image too small: {rows} x {columns} pixels (a radiograph needs at least "
-                                    f"{MIN_SIDE} on each side)")
+        raise RadiographError(
+            path, f"image too small: {rows} x {columns} pixels (a radiograph needs at least {MIN_SIDE} on each side)"
+        )
     if max(rows, columns) / min(rows, columns) > MAX_ASPECT:
-        raise RadiographError(path, f"degenerate shape: {rows} x {columns} pixels (aspect ratio above "
-                                    f"{MAX_ASPECT:.0f}:1)")
+        raise RadiographError(
+            path, f"degenerate shape: {rows} x {columns} pixels (aspect ratio above {MAX_ASPECT:.0f}:1)"
+        )
 
 
 def check_content(array: np.ndarray, path, what: str = "pixel values") -> None:

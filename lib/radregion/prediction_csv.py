@@ -19,9 +19,16 @@ def _flag(value) -> str:
 
 
 def prediction_row(pred, regions) -> list[str]:
-    return [pred.path, pred.region or "", _number(pred.confidence), _number(pred.ood_score),
-            "" if pred.error else _flag(pred.out_of_domain), pred.pacs_label or "", _flag(pred.agrees_with_pacs),
-            pred.error or ""] + [_number(pred.probabilities.get(r)) if pred.probabilities else "" for r in regions]
+    return [
+        pred.path,
+        pred.region or "",
+        _number(pred.confidence),
+        _number(pred.ood_score),
+        "" if pred.error else _flag(pred.out_of_domain),
+        pred.pacs_label or "",
+        _flag(pred.agrees_with_pacs),
+        pred.error or "",
+    ] + [_number(pred.probabilities.get(r)) if pred.probabilities else "" for r in regions]
 
 
 def write_predictions(predictions, regions, handle) -> dict:

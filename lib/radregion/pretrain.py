@@ -27,8 +27,14 @@ from radregion.device import set_cpu_threads
 from radregion.distributed import World, stop_on_signals
 from radregion.errors import RadiographError
 from radregion.losses import byol_loss, ntxent_loss, supcon_loss
-from radregion.networks import (BYOLPredictor, ProjectionHead, build_backbone, feature_dim, momentum_copy,
-                                update_momentum)
+from radregion.networks import (
+    BYOLPredictor,
+    ProjectionHead,
+    build_backbone,
+    feature_dim,
+    momentum_copy,
+    update_momentum,
+)
 from radregion.pretrain_data import ViewsDataset, fit_batch_size, prepare_images
 
 METHODS = ("simclr", "byol", "supcon")
@@ -107,12 +113,32 @@ def pretrain(method: str, images, output, *, stop_after: int | None = None, **op
         run.close()
 
 
-def setup(method: str, images, output, *, arch: str = "resnet18", size: int = 128, epochs: int = 100,
-          batch_size: int = 64, lr: float | None = None, weight_decay: float = 1e-4, warmup_epochs: int = 5,
-          seed: int = 0, gauge: bool = True, clean: bool = True, workers: int | None = None, resume: bool = False,
-          log_dir=None, device: str = "auto", precision: str = "auto", temperature: float | None = None,
-          progress: bool = True, command: list[str] | None = None, init: str | None = None,
-          licence: str = "unknown") -> "PretrainRun":
+def setup(
+    method: str,
+    images,
+    output,
+    *,
+    arch: str = "resnet18",
+    size: int = 128,
+    epochs: int = 100,
+    batch_size: int = 64,
+    lr: float | None = None,
+    weight_decay: float = 1e-4,
+    warmup_epochs: int = 5,
+    seed: int = 0,
+    gauge: bool = True,
+    clean: bool = True,
+    workers: int | None = None,
+    resume: bool = False,
+    log_dir=None,
+    device: str = "auto",
+    precision: str = "auto",
+    temperature: float | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+    init: str | None = None,
+    licence: str = "unknown",
+) -> "PretrainRun":
     """Everything before the first step: the process world, the images (decoded and cached), model, optimiser,
     data loader, TensorBoard writer, and the state of a checkpoint when `resume`.
 
@@ -142,26 +168,31 @@ def setup(method: str, images, output, *, arch: str = "resnet18", size: int = 12
         if workers is None:
             workers = min(8, max(1, (os.cpu_count() or 1) // world.local_world - 1))
         if run.checkpoint.exists() and not resume:
-            raise RadiographError(run.checkpoint, "a checkpoint of an unfinished run exists: add --resume to "
-                                                  "continue it, or delete it to start again")
+            raise RadiographError(
+                run.checkpoint,
+                "a checkpoint of an unfinished run exists: add --resume to continue it, or delete it to start again",
+            )
         crop_settings = dict(crop_borders=False, low_percentile=0.0, high_percentile=100.0) if not clean else {}
         run.settings = CleaningSettings(size=size, **crop_settings)
         load_settings = CleaningSettings(size=int(round(size * CROP_MARGIN)), **crop_settings)
         pretrained = init == "imagenet"
         run.arch, run.epochs, run.licence = arch, epochs, licence
-        run.provenance = dict(data=[str(Path(i).resolve()) for i in images],
-                              command=command if command is not None else sys.argv, init=init or "random")
+        run.provenance = dict(
+            data=[str(Path(i).resolve()) for i in images],
+            command=command if command is not None else sys.argv,
+            init=init or "random",
+        )
         if epochs == 0:  # the starting backbone: where a supervised fine-tune starts
             torch.manual_seed(seed)
             run.model = SSLModel(method, arch, pretrained)
-            run.provenance.update(epochs=0, stage="ImageNet weights" if pretrained else "random initialisation",
-                                  seed=seed, cleaning=clean)
+            run.provenance.update(
+                epochs=0, stage="ImageNet weights" if pretrained else "random initialisation", seed=seed, cleaning=clean
+            )
             return run
         paths, entries, classes, skipped = prepare_images(images, load_settings, world, workers, run.show)
         n_labelled = sum(1 for c in classes if c >= 0)
         if method == "supcon" and n_labelled == 0 and world.main:
-            print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature",
-                  file=sys.stderr)
+            print("pretrain: no labels given (no CSV): SupCon reduces to SimCLR with its temperature", file=sys.stderr)
         batch_size = fit_batch_size(batch_size, len(paths), world)
         run.batch_size, run.workers = batch_size, workers
         steps_per_epoch = len(paths) // world.world // batch_size
@@ -170,14 +201,42 @@ def setup(method: str, images, output, *, arch: str = "resnet18", size: int = 12
         run.global_batch = batch_size * world.world
         run.lr = lr if lr is not None else 1e-3 * math.sqrt(run.global_batch / 256)
         run.temperature = temperature if temperature is not None else TEMPERATURE.get(method)
-        run.config = dict(method=method, arch=arch, init=init, size=size, epochs=epochs, batch_size=batch_size,
-                          lr=run.lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge,
-                          clean=clean, images=len(paths), world_size=world.world, temperature=run.temperature)
+        run.config = dict(
+            method=method,
+            arch=arch,
+            init=init,
+            size=size,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=run.lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+            gauge=gauge,
+            clean=clean,
+            images=len(paths),
+            world_size=world.world,
+            temperature=run.temperature,
+        )
         run.provenance.update(
-            stage="pretrain", method=method, epochs=epochs, batch_size=batch_size, global_batch=run.global_batch,
-            lr=run.lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, gauge=gauge,
-            cleaning=clean, images=len(paths), labelled_images=n_labelled, skipped_files=len(skipped),
-            temperature=run.temperature, world_size=world.world, device=world.device.type)
+            stage="pretrain",
+            method=method,
+            epochs=epochs,
+            batch_size=batch_size,
+            global_batch=run.global_batch,
+            lr=run.lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+            gauge=gauge,
+            cleaning=clean,
+            images=len(paths),
+            labelled_images=n_labelled,
+            skipped_files=len(skipped),
+            temperature=run.temperature,
+            world_size=world.world,
+            device=world.device.type,
+        )
 
         torch.manual_seed(seed)
         run.model = SSLModel(method, arch, pretrained).to(world.device).to(memory_format=run.layout)
@@ -185,32 +244,47 @@ def setup(method: str, images, output, *, arch: str = "resnet18", size: int = 12
         run.optimizer = torch.optim.AdamW(_parameter_groups(run.model, weight_decay), lr=run.lr)
         run.scaler = device_rule.grad_scaler(world.device, precision)
         if resume and run.checkpoint.exists():
-            state = _load_checkpoint(run.checkpoint, run.config, world.device, run.model, run.target,
-                                     run.optimizer, run.scaler)
-            run.start_epoch, run.start_step, run.global_step = (state["epoch"], state["step_in_epoch"],
-                                                                state["global_step"])
+            state = _load_checkpoint(
+                run.checkpoint, run.config, world.device, run.model, run.target, run.optimizer, run.scaler
+            )
+            run.start_epoch, run.start_step, run.global_step = (
+                state["epoch"],
+                state["step_in_epoch"],
+                state["global_step"],
+            )
             if world.main:
-                print(f"pretrain: resuming {run.checkpoint} at epoch {run.start_epoch + 1}, step "
-                      f"{run.start_step + 1}", file=sys.stderr)
+                print(
+                    f"pretrain: resuming {run.checkpoint} at epoch {run.start_epoch + 1}, step {run.start_step + 1}",
+                    file=sys.stderr,
+                )
         elif resume and world.main:
             print(f"pretrain: no checkpoint at {run.checkpoint}: starting from the beginning", file=sys.stderr)
 
         run.train_model = run.model
         if world.enabled:
             run.train_model = nn.parallel.DistributedDataParallel(
-                run.model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+                run.model, device_ids=[world.device.index] if world.device.type == "cuda" else None
+            )
         run.dataset = ViewsDataset(paths, entries, classes, load_settings, size, gauge, seed)
-        run.sampler = DistributedSampler(run.dataset, num_replicas=world.world, rank=world.rank, shuffle=True,
-                                         seed=seed, drop_last=True)
+        run.sampler = DistributedSampler(
+            run.dataset, num_replicas=world.world, rank=world.rank, shuffle=True, seed=seed, drop_last=True
+        )
         if world.main:
             from torch.utils.tensorboard import SummaryWriter
 
             run.writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
         from tqdm import tqdm
 
-        run.bar = tqdm(total=run.total_steps * run.global_batch * 2,
-                       initial=run.global_step * run.global_batch * 2, unit="view", unit_scale=True,
-                       desc=f"{method} {arch} {size}px", disable=not run.show, dynamic_ncols=True, smoothing=0.1)
+        run.bar = tqdm(
+            total=run.total_steps * run.global_batch * 2,
+            initial=run.global_step * run.global_batch * 2,
+            unit="view",
+            unit_scale=True,
+            desc=f"{method} {arch} {size}px",
+            disable=not run.show,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         return run
     except BaseException:
         run.close()
@@ -242,11 +316,17 @@ class PretrainRun:
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch
         skip = self.start_step if epoch == self.start_epoch else 0
-        order = list(self.sampler)[skip * self.batch_size:]
+        order = list(self.sampler)[skip * self.batch_size :]
         # workers fork although TensorBoard's writer thread runs: they never take its locks, and
         # forkserver workers cost 12 s an epoch here (measured) to import torch and MONAI again
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers,
-                            drop_last=True, pin_memory=world.device.type == "cuda")
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.workers,
+            drop_last=True,
+            pin_memory=world.device.type == "cuda",
+        )
         model.train()
         epoch_start, epoch_views = time.perf_counter(), 0
         step_in_epoch = skip
@@ -265,8 +345,16 @@ class PretrainRun:
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * lr_factor(self.global_step, self.warmup_steps, self.total_steps)
             x = torch.cat([first, second]).to(world.device, non_blocking=True)
-            loss = _loss(self.method, self.train_model, target, x.contiguous(memory_format=self.layout),
-                         batch_classes.to(world.device), world, self.temperature, self.autocast)
+            loss = _loss(
+                self.method,
+                self.train_model,
+                target,
+                x.contiguous(memory_format=self.layout),
+                batch_classes.to(world.device),
+                world,
+                self.temperature,
+                self.autocast,
+            )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -276,8 +364,9 @@ class PretrainRun:
                 update_momentum(model.encoder(), target, momentum)
             self.loss_value = loss.item()
             if not math.isfinite(self.loss_value):
-                raise ValueError(f"pretrain: the loss became {self.loss_value} at step {self.global_step + 1}; "
-                                 "try a lower --lr")
+                raise ValueError(
+                    f"pretrain: the loss became {self.loss_value} at step {self.global_step + 1}; try a lower --lr"
+                )
             self.global_step += 1
             step_in_epoch += 1
             epoch_views += 2 * self.global_batch
@@ -299,8 +388,11 @@ class PretrainRun:
             world.barrier()
             self.bar.close()
             if world.main:
-                print(f"\npretrain: stopped; checkpoint {self.checkpoint} (epoch {epoch + 1}, step "
-                      f"{step_in_epoch}); continue with --resume", file=sys.stderr)
+                print(
+                    f"\npretrain: stopped; checkpoint {self.checkpoint} (epoch {epoch + 1}, step "
+                    f"{step_in_epoch}); continue with --resume",
+                    file=sys.stderr,
+                )
             raise KeyboardInterrupt
         seconds = time.perf_counter() - epoch_start
         if self.writer is not None:
@@ -318,8 +410,10 @@ class PretrainRun:
             return self.output
         training = dict(self.provenance)
         if self.epochs:
-            training.update(precision=str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype
-                            else "float32", final_loss=self.loss_value)
+            training.update(
+                precision=str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32",
+                final_loss=self.loss_value,
+            )
         _write_bundle(self.output, self.model.backbone, self.arch, self.settings, training, self.licence)
         self.checkpoint.unlink(missing_ok=True)
         return self.output
@@ -336,10 +430,17 @@ class PretrainRun:
     def _save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
         if not self.world.main:
             return
-        state = {"format": CHECKPOINT_FORMAT, "config": self.config, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "global_step": self.global_step, "model": self.model.state_dict(),
-                 "target": self.target.state_dict() if self.target is not None else {},
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "target": self.target.state_dict() if self.target is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
         with atomic_write(self.checkpoint) as handle:
             torch.save(state, handle)
 
@@ -361,11 +462,15 @@ def _load_checkpoint(path: Path, config: dict, device, model, target, optimizer,
 def _write_bundle(output: Path, backbone: nn.Module, arch: str, settings, training: dict, licence: str) -> None:
     from radregion.bundle import provenance, save_bundle
 
-    meta = {"architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
-            "cleaning": settings.to_dict(), "licence": licence,
-            "training": provenance(data=training.pop("data"), command=training.pop("command"), **training)}
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-             for k, v in backbone.state_dict().items()}
+    meta = {
+        "architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
+        "cleaning": settings.to_dict(),
+        "licence": licence,
+        "training": provenance(data=training.pop("data"), command=training.pop("command"), **training),
+    }
+    state = {
+        k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in backbone.state_dict().items()
+    }
     save_bundle(output, state, None, meta)
 
 

@@ -105,8 +105,11 @@ def usable_images(paths, classes, settings, workers: int, progress: bool):
             return error if isinstance(error, RadiographError) else RadiographError(path, f"cannot read ({error})")
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(check, paths), total=len(paths), desc="caching", unit="img",
-                            disable=not progress, leave=False))
+        results = list(
+            tqdm(
+                pool.map(check, paths), total=len(paths), desc="caching", unit="img", disable=not progress, leave=False
+            )
+        )
     kept = [(p, r, c) for p, r, c in zip(paths, results, classes) if not isinstance(r, RadiographError)]
     errors = [r for r in results if isinstance(r, RadiographError)]
     return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], errors
@@ -128,8 +131,9 @@ def prepare_images(images, load_settings, world, workers: int, show: bool):
         for error in skipped[:10]:
             print(f"  {error}", file=sys.stderr)
     if len(paths) < 2:
-        raise ValueError(f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; "
-                         "need at least 2")
+        raise ValueError(
+            f"pretrain: found {len(paths)} usable radiograph(s) in {', '.join(map(str, images))}; need at least 2"
+        )
     return paths, entries, classes, skipped
 
 
@@ -137,8 +141,9 @@ def fit_batch_size(batch_size: int, n_images: int, world) -> int:
     per_rank = n_images // world.world
     if batch_size > per_rank:
         if world.main:
-            print(f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}",
-                  file=sys.stderr)
+            print(
+                f"pretrain: batch size {batch_size} > {per_rank} images per process: using {per_rank}", file=sys.stderr
+            )
         batch_size = per_rank
     if batch_size < 2:
         raise ValueError(f"pretrain: {n_images} images are too few for {world.world} processes")

@@ -8,8 +8,17 @@ uses none of them, so the `predict` command marks them unavailable before the en
 
 import sys
 
-UNUSED_BY_INFERENCE = ("ignite", "mlflow", "matplotlib", "fastapi", "torchvision", "transformers", "nibabel",
-                       "tensorboard", "scipy.signal")
+UNUSED_BY_INFERENCE = (
+    "ignite",
+    "mlflow",
+    "matplotlib",
+    "fastapi",
+    "torchvision",
+    "transformers",
+    "nibabel",
+    "tensorboard",
+    "scipy.signal",
+)
 
 
 def skip_unused_imports() -> list[str]:

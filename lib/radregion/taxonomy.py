@@ -107,8 +107,11 @@ class Taxonomy:
         known = {name.casefold(): name for name in self.names}
         unknown = [str(name) for name in names if str(name).casefold() not in known]
         if unknown:
-            raise RadiographError(source, f"{where + ': ' if where else ''}unknown region(s) {', '.join(unknown)} "
-                                          f"(known: {', '.join(self.names)})")
+            raise RadiographError(
+                source,
+                f"{where + ': ' if where else ''}unknown region(s) {', '.join(unknown)} "
+                f"(known: {', '.join(self.names)})",
+            )
         return tuple(known[str(name).casefold()] for name in names)
 
     def body_part_term(self, name: str) -> str | None:
@@ -175,7 +178,7 @@ class Taxonomy:
         found = []
         for start in range(len(words)):
             for length in range(min(self._longest, len(words) - start), 0, -1):
-                key = tuple(words[start:start + length])
+                key = tuple(words[start : start + length])
                 if key in self._terms:
                     found.append((start, length, key))
         taken, hits = set(), []
@@ -193,8 +196,14 @@ class Taxonomy:
             "name": self.name,
             "description": self.description,
             "regions": [
-                {"name": r.name, "description": r.description, "out_of_domain": r.out_of_domain,
-                 "body_part_terms": list(r.body_part_terms), "snomed": r.snomed, "synonyms": list(r.synonyms)}
+                {
+                    "name": r.name,
+                    "description": r.description,
+                    "out_of_domain": r.out_of_domain,
+                    "body_part_terms": list(r.body_part_terms),
+                    "snomed": r.snomed,
+                    "synonyms": list(r.synonyms),
+                }
                 for r in self.regions
             ],
             "ambiguous": [{"terms": list(terms), "regions": list(cands)} for terms, cands in self.ambiguous],
@@ -230,15 +239,19 @@ class Taxonomy:
             for term in (region.name, *region.body_part_terms, *region.synonyms):
                 key = self._term_key(term, f"region {region.name!r}")
                 if key in owner and owner[key] != region.name:
-                    raise RadiographError(self.source, f"term {term!r} is in two regions: "
-                                                       f"{owner[key]!r} and {region.name!r}")
+                    raise RadiographError(
+                        self.source, f"term {term!r} is in two regions: {owner[key]!r} and {region.name!r}"
+                    )
                 owner[key] = region.name
                 terms[key] = (region.name, (region.name,))
         for words, candidates in self.ambiguous:
             for region_name in candidates:
                 if region_name.casefold() not in seen:
-                    raise RadiographError(self.source, f"ambiguous term {words[0]!r} lists an unknown region "
-                                                       f"{region_name!r} (regions: {', '.join(seen.values())})")
+                    raise RadiographError(
+                        self.source,
+                        f"ambiguous term {words[0]!r} lists an unknown region "
+                        f"{region_name!r} (regions: {', '.join(seen.values())})",
+                    )
             candidates = tuple(seen[c.casefold()] for c in candidates)
             for term in words:
                 key = self._term_key(term, "the ambiguous terms")
@@ -254,8 +267,9 @@ class Taxonomy:
         if not key:
             raise RadiographError(self.source, f"empty term {term!r} in {where}")
         if set(key) <= IGNORED_WORDS:
-            raise RadiographError(self.source, f"term {term!r} in {where} is only laterality/view words, "
-                                               "which are ignored in headers")
+            raise RadiographError(
+                self.source, f"term {term!r} in {where} is only laterality/view words, which are ignored in headers"
+            )
         return key
 
 
@@ -273,8 +287,9 @@ def _region_from_dict(raw, i: int, source: str) -> Region:
     where = f"region {name!r}"
     unknown = set(raw) - _REGION_KEYS
     if unknown:
-        raise RadiographError(source, f"{where} has unknown key(s) {sorted(unknown)} "
-                                      f"(allowed: {', '.join(sorted(_REGION_KEYS))})")
+        raise RadiographError(
+            source, f"{where} has unknown key(s) {sorted(unknown)} (allowed: {', '.join(sorted(_REGION_KEYS))})"
+        )
     if "|" in name:
         raise RadiographError(source, f"{where}: '|' separates labels in CSV files and cannot be in a name")
     out_of_domain = raw.get("out_of_domain", False)
@@ -283,15 +298,24 @@ def _region_from_dict(raw, i: int, source: str) -> Region:
     body_part_terms = _strings(raw.get("body_part_terms"), f"{where}: body_part_terms", source)
     for term in body_part_terms:
         if not _BODY_PART_TERM.match(term):
-            raise RadiographError(source, f"{where}: body part term {term!r} is not a DICOM defined term "
-                                          "(upper case letters, digits, '_' or space, at most 16 characters)")
+            raise RadiographError(
+                source,
+                f"{where}: body part term {term!r} is not a DICOM defined term "
+                "(upper case letters, digits, '_' or space, at most 16 characters)",
+            )
     snomed = raw.get("snomed")
     if snomed is not None:
         snomed = str(snomed)
         if not re.fullmatch(r"\d{6,18}", snomed):
             raise RadiographError(source, f"{where}: snomed {snomed!r} is not a SNOMED CT concept id (6-18 digits)")
-    return Region(name.strip(), str(raw.get("description") or ""), out_of_domain, body_part_terms, snomed,
-                  _strings(raw.get("synonyms"), f"{where}: synonyms", source))
+    return Region(
+        name.strip(),
+        str(raw.get("description") or ""),
+        out_of_domain,
+        body_part_terms,
+        snomed,
+        _strings(raw.get("synonyms"), f"{where}: synonyms", source),
+    )
 
 
 def _ambiguous_from_dict(raw, i: int, source: str) -> tuple:
@@ -301,8 +325,9 @@ def _ambiguous_from_dict(raw, i: int, source: str) -> tuple:
     terms = _strings(raw.get("terms"), f"{where}: terms", source)
     regions = _strings(raw.get("regions"), f"{where}: regions", source)
     if not terms or len(regions) < 2:
-        raise RadiographError(source, f"{where} needs terms and at least two regions "
-                                      "(a term that means one region is a synonym)")
+        raise RadiographError(
+            source, f"{where} needs terms and at least two regions (a term that means one region is a synonym)"
+        )
     return terms, regions
 
 
@@ -351,8 +376,9 @@ def load_taxonomy(name_or_path="unifesp22") -> Taxonomy:
         return _load_builtin(name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        raise RadiographError(name_or_path, f"no such taxonomy file, and not a built-in taxonomy "
-                                            f"({', '.join(builtin_names())})")
+        raise RadiographError(
+            name_or_path, f"no such taxonomy file, and not a built-in taxonomy ({', '.join(builtin_names())})"
+        )
     return _load_file(path)
 
 

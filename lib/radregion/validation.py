@@ -58,9 +58,19 @@ def fold_masks(folds):
         yield fold, (folds >= 0) & (folds != fold), folds == fold
 
 
-def out_of_fold_probabilities(features, label_sets, regions, folds, *, C=None, class_balanced: bool = True,
-                              extra_features=None, extra_label_sets=(), skip_small_folds: bool = False,
-                              progress: bool = False) -> np.ndarray:
+def out_of_fold_probabilities(
+    features,
+    label_sets,
+    regions,
+    folds,
+    *,
+    C=None,
+    class_balanced: bool = True,
+    extra_features=None,
+    extra_label_sets=(),
+    skip_small_folds: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
     """(N, R) probabilities over `regions`: row i from a linear head fitted on every other fold (plus the
     `extra_*` rows, which are never predicted themselves).
 
@@ -73,8 +83,11 @@ def out_of_fold_probabilities(features, label_sets, regions, folds, *, C=None, c
     regions = list(regions)
     features = np.asarray(features, np.float32)
     folds = np.asarray(folds)
-    extra_features = (np.zeros((0, features.shape[1]), np.float32) if extra_features is None
-                      else np.asarray(extra_features, np.float32))
+    extra_features = (
+        np.zeros((0, features.shape[1]), np.float32)
+        if extra_features is None
+        else np.asarray(extra_features, np.float32)
+    )
     extra_rows = [j for j, labels in enumerate(extra_label_sets) for _ in labels]
     extra_names = [name for labels in extra_label_sets for name in labels]
     probs = np.zeros((len(features), len(regions)), np.float64)
@@ -94,8 +107,13 @@ def out_of_fold_probabilities(features, label_sets, regions, folds, *, C=None, c
             if skip_small_folds:
                 continue
             raise ValueError("too few labelled regions outside one fold to fit out-of-fold heads")
-        head = fit_head(np.concatenate([features[rows], extra_features[extra_rows]]), names, present,
-                        class_balanced=class_balanced, C=DEFAULT_C if C is None else C)
+        head = fit_head(
+            np.concatenate([features[rows], extra_features[extra_rows]]),
+            names,
+            present,
+            class_balanced=class_balanced,
+            C=DEFAULT_C if C is None else C,
+        )
         columns = [regions.index(r) for r in present]
         probs[np.ix_(np.flatnonzero(test), columns)] = head.probabilities(features[test])
         if len(unlabelled):

@@ -111,8 +111,14 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         if self.shortcuts:
             return
         keys = [(str(n), lambda n=n: self.onDigit(n)) for n in range(10)]
-        keys += [("Return", self.onSubmit), ("Enter", self.onSubmit), ("O", self.onOutOfDomain),
-                 ("A", self.onAcceptArchive), ("Ctrl+Z", self.onUndo), ("N", self.onNext)]
+        keys += [
+            ("Return", self.onSubmit),
+            ("Enter", self.onSubmit),
+            ("O", self.onOutOfDomain),
+            ("A", self.onAcceptArchive),
+            ("Ctrl+Z", self.onUndo),
+            ("N", self.onNext),
+        ]
         for key, handler in keys:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.connect("activated()", lambda handler=handler: self._onKey(handler))
@@ -150,8 +156,12 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
             self.view.fill_queues(self.logic.session.summary.queues)
             self.onTrainRefresh()
 
-        self._call(lambda: self.logic.connect(url, token, annotator), then=connected, needs_session=False,
-                   waiting=f"Connecting to {url}…")
+        self._call(
+            lambda: self.logic.connect(url, token, annotator),
+            then=connected,
+            needs_session=False,
+            waiting=f"Connecting to {url}…",
+        )
 
     def onNext(self):
         queue = self.ui.queueComboBox.currentData
@@ -164,8 +174,12 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
 
     def onSubmit(self):
         comment = self.ui.commentEdit.text.strip()
-        self._call(lambda: self.logic.session.submit(comment=comment), show_image=True,
-                   then=self.ui.commentEdit.clear, waiting="Saving…")
+        self._call(
+            lambda: self.logic.session.submit(comment=comment),
+            show_image=True,
+            then=self.ui.commentEdit.clear,
+            waiting="Saving…",
+        )
 
     def onUndo(self):
         self._call(lambda: self.logic.session.undo(), show_image=True, waiting="Undoing…")
@@ -328,8 +342,9 @@ class RadRegionLogic(ScriptedLoadableModuleLogic):
         if self.volume is not None and slicer.mrmlScene.IsNodePresent(self.volume):
             slicer.mrmlScene.RemoveNode(self.volume)
         try:
-            self.volume = slicer.util.loadVolume(case.image_path, {"singleFile": True, "show": True,
-                                                                   "name": case.image})
+            self.volume = slicer.util.loadVolume(
+                case.image_path, {"singleFile": True, "show": True, "name": case.image}
+            )
         except RuntimeError as error:  # loadVolume raises when the reader fails
             self.session.status_message = f"{case.image_path}: Slicer cannot load this image ({error})"
             self.volume = None

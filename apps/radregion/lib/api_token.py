@@ -23,9 +23,11 @@ def load_api_token(state_dir) -> tuple[str, str]:
     value = os.environ.get(ENV, "").strip()
     if value:
         if len(value) < MIN_LENGTH:
-            raise ConfigError(f"${ENV} is too short ({len(value)} characters; at least {MIN_LENGTH}): "
-                              f"unset it to have one generated, or use `python -c 'import secrets; "
-                              f"print(secrets.token_urlsafe(32))'`")
+            raise ConfigError(
+                f"${ENV} is too short ({len(value)} characters; at least {MIN_LENGTH}): "
+                f"unset it to have one generated, or use `python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))'`"
+            )
         return value, f"${ENV}"
     path = Path(state_dir) / FILE_NAME
     if not path.exists():

@@ -10,8 +10,10 @@ logger = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
 OTHER_KEYS = ("server_mode", "modalities", "username", "writeback")  # MONAI Label's, PACS
 # secrets never come from --conf: a command line is visible in `ps` and MONAI Label logs its conf
-SECRET_KEYS = {"password": "MONAI_LABEL_DATASTORE_PASSWORD or --conf password_file PATH",
-               "token": "RADREGION_PACS_TOKEN or --conf token_file PATH"}
+SECRET_KEYS = {
+    "password": "MONAI_LABEL_DATASTORE_PASSWORD or --conf password_file PATH",
+    "token": "RADREGION_PACS_TOKEN or --conf token_file PATH",
+}
 
 
 class ConfigError(ValueError):
@@ -20,28 +22,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AppConfig:
-    model: str = ""                  # shipped bundle (read-only); copied into <state_dir>/model at first start
-    state_dir: str = ""              # writable state; default <studies>/.radregion (DICOMweb: ~/.radregion/<url hash>)
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    batch_size: int = 32             # images per forward pass (scoring, batch run)
-    workers: int = 2                 # decode threads
-    cache: bool = True               # keep cleaned images in the engine's image cache ($RADREGION_CACHE)
-    threads: int = 0                 # torch CPU threads (0 = torch's default: one per core)
-    taxonomy: str = ""               # label validation; default: the bundle's taxonomy
-    auto_train_every: int = 0        # retrain after every N new confirmed labels (0 = never)
-    fine_tune: bool = False          # refused: the server fits heads only (fine-tune with `radregion fit-head`)
-    val_fraction: float = 0.25       # patient-grouped validation split of the confirmed labels
-    min_labels: int = 4              # fewer confirmed labels: training refuses
+    model: str = ""  # shipped bundle (read-only); copied into <state_dir>/model at first start
+    state_dir: str = ""  # writable state; default <studies>/.radregion (DICOMweb: ~/.radregion/<url hash>)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 32  # images per forward pass (scoring, batch run)
+    workers: int = 2  # decode threads
+    cache: bool = True  # keep cleaned images in the engine's image cache ($RADREGION_CACHE)
+    threads: int = 0  # torch CPU threads (0 = torch's default: one per core)
+    taxonomy: str = ""  # label validation; default: the bundle's taxonomy
+    auto_train_every: int = 0  # retrain after every N new confirmed labels (0 = never)
+    fine_tune: bool = False  # refused: the server fits heads only (fine-tune with `radregion fit-head`)
+    val_fraction: float = 0.25  # patient-grouped validation split of the confirmed labels
+    min_labels: int = 4  # fewer confirmed labels: training refuses
     heldout_tolerance: float = 0.01  # allowed drop of the held-out macro recall of the original data (refit noise)
-    diverse_pool: int = 50           # `diverse` picks among this many most uncertain images
-    skip_served_s: int = 300         # a strategy does not hand out the same image again within this time
-    audit_csv: str = ""              # batch run output; default <state_dir>/audit.csv
-    cors_origins: str = ""           # comma-separated browser origins allowed to call the server (none by default)
-    model_upload: bool = False       # PUT /model/radregion accepted (verified before it is served)
-    max_upload_mb: int = 200         # largest image upload
-    max_label_kb: int = 64           # largest label upload
-    password_file: str = ""          # PACS password, read from this file (else $MONAI_LABEL_DATASTORE_PASSWORD)
-    token_file: str = ""             # PACS bearer token, read from this file (else $RADREGION_PACS_TOKEN)
+    diverse_pool: int = 50  # `diverse` picks among this many most uncertain images
+    skip_served_s: int = 300  # a strategy does not hand out the same image again within this time
+    audit_csv: str = ""  # batch run output; default <state_dir>/audit.csv
+    cors_origins: str = ""  # comma-separated browser origins allowed to call the server (none by default)
+    model_upload: bool = False  # PUT /model/radregion accepted (verified before it is served)
+    max_upload_mb: int = 200  # largest image upload
+    max_label_kb: int = 64  # largest label upload
+    password_file: str = ""  # PACS password, read from this file (else $MONAI_LABEL_DATASTORE_PASSWORD)
+    token_file: str = ""  # PACS bearer token, read from this file (else $RADREGION_PACS_TOKEN)
 
     @classmethod
     def from_conf(cls, conf: dict) -> "AppConfig":
@@ -49,8 +51,10 @@ class AppConfig:
         known = {f.name: f for f in fields(cls)}
         for key, raw in (conf or {}).items():
             if key in SECRET_KEYS:
-                raise ConfigError(f"--conf {key}: secrets are not taken from the command line (visible in `ps` "
-                                  f"and in the logs); use {SECRET_KEYS[key]}")
+                raise ConfigError(
+                    f"--conf {key}: secrets are not taken from the command line (visible in `ps` "
+                    f"and in the logs); use {SECRET_KEYS[key]}"
+                )
             field = known.get(key)
             if field is None:
                 if key not in OTHER_KEYS:

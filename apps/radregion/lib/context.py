@@ -72,17 +72,22 @@ class RadRegionContext:
             raise ModelNotFoundError(
                 f"RadRegion cannot start: no usable model bundle at {shipped_path} ({error}). "
                 f"Train or copy one there (`radregion fit-head ... --output {shipped_path}`) "
-                f"or pass another with --conf model PATH") from None
+                f"or pass another with --conf model PATH"
+            ) from None
         if not shipped.has_head:
-            raise ModelNotFoundError(f"RadRegion cannot start: the bundle at {shipped_path} has no classification "
-                                     f"head (fit one with `radregion fit-head`)")
+            raise ModelNotFoundError(
+                f"RadRegion cannot start: the bundle at {shipped_path} has no classification "
+                f"head (fit one with `radregion fit-head`)"
+            )
         source_file = self.state_dir / "model_source.json"
         source = read_json(source_file)
         if self.models.current_folder() is not None:
             if source.get("version") == shipped.version:
                 return
-            logger.warning(f"shipped model changed ({source.get('version')} -> {shipped.version}): "
-                           f"publishing it over {self.models.current().get('version')} (rollback restores that)")
+            logger.warning(
+                f"shipped model changed ({source.get('version')} -> {shipped.version}): "
+                f"publishing it over {self.models.current().get('version')} (rollback restores that)"
+            )
         staging = self.models.staging()
         os.rmdir(staging)
         shutil.copytree(shipped_path, staging, ignore=shutil.ignore_patterns("__init__.py", "__pycache__", "*.pyc"))
@@ -108,14 +113,16 @@ class RadRegionContext:
                     raise ModelNotFoundError(f"no usable published model at {self.model_dir}")
                 return self._predictor
             try:
-                predictor = Predictor(folder, device=self.config.device, workers=self.config.workers,
-                                      cache=self.config.cache)
+                predictor = Predictor(
+                    folder, device=self.config.device, workers=self.config.workers, cache=self.config.cache
+                )
             except (RadiographError, ValueError, OSError) as error:
                 if self._predictor is None:
                     raise
                 self._unloadable = folder
-                logger.error(f"published model {folder} cannot be loaded ({error}): still serving "
-                             f"{self._predictor.version}")
+                logger.error(
+                    f"published model {folder} cannot be loaded ({error}): still serving {self._predictor.version}"
+                )
                 return self._predictor
             logger.info(f"model {predictor.version} loaded from {folder}")
             self._predictor, self._predictor_folder = predictor, folder
@@ -178,8 +185,10 @@ class RadRegionContext:
             table.add([p for _, p in done], [i for i, _ in done])
             self.scores.save(table)
             self.scores.prune({predictor.version})
-            logger.info(f"scored {len(known)} images with model {predictor.version} "
-                        f"({len(table)} scored, {len(table.errors)} unreadable)")
+            logger.info(
+                f"scored {len(known)} images with model {predictor.version} "
+                f"({len(table)} scored, {len(table.errors)} unreadable)"
+            )
             return table
 
 
@@ -191,9 +200,11 @@ def shipped_model_path(config: AppConfig) -> Path:
 
     shipped = installed_model()
     if shipped is None:
-        raise ModelNotFoundError("RadRegion needs a model: no bundle was installed with this package "
-                                 "(`radregion_model`); start the server with --conf model PATH (a bundle folder "
-                                 "with bundle.json and model.safetensors)")
+        raise ModelNotFoundError(
+            "RadRegion needs a model: no bundle was installed with this package "
+            "(`radregion_model`); start the server with --conf model PATH (a bundle folder "
+            "with bundle.json and model.safetensors)"
+        )
     return shipped
 
 

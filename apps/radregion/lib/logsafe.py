@@ -47,9 +47,12 @@ def install_safe_logging(secrets=()) -> SafeLogFilter:
 def scrub_log_files(secrets):
     """Overwrite secrets already written to the log files (same length, in place: other writers keep appending)."""
     secrets = [s.encode() for s in secrets if s]
-    files = {getattr(h, "baseFilename", None) for lg in [logging.getLogger()] + [
-        logging.getLogger(n) for n in list(logging.root.manager.loggerDict)] if isinstance(lg, logging.Logger)
-        for h in lg.handlers}
+    files = {
+        getattr(h, "baseFilename", None)
+        for lg in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+        if isinstance(lg, logging.Logger)
+        for h in lg.handlers
+    }
     for name in filter(None, files):
         try:
             with open(name, "r+b") as handle:

@@ -36,12 +36,18 @@ def install_model_routes(app_instance, model_name: str):
             record = app_instance.context.rollback()
         except NothingToRollBack as error:
             raise RollbackError(str(error)) from None
-        logger.info(f"rollback: serving {record['version']} again (generation {record['generation']}, "
-                    f"was {record.get('rolled_back_from')})")
+        logger.info(
+            f"rollback: serving {record['version']} again (generation {record['generation']}, "
+            f"was {record.get('rolled_back_from')})"
+        )
         app_instance.async_scoring(None)
-        return {"model_version": record["version"], "generation": record["generation"],
-                "rolled_back_from": record.get("rolled_back_from"), "restores": record.get("restores"),
-                "published_at": record.get("published_at")}
+        return {
+            "model_version": record["version"],
+            "generation": record["generation"],
+            "rolled_back_from": record.get("rolled_back_from"),
+            "restores": record.get("restores"),
+            "published_at": record.get("published_at"),
+        }
 
     def history(model: str):
         check(model)
@@ -50,7 +56,15 @@ def install_model_routes(app_instance, model_name: str):
 
     paths = {getattr(r, "path", None) for r in app.router.routes}
     if "/model/{model}/rollback" not in paths:
-        app.add_api_route("/model/{model}/rollback", rollback, methods=["POST"],
-                          summary="Serve again the model the current one replaced")
-        app.add_api_route("/model/{model}/history", history, methods=["GET"],
-                          summary="Published generations of the model, newest first")
+        app.add_api_route(
+            "/model/{model}/rollback",
+            rollback,
+            methods=["POST"],
+            summary="Serve again the model the current one replaced",
+        )
+        app.add_api_route(
+            "/model/{model}/history",
+            history,
+            methods=["GET"],
+            summary="Published generations of the model, newest first",
+        )

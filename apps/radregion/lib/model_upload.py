@@ -44,8 +44,9 @@ def model_upload_app(app_instance, limit_bytes: int):
         except AppError as error:
             logger.warning(f"PUT {scope['path']}: {error.http_status} {error}")
             return await JSONResponse({"detail": str(error)}, error.http_status)(scope, receive, send)
-        return await JSONResponse({"model_version": record["version"], "generation": record["generation"],
-                                   "replaced": record.get("replaced")})(scope, receive, send)
+        return await JSONResponse(
+            {"model_version": record["version"], "generation": record["generation"], "replaced": record.get("replaced")}
+        )(scope, receive, send)
 
     return app
 
@@ -61,13 +62,15 @@ def verify_weights(data: bytes, served: dict) -> dict:
         raise ModelUploadError(f"not a safetensors file ({str(error)[:200]})") from None
     missing, extra = sorted(set(served) - set(tensors)), sorted(set(tensors) - set(served))
     if missing or extra:
-        raise ModelUploadError(f"the tensors differ from the served model's: missing {missing[:5]}, "
-                               f"unexpected {extra[:5]}")
+        raise ModelUploadError(
+            f"the tensors differ from the served model's: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for name, tensor in tensors.items():
         want = served[name]
         if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
-            raise ModelUploadError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the served model has "
-                                   f"{tuple(want.shape)} {want.dtype}")
+            raise ModelUploadError(
+                f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the served model has {tuple(want.shape)} {want.dtype}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelUploadError(f"{name}: values that are not finite")
     return tensors

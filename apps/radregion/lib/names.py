@@ -34,8 +34,10 @@ def is_plain_name(name) -> bool:
 
 def check_name(name, what="image id") -> str:
     if not is_plain_name(name):
-        raise BadNameError(f"invalid {what} {show(name)}: expected a plain file name (no folders, no leading "
-                           f"dot, no control characters, at most {MAX_NAME} characters)")
+        raise BadNameError(
+            f"invalid {what} {show(name)}: expected a plain file name (no folders, no leading "
+            f"dot, no control characters, at most {MAX_NAME} characters)"
+        )
     return name
 
 

@@ -35,8 +35,10 @@ class OffloadMiddleware:
     def __init__(self, app, heavy_threads: int = 0, light_threads: int = 8):
         self.app = app
         heavy_threads = heavy_threads or max(2, min(4, os.cpu_count() or 2))
-        self.pools = {True: ThreadPoolExecutor(heavy_threads, thread_name_prefix="radregion-heavy"),
-                      False: ThreadPoolExecutor(light_threads, thread_name_prefix="radregion-light")}
+        self.pools = {
+            True: ThreadPoolExecutor(heavy_threads, thread_name_prefix="radregion-heavy"),
+            False: ThreadPoolExecutor(light_threads, thread_name_prefix="radregion-light"),
+        }
         self._local = threading.local()
 
     def _loop(self):

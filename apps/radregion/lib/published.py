@@ -126,14 +126,23 @@ class ModelStore:
         generation = int(current.get("generation", 0))
         if expect_generation is not None and generation != expect_generation:
             shutil.rmtree(folder, ignore_errors=True)
-            raise PublishConflict(f"a newer model (generation {generation}, {current.get('version')}) was published "
-                                  f"since this run started from generation {expect_generation}")
+            raise PublishConflict(
+                f"a newer model (generation {generation}, {current.get('version')}) was published "
+                f"since this run started from generation {expect_generation}"
+            )
         try:
             bundle = load_bundle(folder)  # never publish something the server cannot load
             name = f"g{generation + 1:06d}-{bundle.version}"
-            record = {"generation": generation + 1, "version": bundle.version, "folder": name,
-                      "previous": current.get("folder") if previous is REPLACED else previous,
-                      "replaced": current.get("folder"), "reason": reason, "published_at": _now(), **details}
+            record = {
+                "generation": generation + 1,
+                "version": bundle.version,
+                "folder": name,
+                "previous": current.get("folder") if previous is REPLACED else previous,
+                "replaced": current.get("folder"),
+                "reason": reason,
+                "published_at": _now(),
+                **details,
+            }
             with atomic_write(folder / RECORD, "w") as f:
                 json.dump(record, f, indent=2)
             fsync_tree(folder)
@@ -161,16 +170,22 @@ class ModelStore:
             previous = current.get("previous")
             source = self.root / previous if previous else None
             if not source or not (source / "bundle.json").is_file():
-                raise NothingToRollBack(f"model {current.get('version')} (generation {current.get('generation')}) "
-                                        f"has no earlier published model to go back to")
+                raise NothingToRollBack(
+                    f"model {current.get('version')} (generation {current.get('generation')}) "
+                    f"has no earlier published model to go back to"
+                )
             restored = self.record(source)
             staging = self.staging()
             os.rmdir(staging)
             # the generation folders never change once published: hard links cost no space
             shutil.copytree(source, staging, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(RECORD))
-            return self._publish(staging, reason, None, restored.get("previous"),
-                                 {"rolled_back_from": current.get("version"),
-                                  "restores": restored.get("folder")})
+            return self._publish(
+                staging,
+                reason,
+                None,
+                restored.get("previous"),
+                {"rolled_back_from": current.get("version"), "restores": restored.get("folder")},
+            )
 
     def _prune(self):
         """Keep the current generation and the chain of `previous` behind it (KEEP in all); delete the rest."""
@@ -227,8 +242,11 @@ class ModelStore:
         if history:
             replace_symlink(self.link, os.path.join("models", history[0]["folder"]))
             return [f"linked the newest complete generation {history[0]['folder']}"]
-        candidates = sorted(list(self.root.glob(".adopt-*")) + list(self.state_dir.glob(".model.old-*")),
-                            key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = sorted(
+            list(self.root.glob(".adopt-*")) + list(self.state_dir.glob(".model.old-*")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
         for folder in candidates:
             try:
                 load_bundle(folder)

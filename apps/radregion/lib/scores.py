@@ -17,8 +17,19 @@ logger = logging.getLogger(__name__)
 
 
 class ScoreTable:
-    def __init__(self, version, regions, ids=(), probabilities=None, features=None, ood_score=None,
-                 out_of_domain=None, pacs_label=(), errors=None, pacs_labels=None):
+    def __init__(
+        self,
+        version,
+        regions,
+        ids=(),
+        probabilities=None,
+        features=None,
+        ood_score=None,
+        out_of_domain=None,
+        pacs_label=(),
+        errors=None,
+        pacs_labels=None,
+    ):
         self.version = version
         self.regions = list(regions)
         self.ids = list(ids)
@@ -29,8 +40,11 @@ class ScoreTable:
         self.out_of_domain = np.zeros(n, bool) if out_of_domain is None else np.asarray(out_of_domain, bool)
         self.pacs_label = [p or None for p in pacs_label] or [None] * n
         # every region the archive names ("HAND WRIST": Hand and Wrist); tables saved before have the first only
-        self.pacs_labels = [tuple(r for r in regions if r) for regions in pacs_labels] if pacs_labels is not None \
+        self.pacs_labels = (
+            [tuple(r for r in regions if r) for regions in pacs_labels]
+            if pacs_labels is not None
             else [(p,) if p else () for p in self.pacs_label]
+        )
         self.errors = dict(errors or {})  # image id -> problem (unreadable image)
         self._index = {image_id: i for i, image_id in enumerate(self.ids)}
 
@@ -91,13 +105,20 @@ class ScoreTable:
     def save(self, path) -> Path:
         buffer = io.BytesIO()
         err_ids = sorted(self.errors)
-        np.savez(buffer, version=np.array(self.version), regions=np.array(self.regions, dtype=str),
-                 ids=np.array(self.ids, dtype=str), probabilities=self.probabilities, features=self.features,
-                 ood_score=self.ood_score, out_of_domain=self.out_of_domain,
-                 pacs_label=np.array([p or "" for p in self.pacs_label], dtype=str),
-                 pacs_labels=np.array(["|".join(regions) for regions in self.pacs_labels], dtype=str),
-                 error_ids=np.array(err_ids, dtype=str),
-                 error_messages=np.array([self.errors[i] for i in err_ids], dtype=str))
+        np.savez(
+            buffer,
+            version=np.array(self.version),
+            regions=np.array(self.regions, dtype=str),
+            ids=np.array(self.ids, dtype=str),
+            probabilities=self.probabilities,
+            features=self.features,
+            ood_score=self.ood_score,
+            out_of_domain=self.out_of_domain,
+            pacs_label=np.array([p or "" for p in self.pacs_label], dtype=str),
+            pacs_labels=np.array(["|".join(regions) for regions in self.pacs_labels], dtype=str),
+            error_ids=np.array(err_ids, dtype=str),
+            error_messages=np.array([self.errors[i] for i in err_ids], dtype=str),
+        )
         with atomic_write(path) as f:
             f.write(buffer.getvalue())
         return Path(path)
@@ -105,11 +126,18 @@ class ScoreTable:
     @classmethod
     def load(cls, path) -> "ScoreTable":
         with np.load(path, allow_pickle=False) as z:
-            return cls(str(z["version"]), z["regions"].tolist(), z["ids"].tolist(), z["probabilities"],
-                       z["features"], z["ood_score"], z["out_of_domain"], z["pacs_label"].tolist(),
-                       dict(zip(z["error_ids"].tolist(), z["error_messages"].tolist())),
-                       [s.split("|") if s else () for s in z["pacs_labels"].tolist()] if "pacs_labels" in z.files
-                       else None)
+            return cls(
+                str(z["version"]),
+                z["regions"].tolist(),
+                z["ids"].tolist(),
+                z["probabilities"],
+                z["features"],
+                z["ood_score"],
+                z["out_of_domain"],
+                z["pacs_label"].tolist(),
+                dict(zip(z["error_ids"].tolist(), z["error_messages"].tolist())),
+                [s.split("|") if s else () for s in z["pacs_labels"].tolist()] if "pacs_labels" in z.files else None,
+            )
 
 
 class ScoreStore:

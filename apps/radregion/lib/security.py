@@ -75,9 +75,14 @@ class RequestGate:
             return await self.app(scope, receive, send)
         method, path = scope["method"].upper(), scope["path"].rstrip("/") or "/"
         if self._needs_token(method, path) and not self._has_token(scope):
-            response = JSONResponse({"detail": "missing or wrong API token: send `Authorization: Bearer <token>` "
-                                               "(the server's RADREGION_API_TOKEN or its api_token file)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            response = JSONResponse(
+                {
+                    "detail": "missing or wrong API token: send `Authorization: Bearer <token>` "
+                    "(the server's RADREGION_API_TOKEN or its api_token file)"
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
             return await response(scope, receive, send)
         refusal = self._refusal(method, path, scope)
         if refusal:
@@ -188,8 +193,9 @@ class RequestGate:
             path = await run_in_threadpool(self.dataset_archive, limit)
         except AssertionError:  # MONAI Label's "nothing to include"
             return await JSONResponse({"detail": "no labelled images to export"}, 404)(scope, receive, send)
-        response = FileResponse(path, media_type="application/zip", filename="dataset.zip",
-                                background=BackgroundTask(_remove, path))
+        response = FileResponse(
+            path, media_type="application/zip", filename="dataset.zip", background=BackgroundTask(_remove, path)
+        )
         try:
             await response(scope, receive, send)
         finally:
@@ -268,12 +274,14 @@ async def _form_problem(scope, body: bytes, path: str):
             except (ValueError, RecursionError) as error:
                 return f"`{field}` is not valid JSON ({str(error)[:120]})"
             if not isinstance(value, dict):
-                return f"`{field}` must be a JSON object like {{\"key\": \"value\"}}, got {type(value).__name__}"
+                return f'`{field}` must be a JSON object like {{"key": "value"}}, got {type(value).__name__}'
             if path.startswith("/infer/") and "image" in value and not isinstance(value["image"], str):
                 return "`params.image` must be an image id (text)"
         if path.startswith("/infer/") and any(form.get(f) is not None for f in ("file", "label")):
-            return "inference takes an image of the datastore by id (?image=ID): add the file first with " \
-                   "PUT /datastore/image"
+            return (
+                "inference takes an image of the datastore by id (?image=ID): add the file first with "
+                "PUT /datastore/image"
+            )
     finally:
         await form.close()
     return None
@@ -289,13 +297,31 @@ def install_security(app_instance, token: str, config, dataset_archive=None):
     host = bound_host()
     loopback = is_loopback(host)
     app.user_middleware = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RequestGate)]
-    app.user_middleware.insert(0, Middleware(RequestGate, token=token, loopback=loopback, config=config,
-                                             dataset_archive=dataset_archive, model_upload=model_upload))
-    app.user_middleware.insert(0, Middleware(CORSMiddleware, allow_origins=config.origins, allow_credentials=False,
-                                             allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
-                                             allow_headers=["Authorization", "Content-Type"]))
+    app.user_middleware.insert(
+        0,
+        Middleware(
+            RequestGate,
+            token=token,
+            loopback=loopback,
+            config=config,
+            dataset_archive=dataset_archive,
+            model_upload=model_upload,
+        ),
+    )
+    app.user_middleware.insert(
+        0,
+        Middleware(
+            CORSMiddleware,
+            allow_origins=config.origins,
+            allow_credentials=False,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        ),
+    )
     app.middleware_stack = None  # rebuilt on the next request
-    logger.info(f"listening on {host}: API token required for "
-                f"{'every request' if not loopback else 'writes, the model weights, logs and dataset export'}; "
-                f"CORS origins: {', '.join(config.origins) or 'none'}; "
-                f"model upload: {'on (verified)' if model_upload else 'off'}")
+    logger.info(
+        f"listening on {host}: API token required for "
+        f"{'every request' if not loopback else 'writes, the model weights, logs and dataset export'}; "
+        f"CORS origins: {', '.join(config.origins) or 'none'}; "
+        f"model upload: {'on (verified)' if model_upload else 'off'}"
+    )

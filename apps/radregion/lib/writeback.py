@@ -38,9 +38,21 @@ MODES = ("off", "stow", "csv")
 DONE = ("stored", "exported", "skipped")
 LIVE = ("stored", "queued", "failed", "exported")  # copies (or CSV rows) a later decision may supersede
 WRITEBACK_MARKER = "RADREGION CORRECTED"
-CSV_FIELDS = ("time", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
-              "archive_BodyPartExamined", "archive_region", "region", "out_of_domain", "BodyPartExamined",
-              "annotator", "comment", "status")
+CSV_FIELDS = (
+    "time",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "archive_BodyPartExamined",
+    "archive_region",
+    "region",
+    "out_of_domain",
+    "BodyPartExamined",
+    "annotator",
+    "comment",
+    "status",
+)
 EXPORT_PATH = "/radregion/decisions"
 
 
@@ -75,8 +87,11 @@ def _label_summary(label) -> dict | None:
 
 
 def _same(a, b) -> bool:
-    return bool(a) and bool(b) and (a.get("region"), bool(a.get("out_of_domain"))) == \
-        (b.get("region"), bool(b.get("out_of_domain")))
+    return (
+        bool(a)
+        and bool(b)
+        and (a.get("region"), bool(a.get("out_of_domain"))) == (b.get("region"), bool(b.get("out_of_domain")))
+    )
 
 
 class WriteBack:
@@ -119,13 +134,19 @@ class WriteBack:
     def pending(self, queued_for_s: float = 120.0) -> list:
         """Write-backs that failed, or stayed queued (server stopped mid-way) for `queued_for_s`: to send again."""
         oldest = _now(time.time() - queued_for_s)
-        return [e for e in self.latest().values()
-                if e["status"] == "failed" or (e["status"] == "queued" and e["time"] <= oldest)]
+        return [
+            e
+            for e in self.latest().values()
+            if e["status"] == "failed" or (e["status"] == "queued" and e["time"] <= oldest)
+        ]
 
     def created_uids(self) -> set:
         """Every instance this product stored (superseded ones too): never listed as an image."""
-        return {e["new_sop"] for e in self.entries() if e.get("new_sop") and
-                (e.get("status") == "stored" or e.get("was") == "stored")}
+        return {
+            e["new_sop"]
+            for e in self.entries()
+            if e.get("new_sop") and (e.get("status") == "stored" or e.get("was") == "stored")
+        }
 
     def wait(self, timeout=None) -> bool:
         """Block until every queued write-back has been tried; False on timeout."""
@@ -151,12 +172,22 @@ class WriteBack:
             event = "label"
         who = raw.get("undone_by") if event == "undo" else (label or {}).get("annotator")
         decision = {
-            "id": uuid.uuid4().hex, "time": _now(), "event": event, "who": who or None, "image": image_id,
-            "patient": info.get("PatientID"), "study": info.get("StudyInstanceUID"),
+            "id": uuid.uuid4().hex,
+            "time": _now(),
+            "event": event,
+            "who": who or None,
+            "image": image_id,
+            "patient": info.get("PatientID"),
+            "study": info.get("StudyInstanceUID"),
             "series": info.get("SeriesInstanceUID"),
-            "archive": {"region": info.get("pacs_label"), "regions": list(info.get("pacs_labels") or ()),
-                        "BodyPartExamined": info.get("BodyPartExamined")},
-            "model": model, "decision": _label_summary(label), "previous": _label_summary(previous),
+            "archive": {
+                "region": info.get("pacs_label"),
+                "regions": list(info.get("pacs_labels") or ()),
+                "BodyPartExamined": info.get("BodyPartExamined"),
+            },
+            "model": model,
+            "decision": _label_summary(label),
+            "previous": _label_summary(previous),
             "undo_of": raw.get("undo_of") or None,
         }
         with self._lock:
@@ -183,8 +214,12 @@ class WriteBack:
         entry = self.submit(image_id, label, info, fetch, taxonomy, decision_id=decision_id)
         if entry is None:
             copy = self.latest().get((image_id, region), {})
-            return {**where, "status": copy.get("status"), "why": "this copy is already written",
-                    **({"sop": copy["new_sop"], "series": copy.get("new_series")} if copy.get("new_sop") else {})}
+            return {
+                **where,
+                "status": copy.get("status"),
+                "why": "this copy is already written",
+                **({"sop": copy["new_sop"], "series": copy.get("new_series")} if copy.get("new_sop") else {}),
+            }
         out = {**where, "status": entry["status"]}
         for key, name in (("new_sop", "sop"), ("new_series", "series"), ("study", "study"), ("error", "error")):
             if entry.get(key):
@@ -200,8 +235,14 @@ class WriteBack:
         for (image, copy_region), entry in self.latest().items():
             if image != image_id or copy_region == region or entry["status"] not in LIVE:
                 continue
-            line = {**entry, "time": _now(), "status": "superseded", "was": entry["status"],
-                    "superseded_by": decision_id, "error": None}
+            line = {
+                **entry,
+                "time": _now(),
+                "status": "superseded",
+                "was": entry["status"],
+                "superseded_by": decision_id,
+                "error": None,
+            }
             self._log(line)
             if (image, copy_region) in self._in_flight:
                 self._superseded_in_flight[(image, copy_region)] = decision_id
@@ -227,8 +268,9 @@ class WriteBack:
             if (image_id, region) in self._in_flight or (previous and previous["status"] in DONE):
                 return None
             if previous and previous["status"] == "superseded" and previous.get("was") == "stored":
-                entry.update(status="stored", reinstated=True, new_sop=previous["new_sop"],
-                             new_series=previous.get("new_series"))  # the copy is in the PACS already
+                entry.update(
+                    status="stored", reinstated=True, new_sop=previous["new_sop"], new_series=previous.get("new_series")
+                )  # the copy is in the PACS already
             elif not entry["body_part"]:
                 entry.update(status="skipped", error=f"region {region} has no BodyPartExamined term")
             elif self.mode == "csv":
@@ -245,19 +287,29 @@ class WriteBack:
 
     def _entry(self, image_id, label, info, body_part, decision_id) -> dict:
         return {
-            "time": _now(), "mode": self.mode, "image": image_id, "decision": decision_id,
-            "study": info.get("StudyInstanceUID"), "series": info.get("SeriesInstanceUID"),
-            "patient": info.get("PatientID"), "archive_region": info.get("pacs_label"),
-            "archive_body_part": info.get("BodyPartExamined"), "region": label.get("region"),
-            "out_of_domain": bool(label.get("out_of_domain")), "body_part": body_part,
-            "annotator": label.get("annotator"), "comment": label.get("comment"),
+            "time": _now(),
+            "mode": self.mode,
+            "image": image_id,
+            "decision": decision_id,
+            "study": info.get("StudyInstanceUID"),
+            "series": info.get("SeriesInstanceUID"),
+            "patient": info.get("PatientID"),
+            "archive_region": info.get("pacs_label"),
+            "archive_body_part": info.get("BodyPartExamined"),
+            "region": label.get("region"),
+            "out_of_domain": bool(label.get("out_of_domain")),
+            "body_part": body_part,
+            "annotator": label.get("annotator"),
+            "comment": label.get("comment"),
         }
 
     @staticmethod
     def _copy_uids(image_id, entry) -> dict:
         """The copy's UIDs, from the original's: one derived series per original series, one copy per region."""
-        return {"new_series": generate_uid(entropy_srcs=["radregion-writeback-series", entry["series"] or image_id]),
-                "new_sop": generate_uid(entropy_srcs=["radregion-writeback", image_id, entry["region"]])}
+        return {
+            "new_series": generate_uid(entropy_srcs=["radregion-writeback-series", entry["series"] or image_id]),
+            "new_sop": generate_uid(entropy_srcs=["radregion-writeback", image_id, entry["region"]]),
+        }
 
     def _send(self, entry, fetch):
         key = (entry["image"], entry["region"])
@@ -273,13 +325,32 @@ class WriteBack:
             self._log(entry)
             superseded_by = self._superseded_in_flight.pop(key, None)
             if superseded_by:  # a later decision came while it was on its way: superseded as soon as it lands
-                self._log({**entry, "time": _now(), "status": "superseded", "was": entry["status"],
-                           "superseded_by": superseded_by, "error": None})
-            _append(self.decisions_path, {
-                "event": "written", "time": entry["time"], "image": entry["image"], "decision": entry.get("decision"),
-                "status": entry["status"], "to": self.url, "study": entry.get("study"),
-                "series": entry.get("new_series"), "sop": entry.get("new_sop"), "error": entry.get("error"),
-                "superseded_by": superseded_by})
+                self._log(
+                    {
+                        **entry,
+                        "time": _now(),
+                        "status": "superseded",
+                        "was": entry["status"],
+                        "superseded_by": superseded_by,
+                        "error": None,
+                    }
+                )
+            _append(
+                self.decisions_path,
+                {
+                    "event": "written",
+                    "time": entry["time"],
+                    "image": entry["image"],
+                    "decision": entry.get("decision"),
+                    "status": entry["status"],
+                    "to": self.url,
+                    "study": entry.get("study"),
+                    "series": entry.get("new_series"),
+                    "sop": entry.get("new_sop"),
+                    "error": entry.get("error"),
+                    "superseded_by": superseded_by,
+                },
+            )
         with self._idle:
             self._in_flight.discard(key)
             self._idle.notify_all()
@@ -294,10 +365,16 @@ class WriteBack:
             dst = Path(tmp) / f"{entry['new_sop']}.dcm"
             copy_with_body_part(src, dst, entry["body_part"])
             ds = pydicom.dcmread(dst)
-        mark_derived(ds, sop_uid=entry["new_sop"], series_uid=entry["new_series"], source_sop=image_id,
-                     series_prefix=WRITEBACK_MARKER,
-                     description=(f"RadRegion: BodyPartExamined corrected to {entry['body_part']} "
-                                  f"({entry['region']}) from {image_id}"))
+        mark_derived(
+            ds,
+            sop_uid=entry["new_sop"],
+            series_uid=entry["new_series"],
+            source_sop=image_id,
+            series_prefix=WRITEBACK_MARKER,
+            description=(
+                f"RadRegion: BodyPartExamined corrected to {entry['body_part']} ({entry['region']}) from {image_id}"
+            ),
+        )
         response = self.client.store_instances([ds])
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:
@@ -312,14 +389,23 @@ class WriteBack:
 
     def _export_csv(self, entry, status):
         rows = self._csv_rows()
-        rows.append({
-            "time": entry["time"], "SOPInstanceUID": entry["image"], "StudyInstanceUID": entry["study"],
-            "SeriesInstanceUID": entry["series"], "PatientID": entry["patient"],
-            "archive_BodyPartExamined": entry["archive_body_part"], "archive_region": entry["archive_region"],
-            "region": entry["region"], "out_of_domain": "true" if entry["out_of_domain"] else "false",
-            "BodyPartExamined": entry["body_part"], "annotator": entry["annotator"], "comment": entry["comment"],
-            "status": status,
-        })
+        rows.append(
+            {
+                "time": entry["time"],
+                "SOPInstanceUID": entry["image"],
+                "StudyInstanceUID": entry["study"],
+                "SeriesInstanceUID": entry["series"],
+                "PatientID": entry["patient"],
+                "archive_BodyPartExamined": entry["archive_body_part"],
+                "archive_region": entry["archive_region"],
+                "region": entry["region"],
+                "out_of_domain": "true" if entry["out_of_domain"] else "false",
+                "BodyPartExamined": entry["body_part"],
+                "annotator": entry["annotator"],
+                "comment": entry["comment"],
+                "status": status,
+            }
+        )
         self._write_csv(rows)
 
     def _mark_csv(self, image_id, keep):
@@ -351,17 +437,22 @@ def install_export_route(app_instance, token: str):
     def export(request: Request, image: str = "", current: bool = False):
         given = request.headers.get("authorization", "")
         if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return JSONResponse({"detail": "the decision log needs the API token (Authorization: Bearer ...)"},
-                                status_code=401)
+            return JSONResponse(
+                {"detail": "the decision log needs the API token (Authorization: Bearer ...)"}, status_code=401
+            )
         writeback = getattr(app_instance.datastore(), "writeback", None)
         if writeback is None:
-            return JSONResponse({"detail": "this datastore keeps no decision log (it is kept for a PACS)"},
-                                status_code=404)
+            return JSONResponse(
+                {"detail": "this datastore keeps no decision log (it is kept for a PACS)"}, status_code=404
+            )
         lines = list(writeback.current_decisions().values()) if current else writeback.decisions()
         lines = [e for e in lines if not image or e.get("image") == image]
         body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in lines)
-        return Response(body, media_type="application/x-ndjson",
-                        headers={"Content-Disposition": 'attachment; filename="decisions.jsonl"'})
+        return Response(
+            body,
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": 'attachment; filename="decisions.jsonl"'},
+        )
 
     if not any(getattr(r, "path", None) == EXPORT_PATH for r in app.routes):
         app.add_api_route(EXPORT_PATH, export, methods=["GET"], summary="RadRegion decision log (JSON lines)")

@@ -48,14 +48,17 @@ def last_conv_layer(backbone: nn.Module) -> str:
 def grad_cams(classifier: Classifier, images_uint8: np.ndarray, class_indices, batch_size: int = 32) -> np.ndarray:
     """(N, S, S) uint8 images and one class per image -> (N, S, S) float32 maps in [0, 1]."""
     classifier = classifier.float().eval()
-    cam = GradCAM(nn_module=classifier, target_layers=f"backbone.{last_conv_layer(classifier.backbone)}",
-                  postprocessing=_scale_each)
+    cam = GradCAM(
+        nn_module=classifier,
+        target_layers=f"backbone.{last_conv_layer(classifier.backbone)}",
+        postprocessing=_scale_each,
+    )
     class_indices = np.asarray(class_indices)
     out = np.zeros(images_uint8.shape, np.float32)
     for target in np.unique(class_indices):  # GradCAM takes one class per call: batch the images of each class
         rows = np.flatnonzero(class_indices == target)
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             maps = cam(images_to_tensor(images_uint8[chunk]), class_idx=int(target))
             out[chunk] = maps[:, 0].detach().cpu().numpy()
     return np.nan_to_num(out)
@@ -75,8 +78,9 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -
     from PIL import Image
 
     if heatmap.shape != image_uint8.shape:  # the model may see a smaller image than the report shows
-        heatmap = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize(
-            image_uint8.shape[::-1], Image.BILINEAR))
+        heatmap = np.asarray(
+            Image.fromarray(heatmap.astype(np.float32), mode="F").resize(image_uint8.shape[::-1], Image.BILINEAR)
+        )
     grey = np.repeat(image_uint8[..., None].astype(np.float32) / 255.0, 3, axis=2)
     heat = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
     weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5

@@ -23,8 +23,8 @@ DISPLAY_SIZE = 224  # thumbnails and Grad-CAM overlays in the report, whatever t
 @dataclass
 class AuditInput:
     paths: list[Path]
-    images: list[str]               # as written in the CSVs
-    given: list[tuple[str, ...]]    # () = no given label
+    images: list[str]  # as written in the CSVs
+    given: list[tuple[str, ...]]  # () = no given label
     patient_ids: list[str | None]
     source: str
     errors: list = field(default_factory=list)
@@ -35,9 +35,13 @@ def inputs_from_labels_csv(csv_path, images_root=None, taxonomy=None) -> AuditIn
 
     items = read_labels_csv(csv_path, images_root, taxonomy=taxonomy)
     root = Path(images_root) if images_root else Path(csv_path).parent
-    return AuditInput(paths=[Path(it.path) for it in items], images=[_display(it.path, root) for it in items],
-                      given=[tuple(it.labels) for it in items], patient_ids=[it.patient_id for it in items],
-                      source=str(csv_path))
+    return AuditInput(
+        paths=[Path(it.path) for it in items],
+        images=[_display(it.path, root) for it in items],
+        given=[tuple(it.labels) for it in items],
+        patient_ids=[it.patient_id for it in items],
+        source=str(csv_path),
+    )
 
 
 def inputs_from_dicom_folder(folder, taxonomy, progress=True) -> AuditInput:
@@ -60,8 +64,14 @@ def inputs_from_dicom_folder(folder, taxonomy, progress=True) -> AuditInput:
         kept.append(Path(path))
         given.append((label.regions or (label.region,)) if label.region and not label.conflicts else ())
         patients.append(meta.get("PatientID") or None)
-    return AuditInput(paths=kept, images=[str(p.resolve()) for p in kept], given=given, patient_ids=patients,
-                      source=str(folder), errors=list(errors))
+    return AuditInput(
+        paths=kept,
+        images=[str(p.resolve()) for p in kept],
+        given=given,
+        patient_ids=patients,
+        source=str(folder),
+        errors=list(errors),
+    )
 
 
 def _display(path, root) -> str:
@@ -87,15 +97,17 @@ def normalise_labels(inputs: AuditInput, regions, out_of_domain, taxonomy):
         for label in labels:
             name = label if label in known else taxonomy.match_text(label)
             if name is None or name not in known:
-                raise RadiographError(inputs.source, f"image {image}: unknown region {label!r} "
-                                                     f"(known: {', '.join(sorted(known))})")
+                raise RadiographError(
+                    inputs.source, f"image {image}: unknown region {label!r} (known: {', '.join(sorted(known))})"
+                )
             names.append(name)
         given.append(tuple(names))
     return given
 
 
-def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD, folds=5, seed=0,
-              workers=2, progress=True) -> AuditResult:
+def run_audit(
+    bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD, folds=5, seed=0, workers=2, progress=True
+) -> AuditResult:
     """Several bundles average their probabilities."""
     first = bundles[0]
     taxonomy = first.taxonomy()
@@ -129,8 +141,10 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
         elif bundle.has_head:
             probs.append(bundle.head().probabilities(feats).astype(np.float64))
         else:
-            raise RadiographError(bundle.path, "has no head and the input has too few labels "
-                                               "(fewer than 20, or fewer than two regions) to fit one")
+            raise RadiographError(
+                bundle.path,
+                "has no head and the input has too few labels (fewer than 20, or fewer than two regions) to fit one",
+            )
         detector = bundle.ood_detector()
         if detector is not None:
             ood_scores.append(detector.score(feats))
@@ -138,20 +152,29 @@ def run_audit(bundles, inputs: AuditInput, *, method=label_issues.DEFAULT_METHOD
     pred_probs = np.mean(probs, axis=0)
     ood_score, out_of_domain = combine_ood(ood_scores, thresholds, len(rows))
 
-    given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain],
-                                              pred_probs)
+    given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain], pred_probs)
     result = AuditResult(
-        images=[inputs.images[i] for i in rows], paths=paths, patient_ids=patients, regions=regions, given=given,
-        given_index=given_index, pred_probs=pred_probs,
+        images=[inputs.images[i] for i in rows],
+        paths=paths,
+        patient_ids=patients,
+        regions=regions,
+        given=given,
+        given_index=given_index,
+        pred_probs=pred_probs,
         issue_score=label_issues.issue_scores(given_index, pred_probs),
         is_issue=label_issues.find_label_issues(given_index, pred_probs, method, out_of_domain=out_of_domain),
-        ood_score=ood_score, out_of_domain=out_of_domain,
+        ood_score=ood_score,
+        out_of_domain=out_of_domain,
         features=np.concatenate([f[rows] for f in features_per_bundle], axis=1),
-        method=method, models=[f"{b.path.name} ({b.version})" for b in bundles], errors=errors,
+        method=method,
+        models=[f"{b.path.name} ({b.version})" for b in bundles],
+        errors=errors,
         source=inputs.source,
-        probabilities_from=(f"{len(np.unique(fold_ids[fold_ids >= 0]))}-fold out-of-fold linear heads, "
-                            "grouped by patient" if use_oof else "the model's own head (too few labels to fit "
-                                                                 "out-of-fold heads)")
+        probabilities_from=(
+            f"{len(np.unique(fold_ids[fold_ids >= 0]))}-fold out-of-fold linear heads, grouped by patient"
+            if use_oof
+            else "the model's own head (too few labels to fit out-of-fold heads)"
+        )
         + (f", averaged over {len(bundles)} models" if len(bundles) > 1 else ""),
     )
     return result
@@ -204,8 +227,10 @@ def write_outputs(result, output, bundle, *, max_rows=200, gradcam=True, progres
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    files = {"label_issues": write_audit_csv(result.rows(), output / "label_issues.csv"),
-             "corrections": write_corrections_csv(result.corrections(), output / "corrections.csv")}
+    files = {
+        "label_issues": write_audit_csv(result.rows(), output / "label_issues.csv"),
+        "corrections": write_corrections_csv(result.corrections(), output / "corrections.csv"),
+    }
     shown = shown_indices(result, max_rows)
     needed = sorted(set().union(*shown.values()))
     display = dataclasses.replace(bundle.settings, size=max(bundle.settings.size, DISPLAY_SIZE))
@@ -214,8 +239,7 @@ def write_outputs(result, output, bundle, *, max_rows=200, gradcam=True, progres
     for i in needed:
         images[i] = load_clean(result.paths[i], display)
         steps.update()
-    model_input = ({i: load_clean(result.paths[i], bundle.settings) for i in shown["issues"]}
-                   if gradcam else {})
+    model_input = {i: load_clean(result.paths[i], bundle.settings) for i in shown["issues"]} if gradcam else {}
     cams = gradcam_maps(bundle, result, model_input, shown["issues"]) if gradcam else {}
     steps.update()
     xy = tsne_coordinates(result.features, seed=0)

@@ -54,12 +54,13 @@ def tsne_plot(xy: np.ndarray, result) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110)
     for n, k in enumerate(present):
         sel = colour_of == k
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=12, color=cmap(n % cmap.N), label=result.regions[k], alpha=0.8,
-                   linewidths=0)
-    for mask, style in ((result.is_issue, dict(s=70, facecolors="none", edgecolors="black", linewidths=1.3,
-                                              label="suspected error")),
-                        (result.out_of_domain, dict(s=40, marker="x", color="dimgray", linewidths=1.0,
-                                                    label="out of domain"))):
+        ax.scatter(
+            xy[sel, 0], xy[sel, 1], s=12, color=cmap(n % cmap.N), label=result.regions[k], alpha=0.8, linewidths=0
+        )
+    for mask, style in (
+        (result.is_issue, dict(s=70, facecolors="none", edgecolors="black", linewidths=1.3, label="suspected error")),
+        (result.out_of_domain, dict(s=40, marker="x", color="dimgray", linewidths=1.0, label="out of domain")),
+    ):
         if mask.any():
             ax.scatter(xy[mask, 0], xy[mask, 1], **style)
     ax.set_xticks([]), ax.set_yticks([])
@@ -93,11 +94,20 @@ def confusion_html(result) -> str:
         cells = []
         for j in used:
             n, share = matrix[i, j], matrix[i, j] / total
-            colour = (f"rgba(36,88,198,{0.12 + 0.88 * share:.2f})" if i == j else
-                      f"rgba(194,55,44,{0.15 + 0.85 * share:.2f})") if n else "#f7f8fa"
+            colour = (
+                (
+                    f"rgba(36,88,198,{0.12 + 0.88 * share:.2f})"
+                    if i == j
+                    else f"rgba(194,55,44,{0.15 + 0.85 * share:.2f})"
+                )
+                if n
+                else "#f7f8fa"
+            )
             ink = "#fff" if n and share > 0.5 else "#1d2433"
-            cells.append(f'<td style="background:{colour};color:{ink}" title="given {esc(result.regions[i])}, '
-                         f'predicted {esc(result.regions[j])}: {n}">{n or ""}</td>')
+            cells.append(
+                f'<td style="background:{colour};color:{ink}" title="given {esc(result.regions[i])}, '
+                f'predicted {esc(result.regions[j])}: {n}">{n or ""}</td>'
+            )
         body.append(f'<tr><th class="rowhead">{esc(result.regions[i])}</th>{"".join(cells)}</tr>')
     return f'<table class="cm"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -115,22 +125,32 @@ def region_counts_html(result) -> str:
         if given[k] + predicted[k] == 0:
             continue
         share = f"{issues[k] / given[k]:.0%}" if given[k] else ""
-        rows.append(f"<tr><td>{html.escape(result.regions[k])}</td><td class='num'>{given[k]}</td>"
-                    f"<td class='num'>{predicted[k]}</td><td class='num'>{issues[k]}</td><td class='num'>{share}</td>"
-                    f"<td class='num'>{into[k]}</td><td class='num'>{filled[k]}</td></tr>")
-    return ("<table><thead><tr><th>Region</th><th class='num'>Given</th><th class='num'>Predicted</th>"
-            "<th class='num'>Suspected errors (given here)</th><th class='num'>Share</th>"
-            "<th class='num'>Suggested into here</th><th class='num'>Filled-in labels</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+        rows.append(
+            f"<tr><td>{html.escape(result.regions[k])}</td><td class='num'>{given[k]}</td>"
+            f"<td class='num'>{predicted[k]}</td><td class='num'>{issues[k]}</td><td class='num'>{share}</td>"
+            f"<td class='num'>{into[k]}</td><td class='num'>{filled[k]}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>Region</th><th class='num'>Given</th><th class='num'>Predicted</th>"
+        "<th class='num'>Suspected errors (given here)</th><th class='num'>Share</th>"
+        "<th class='num'>Suggested into here</th><th class='num'>Filled-in labels</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _cards(counts: dict) -> str:
-    cards = [("images", "Images audited", ""), ("labelled", "With a given label", ""),
-             ("issues", "Suspected label errors", "bad"), ("out_of_domain", "Out of domain", "warn"),
-             ("unlabelled", "Without a label", ""), ("suggestions", "Labels suggested", "good"),
-             ("unreadable", "Unreadable files", "bad" if counts["unreadable"] else "")]
-    return "".join(f'<div class="card {cls}"><b>{counts[key]}</b><span>{label}</span></div>'
-                   for key, label, cls in cards)
+    cards = [
+        ("images", "Images audited", ""),
+        ("labelled", "With a given label", ""),
+        ("issues", "Suspected label errors", "bad"),
+        ("out_of_domain", "Out of domain", "warn"),
+        ("unlabelled", "Without a label", ""),
+        ("suggestions", "Labels suggested", "good"),
+        ("unreadable", "Unreadable files", "bad" if counts["unreadable"] else ""),
+    ]
+    return "".join(
+        f'<div class="card {cls}"><b>{counts[key]}</b><span>{label}</span></div>' for key, label, cls in cards
+    )
 
 
 def _issue_rows(result, order, thumbs, cams) -> str:
@@ -148,7 +168,8 @@ def _issue_rows(result, order, thumbs, cams) -> str:
             f'<td class="given">{esc(result.given_text(i))}</td><td class="suggested">{esc(region)}</td>'
             f'<td class="num" data-v="{confidence[i]:.4f}"><span class="bar" style="width:{40 * confidence[i]:.0f}px">'
             f'</span>{confidence[i]:.0%}</td><td class="num" data-v="{result.issue_score[i]:.4f}">'
-            f'{result.issue_score[i]:.3f}</td><td><input type="checkbox" checked aria-label="accept"></td></tr>')
+            f'{result.issue_score[i]:.3f}</td><td><input type="checkbox" checked aria-label="accept"></td></tr>'
+        )
     if not rows:
         return '<tr><td colspan="9" class="none">No suspected label errors.</td></tr>'
     return "".join(rows)
@@ -162,9 +183,12 @@ def _short(image: str) -> str:
 def _gallery(result, indices, thumbs, caption) -> str:
     if not len(indices):
         return '<p class="none">None.</p>'
-    figures = "".join(f'<figure><img class="thumb" alt="image" src="{thumbs[i]}"><figcaption>{caption(i)}<br>'
-                      f'{html.escape(Path(result.images[i]).name)}</figcaption></figure>'
-                      for i in indices if i in thumbs)
+    figures = "".join(
+        f'<figure><img class="thumb" alt="image" src="{thumbs[i]}"><figcaption>{caption(i)}<br>'
+        f"{html.escape(Path(result.images[i]).name)}</figcaption></figure>"
+        for i in indices
+        if i in thumbs
+    )
     more = len(indices) - sum(i in thumbs for i in indices)
     note = f'<p class="muted">{more} more in label_issues.csv.</p>' if more else ""
     return f'<div class="grid">{figures}</div>{note}'
@@ -178,10 +202,15 @@ def report_order(result) -> list[int]:
 def shown_indices(result, max_rows: int = 200) -> dict:
     """The images the report shows: suspected errors, out-of-domain and unlabelled ones, at most max_rows each."""
     order = report_order(result)
-    return {"issues": [i for i in order if result.is_issue[i]][:max_rows],
-            "ood": [i for i in order if result.out_of_domain[i]][:max_rows],
-            "unlabelled": [int(i) for i in np.argsort(-result.confidence, kind="stable")
-                           if not result.given[i] and not result.out_of_domain[i]][:max_rows]}
+    return {
+        "issues": [i for i in order if result.is_issue[i]][:max_rows],
+        "ood": [i for i in order if result.out_of_domain[i]][:max_rows],
+        "unlabelled": [
+            int(i)
+            for i in np.argsort(-result.confidence, kind="stable")
+            if not result.given[i] and not result.out_of_domain[i]
+        ][:max_rows],
+    }
 
 
 def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int = 200) -> str:
@@ -193,36 +222,53 @@ def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int 
     cam_uris = {i: png_uri(overlay(images[i], cams[i])) for i in issues if i in images and i in cams}
     regions = result.regions
     suggested = result.suggested_index
-    tsne = (f'<img class="plot" alt="t-SNE" src="{tsne_plot(tsne_xy, result)}">' if tsne_xy is not None
-            else '<p class="none">Too few images for a t-SNE plot.</p>')
+    tsne = (
+        f'<img class="plot" alt="t-SNE" src="{tsne_plot(tsne_xy, result)}">'
+        if tsne_xy is not None
+        else '<p class="none">Too few images for a t-SNE plot.</p>'
+    )
     errors = ""
     if result.errors:
         items = "".join(f"<li>{esc(str(e))}</li>" for e in result.errors[:500])
         errors = f'<section id="errors"><h2>Unreadable files ({len(result.errors)})</h2><ul>{items}</ul></section>'
     counts = result.counts()
     shown = f" (the {max_rows} most suspicious shown)" if counts["issues"] > max_rows else ""
-    method = {"ours": "as many as confident learning estimates, the lowest self-confidence first (RadRegion)",
-              "cleanlab": "cleanlab.filter.find_label_issues (confident learning)"}.get(result.method, result.method)
+    method = {
+        "ours": "as many as confident learning estimates, the lowest self-confidence first (RadRegion)",
+        "cleanlab": "cleanlab.filter.find_label_issues (confident learning)",
+    }.get(result.method, result.method)
     fields = {
         "title": esc(result.source),
-        "subtitle": esc(f"{result.source} · model {', '.join(result.models)} · "
-                        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+        "subtitle": esc(
+            f"{result.source} · model {', '.join(result.models)} · "
+            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        ),
         "cards": _cards(counts),
-        "method_note": esc(f"Probabilities: {result.probabilities_from}. Suspected errors: {method}{shown}. "
-                           "Out-of-domain images are listed apart and never counted as label errors."),
+        "method_note": esc(
+            f"Probabilities: {result.probabilities_from}. Suspected errors: {method}{shown}. "
+            "Out-of-domain images are listed apart and never counted as label errors."
+        ),
         "issue_rows": _issue_rows(result, issues, thumbs, cam_uris),
-        "unlabelled": _gallery(result, unlabelled, thumbs,
-                               lambda i: f"<b class='suggested'>{esc(regions[suggested[i]])}</b> "
-                                         f"{result.confidence[i]:.0%}"),
-        "ood": _gallery(result, ood, thumbs,
-                        lambda i: f"score {result.ood_score[i]:.2f}"
-                                  f"{' · given ' + esc(result.given_text(i)) if result.given[i] else ''}"),
+        "unlabelled": _gallery(
+            result,
+            unlabelled,
+            thumbs,
+            lambda i: f"<b class='suggested'>{esc(regions[suggested[i]])}</b> {result.confidence[i]:.0%}",
+        ),
+        "ood": _gallery(
+            result,
+            ood,
+            thumbs,
+            lambda i: (
+                f"score {result.ood_score[i]:.2f}{' · given ' + esc(result.given_text(i)) if result.given[i] else ''}"
+            ),
+        ),
         "confusion": confusion_html(result),
         "tsne": tsne,
         "region_counts": region_counts_html(result),
         "errors": errors,
         "footer": "RadRegion label audit. label_issues.csv holds every image, corrections.csv the accepted "
-                  "suggestions.",
+        "suggestions.",
     }
     text = TEMPLATE.read_text(encoding="utf-8")
     for key, value in fields.items():

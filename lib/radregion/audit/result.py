@@ -10,24 +10,24 @@ import numpy as np
 
 @dataclass
 class AuditResult:
-    images: list[str]              # the image as written in the CSVs
+    images: list[str]  # the image as written in the CSVs
     paths: list[Path]
     patient_ids: list[str | None]
-    regions: list[str]             # class names, columns of pred_probs
-    given: list[tuple[str, ...]]   # given regions per image; () = no given label
-    given_index: np.ndarray        # (N,) the given class the model finds likeliest; -1 = none
-    pred_probs: np.ndarray         # (N, C) out-of-fold probabilities
-    issue_score: np.ndarray        # (N,) in [0, 1]; NaN without a given label
-    is_issue: np.ndarray           # (N,) bool
-    ood_score: np.ndarray          # (N,)
-    out_of_domain: np.ndarray      # (N,) bool
+    regions: list[str]  # class names, columns of pred_probs
+    given: list[tuple[str, ...]]  # given regions per image; () = no given label
+    given_index: np.ndarray  # (N,) the given class the model finds likeliest; -1 = none
+    pred_probs: np.ndarray  # (N, C) out-of-fold probabilities
+    issue_score: np.ndarray  # (N,) in [0, 1]; NaN without a given label
+    is_issue: np.ndarray  # (N,) bool
+    ood_score: np.ndarray  # (N,)
+    out_of_domain: np.ndarray  # (N,) bool
     features: np.ndarray | None = None
     method: str = "ours"
     probabilities_from: str = ""
     models: list[str] = field(default_factory=list)
     errors: list = field(default_factory=list)  # RadiographError per unreadable file
     source: str = ""
-    min_confidence: float = 0.5    # to accept a suggestion for an image without a label
+    min_confidence: float = 0.5  # to accept a suggestion for an image without a label
 
     @property
     def suggested_index(self) -> np.ndarray:
@@ -50,19 +50,35 @@ class AuditResult:
 
     def rows(self) -> list[dict]:
         suggested = self.suggested_index
-        return [{"image": self.images[i], "given_label": self.given_text(i),
-                 "suggested_label": self.regions[suggested[i]], "issue_score": float(self.issue_score[i]),
-                 "is_issue": bool(self.is_issue[i]), "ood_score": float(self.ood_score[i]),
-                 "out_of_domain": bool(self.out_of_domain[i]), "confidence": float(self.confidence[i])}
-                for i in range(len(self.images))]
+        return [
+            {
+                "image": self.images[i],
+                "given_label": self.given_text(i),
+                "suggested_label": self.regions[suggested[i]],
+                "issue_score": float(self.issue_score[i]),
+                "is_issue": bool(self.is_issue[i]),
+                "ood_score": float(self.ood_score[i]),
+                "out_of_domain": bool(self.out_of_domain[i]),
+                "confidence": float(self.confidence[i]),
+            }
+            for i in range(len(self.images))
+        ]
 
     def corrections(self) -> list[dict]:
         suggested = self.suggested_index
-        return [{"image": self.paths[i], "labels": self.regions[suggested[i]], "PatientID": self.patient_ids[i]}
-                for i in np.flatnonzero(self.accepted())]
+        return [
+            {"image": self.paths[i], "labels": self.regions[suggested[i]], "PatientID": self.patient_ids[i]}
+            for i in np.flatnonzero(self.accepted())
+        ]
 
     def counts(self) -> dict:
         unlabelled = self.unlabelled
-        return {"images": len(self.images), "labelled": int((~unlabelled).sum()), "unlabelled": int(unlabelled.sum()),
-                "issues": int(self.is_issue.sum()), "out_of_domain": int(self.out_of_domain.sum()),
-                "suggestions": int((self.accepted() & unlabelled).sum()), "unreadable": len(self.errors)}
+        return {
+            "images": len(self.images),
+            "labelled": int((~unlabelled).sum()),
+            "unlabelled": int(unlabelled.sum()),
+            "issues": int(self.is_issue.sum()),
+            "out_of_domain": int(self.out_of_domain.sum()),
+            "suggestions": int((self.accepted() & unlabelled).sum()),
+            "unreadable": len(self.errors),
+        }

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from radregion.atomic import atomic_write
 
-AUDIT_COLUMNS = ("image", "given_label", "suggested_label", "issue_score", "is_issue", "ood_score",
-                 "out_of_domain")
+AUDIT_COLUMNS = ("image", "given_label", "suggested_label", "issue_score", "is_issue", "ood_score", "out_of_domain")
 CORRECTION_COLUMNS = ("image", "labels", "PatientID")
 
 

@@ -12,13 +12,16 @@ from radregion.errors import RadiographError
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "apply-corrections", help="write corrected labels (CSV, and optionally relabelled DICOM copies)",
+        "apply-corrections",
+        help="write corrected labels (CSV, and optionally relabelled DICOM copies)",
         description="Apply corrections.csv (image,labels[,PatientID], as written by `radregion audit`) to a "
-                    "labels CSV, and optionally write DICOM copies with BodyPartExamined set.")
+        "labels CSV, and optionally write DICOM copies with BodyPartExamined set.",
+    )
     parser.add_argument("--corrections", required=True, metavar="CSV", help="corrections.csv of an audit")
     parser.add_argument("--labels", metavar="CSV", help="the labels CSV to correct (its other columns are kept)")
-    parser.add_argument("--images-root", metavar="DIR", help="folder the image paths of --labels are relative to "
-                                                             "(default: its folder)")
+    parser.add_argument(
+        "--images-root", metavar="DIR", help="folder the image paths of --labels are relative to (default: its folder)"
+    )
     parser.add_argument("--output", required=True, metavar="CSV", help="the corrected labels CSV")
     parser.add_argument("--dicom-out", metavar="DIR", help="write relabelled copies of corrected DICOM files here")
     parser.add_argument("--taxonomy", default="unifesp22", help="taxonomy of the region names (default unifesp22)")
@@ -32,8 +35,10 @@ def run(args) -> int:
     taxonomy = load_taxonomy(args.taxonomy)
     fixes = read_labels_csv(args.corrections, taxonomy=taxonomy, check_files=bool(args.dicom_out), allow_empty=True)
     if not fixes:
-        print(f"radregion apply-corrections: {args.corrections} lists no corrections (the audit found nothing to "
-              f"correct): nothing to do, {args.output} not written")
+        print(
+            f"radregion apply-corrections: {args.corrections} lists no corrections (the audit found nothing to "
+            f"correct): nothing to do, {args.output} not written"
+        )
         return 0
     pending = {fix.path.resolve(): fix for fix in fixes}
     changed = 0
@@ -53,8 +58,10 @@ def run(args) -> int:
 
     if args.dicom_out:
         written, skipped = write_dicom_copies(fixes, taxonomy, Path(args.dicom_out))
-        print(f"{args.dicom_out}: {written} relabelled DICOM copies"
-              + (f" ({skipped} corrected images are not DICOM or have no BodyPartExamined term)" if skipped else ""))
+        print(
+            f"{args.dicom_out}: {written} relabelled DICOM copies"
+            + (f" ({skipped} corrected images are not DICOM or have no BodyPartExamined term)" if skipped else "")
+        )
     return 0
 
 
@@ -80,8 +87,11 @@ def write_dicom_copies(fixes, taxonomy, out: Path) -> tuple[int, int]:
             continue
         term = taxonomy.body_part_term(fix.labels[0])
         if term is None:
-            print(f"radregion apply-corrections: {fix.path}: DICOM has no BodyPartExamined term for "
-                  f"{fix.labels[0]}; no copy", file=sys.stderr)
+            print(
+                f"radregion apply-corrections: {fix.path}: DICOM has no BodyPartExamined term for "
+                f"{fix.labels[0]}; no copy",
+                file=sys.stderr,
+            )
             skipped += 1
             continue
         target, n = out / fix.path.name, 1

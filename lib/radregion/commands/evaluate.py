@@ -8,19 +8,33 @@ from pathlib import Path
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "evaluate", help="measure a model on labelled images",
+        "evaluate",
+        help="measure a model on labelled images",
         description="Top-1 (an image with several regions is right if the prediction is any of them), macro "
-                    "recall, per-region recall, bootstrap 95% CIs (patients resampled), a confusion-matrix PNG, "
-                    "and the out-of-domain AUROC when the labels include out-of-domain images (Others).")
-    parser.add_argument("--model", action="append", metavar="BUNDLE",
-                        help="bundle (default: the shipped model); repeat to evaluate an ensemble")
+        "recall, per-region recall, bootstrap 95% CIs (patients resampled), a confusion-matrix PNG, "
+        "and the out-of-domain AUROC when the labels include out-of-domain images (Others).",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="BUNDLE",
+        help="bundle (default: the shipped model); repeat to evaluate an ensemble",
+    )
     parser.add_argument("--labels", required=True, metavar="CSV")
     parser.add_argument("--images-root", metavar="DIR", help="default: the CSV's folder")
-    parser.add_argument("--output", default="evaluation", metavar="DIR",
-                        help="writes figures.json, confusion.png, predictions.csv here (default ./evaluation)")
-    parser.add_argument("--exclude-regions", nargs="+", default=[], metavar="REGION",
-                        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): scored "
-                             "by the OOD flag only")
+    parser.add_argument(
+        "--output",
+        default="evaluation",
+        metavar="DIR",
+        help="writes figures.json, confusion.png, predictions.csv here (default ./evaluation)",
+    )
+    parser.add_argument(
+        "--exclude-regions",
+        nargs="+",
+        default=[],
+        metavar="REGION",
+        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): scored by the OOD flag only",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="resamples for the CIs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -47,45 +61,69 @@ def run(args) -> int:
     exclude = taxonomy.check_names(args.exclude_regions, "--exclude-regions")
     # missing files count as unreadable; labels the model's taxonomy does not know are an error
     items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy, check_files=False)
-    predictor = Predictor(bundles if len(bundles) > 1 else bundles[0], workers=args.workers,
-                          precision=args.precision)
+    predictor = Predictor(bundles if len(bundles) > 1 else bundles[0], workers=args.workers, precision=args.precision)
     for bundle in bundles:
         seen, sources, _ = labelled_images(bundle, include_head=True)
         overlap = sum(item.path.resolve() in seen for item in items)
         if overlap:
-            print(f"radregion evaluate: warning: {bundle.path} was trained with labels from {', '.join(sources)}, "
-                  f"which list {overlap} of these {len(items)} images: the figures are in-sample for them (evaluate "
-                  "on a held-out split)", file=sys.stderr)
+            print(
+                f"radregion evaluate: warning: {bundle.path} was trained with labels from {', '.join(sources)}, "
+                f"which list {overlap} of these {len(items)} images: the figures are in-sample for them (evaluate "
+                "on a held-out split)",
+                file=sys.stderr,
+            )
     predictions = list(predictor.predict([it.path for it in items], batch_size=args.batch_size, progress=True))
     ood_regions = out_of_domain_regions(taxonomy, exclude)
     figures = evaluate_predictions(predictions, items, predictor.regions, ood_regions, args.bootstrap, args.seed)
-    figures.update({"model": [str(m) for m in models], "model_version": predictor.version,
-                    "labels": str(args.labels), "precision": args.precision})
+    figures.update(
+        {
+            "model": [str(m) for m in models],
+            "model_version": predictor.version,
+            "labels": str(args.labels),
+            "precision": args.precision,
+        }
+    )
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     write_json(figures, out / "figures.json")
-    plot_confusion(np.array(figures["confusion"]["matrix"]), figures["confusion"]["regions"], out / "confusion.png",
-                   title=f"{Path(str(models[0])).name}: top-1 {figures['top1']:.3f}")
+    plot_confusion(
+        np.array(figures["confusion"]["matrix"]),
+        figures["confusion"]["regions"],
+        out / "confusion.png",
+        title=f"{Path(str(models[0])).name}: top-1 {figures['top1']:.3f}",
+    )
     with atomic_write(out / "predictions.csv", "w", encoding="utf-8", newline="") as handle:
         write_predictions(predictions, predictor.regions, handle)
 
     ci = figures.get("ci95", {})
     ood = figures["out_of_domain"]
-    lines = [f"images: {figures['n_images']} in-domain ({len(figures['unreadable'])} unreadable), "
-             f"{ood['n_out_of_domain']} out-of-domain",
-             f"top-1: {figures['top1']:.3f} {_ci(ci.get('top1'))}",
-             f"macro recall: {figures['macro_recall']:.3f} {_ci(ci.get('macro_recall'))}"]
+    lines = [
+        f"images: {figures['n_images']} in-domain ({len(figures['unreadable'])} unreadable), "
+        f"{ood['n_out_of_domain']} out-of-domain",
+        f"top-1: {figures['top1']:.3f} {_ci(ci.get('top1'))}",
+        f"macro recall: {figures['macro_recall']:.3f} {_ci(ci.get('macro_recall'))}",
+    ]
     if ood["auroc"] is not None:
-        lines.append(f"OOD AUROC: {ood['auroc']:.3f}; flagged: {ood['flagged_out_of_domain']:.2f} of out-of-domain, "
-                     f"{ood['flagged_in_domain']:.2f} of in-domain")
-    lines.append("per-region recall: " + ", ".join(
-        f"{r} {v:.2f} (n={figures['per_region_count'][r]})"
-        for r, v in figures["per_region_recall"].items() if v is not None))
+        lines.append(
+            f"OOD AUROC: {ood['auroc']:.3f}; flagged: {ood['flagged_out_of_domain']:.2f} of out-of-domain, "
+            f"{ood['flagged_in_domain']:.2f} of in-domain"
+        )
+    lines.append(
+        "per-region recall: "
+        + ", ".join(
+            f"{r} {v:.2f} (n={figures['per_region_count'][r]})"
+            for r, v in figures["per_region_recall"].items()
+            if v is not None
+        )
+    )
     lines.append(f"written: {out / 'figures.json'}, {out / 'confusion.png'}, {out / 'predictions.csv'}")
     print("\n".join(lines))
-    print_problems("evaluate", [f"{e['path']}: {e['error']}" for e in figures["unreadable"]],
-                   where_all=f" (all in {out / 'figures.json'})")
+    print_problems(
+        "evaluate",
+        [f"{e['path']}: {e['error']}" for e in figures["unreadable"]],
+        where_all=f" (all in {out / 'figures.json'})",
+    )
     return 0
 
 

@@ -9,44 +9,73 @@ from pathlib import Path
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "fit-head", help="fit a linear head (and the out-of-domain detector) on labelled images",
+        "fit-head",
+        help="fit a linear head (and the out-of-domain detector) on labelled images",
         description="Fit a multinomial logistic-regression head on frozen features of a bundle's backbone and "
-                    "calibrate the out-of-domain score on patient-grouped held-out folds. Images of "
-                    "out-of-domain regions (Others) never go in the head; they measure the OOD AUROC.")
+        "calibrate the out-of-domain score on patient-grouped held-out folds. Images of "
+        "out-of-domain regions (Others) never go in the head; they measure the OOD AUROC.",
+    )
     parser.add_argument("--model", metavar="BUNDLE", help="bundle with the backbone (default: the shipped model)")
     parser.add_argument("--labels", required=True, metavar="CSV", help="labels CSV (image,labels,PatientID,...)")
-    parser.add_argument("--images-root", metavar="DIR", help="folder the CSV's image paths are relative to "
-                                                             "(default: the CSV's folder)")
+    parser.add_argument(
+        "--images-root", metavar="DIR", help="folder the CSV's image paths are relative to (default: the CSV's folder)"
+    )
     few = parser.add_mutually_exclusive_group()
     few.add_argument("--per-class", type=int, metavar="K", help="use K labelled images per region")
     few.add_argument("--fraction", type=float, metavar="F", help="use this fraction of the labelled images")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
-    parser.add_argument("--exclude-regions", nargs="+", default=[], metavar="REGION",
-                        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): kept out "
-                             "of the head, used for the OOD AUROC")
-    parser.add_argument("--taxonomy", metavar="NAME_OR_FILE",
-                        help="the region names the labels may use: a built-in taxonomy (unifesp22, paper14) or a "
-                             "JSON/YAML file (default: the bundle's taxonomy)")
+    parser.add_argument(
+        "--exclude-regions",
+        nargs="+",
+        default=[],
+        metavar="REGION",
+        help="more out-of-domain regions besides the taxonomy's own (Others in unifesp22): kept out "
+        "of the head, used for the OOD AUROC",
+    )
+    parser.add_argument(
+        "--taxonomy",
+        metavar="NAME_OR_FILE",
+        help="the region names the labels may use: a built-in taxonomy (unifesp22, paper14) or a "
+        "JSON/YAML file (default: the bundle's taxonomy)",
+    )
     parser.add_argument("--C", type=float, default=None, dest="C", help="inverse L2 strength (default 0.5)")
     parser.add_argument("--no-class-balance", action="store_true", help="do not weight regions by 1/frequency")
     parser.add_argument("--fine-tune", action="store_true", help="fine-tune the whole backbone first (slow)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of --fine-tune (default 5)")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="peak learning rate of --fine-tune's one-cycle schedule (default 1e-4, a gentle "
-                             "update; the default model: 1e-3 for 80 epochs from its SupCon backbone)")
-    parser.add_argument("--class-weights", choices=("sqrt", "balanced", "none"), default="sqrt",
-                        help="--fine-tune's loss weight per region: sqrt (default) or fully balanced inverse "
-                             "frequency, or none")
-    parser.add_argument("--outlier-exposure", action="store_true",
-                        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="peak learning rate of --fine-tune's one-cycle schedule (default 1e-4, a gentle "
+        "update; the default model: 1e-3 for 80 epochs from its SupCon backbone)",
+    )
+    parser.add_argument(
+        "--class-weights",
+        choices=("sqrt", "balanced", "none"),
+        default="sqrt",
+        help="--fine-tune's loss weight per region: sqrt (default) or fully balanced inverse frequency, or none",
+    )
+    parser.add_argument(
+        "--outlier-exposure",
+        action="store_true",
+        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
+    )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ...")
-    parser.add_argument("--size", type=int, metavar="PX",
-                        help="input size of the new bundle (default: the backbone's; a ResNet takes any size)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        metavar="PX",
+        help="input size of the new bundle (default: the backbone's; a ResNet takes any size)",
+    )
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
-    parser.add_argument("--licence", default="unknown", metavar="TEXT",
-                        help="the terms under which the labelled images may be used (recorded in the bundle with "
-                             "the backbone's; default unknown)")
+    parser.add_argument(
+        "--licence",
+        default="unknown",
+        metavar="TEXT",
+        help="the terms under which the labelled images may be used (recorded in the bundle with "
+        "the backbone's; default unknown)",
+    )
     parser.add_argument("--output", required=True, metavar="BUNDLE", help="the new bundle (replaced atomically)")
     return parser
 
@@ -80,26 +109,48 @@ def run(args) -> int:
         if not 0 < args.fraction <= 1:
             raise ValueError("--fraction must be in (0, 1]")
         in_domain = sample_fraction(in_domain, args.fraction, seed=args.seed)
-    sampling = (f"{args.per_class} per region" if args.per_class is not None
-                else f"fraction {args.fraction}" if args.fraction is not None else "all")
-    data = (f"{Path(args.labels).resolve()} ({sampling}, seed {args.seed}): {len(in_domain)} in-domain images, "
-            f"{len(out_domain)} out-of-domain images for OOD evaluation")
+    sampling = (
+        f"{args.per_class} per region"
+        if args.per_class is not None
+        else f"fraction {args.fraction}"
+        if args.fraction is not None
+        else "all"
+    )
+    data = (
+        f"{Path(args.labels).resolve()} ({sampling}, seed {args.seed}): {len(in_domain)} in-domain images, "
+        f"{len(out_domain)} out-of-domain images for OOD evaluation"
+    )
     print(f"radregion fit-head: {data}", file=sys.stderr)
-    result = train_head(bundle, in_domain + out_domain, args.output, exclude_regions=args.exclude_regions,
-                        class_balanced=not args.no_class_balance, C=args.C if args.C is not None else DEFAULT_C,
-                        seed=args.seed, fine_tune_epochs=args.epochs if args.fine_tune else 0, fine_tune_lr=args.lr,
-                        class_weights=args.class_weights, outlier_exposure=args.outlier_exposure, device=args.device,
-                        data=data, command=command_line(args),
-                        workers=args.workers, progress=True, half_backbone=True if args.half else None)
+    result = train_head(
+        bundle,
+        in_domain + out_domain,
+        args.output,
+        exclude_regions=args.exclude_regions,
+        class_balanced=not args.no_class_balance,
+        C=args.C if args.C is not None else DEFAULT_C,
+        seed=args.seed,
+        fine_tune_epochs=args.epochs if args.fine_tune else 0,
+        fine_tune_lr=args.lr,
+        class_weights=args.class_weights,
+        outlier_exposure=args.outlier_exposure,
+        device=args.device,
+        data=data,
+        command=command_line(args),
+        workers=args.workers,
+        progress=True,
+        half_backbone=True if args.half else None,
+    )
     cv = result.meta["metrics"]["cross_validated"]
     ood = result.meta["metrics"]["ood"]
     ci = cv.get("ci95", {})
     auroc = ood["auroc_others"].get(ood["method"])
-    print(f"radregion fit-head: {len(result.regions)} regions; cross-validated top-1 {cv['top1']:.3f} "
-          f"{_ci(ci.get('top1'))}, macro recall {cv['macro_recall']:.3f} {_ci(ci.get('macro_recall'))}; "
-          f"OOD {ood['method']} AUROC on out-of-domain images "
-          f"{'n/a' if auroc is None else f'{auroc:.3f}'} -> {result.path} (version {result.version})",
-          file=sys.stderr)
+    print(
+        f"radregion fit-head: {len(result.regions)} regions; cross-validated top-1 {cv['top1']:.3f} "
+        f"{_ci(ci.get('top1'))}, macro recall {cv['macro_recall']:.3f} {_ci(ci.get('macro_recall'))}; "
+        f"OOD {ood['method']} AUROC on out-of-domain images "
+        f"{'n/a' if auroc is None else f'{auroc:.3f}'} -> {result.path} (version {result.version})",
+        file=sys.stderr,
+    )
     seen = backbone_saw(bundle, in_domain)
     if seen:
         print(f"radregion fit-head: note: {seen}", file=sys.stderr)
@@ -116,20 +167,35 @@ def backbone_saw(bundle, items) -> str | None:
         return None
     overlap = sum(item.path.resolve() in seen for item in items)
     if overlap:
-        return (f"the backbone was trained with labels from {', '.join(sources)}, which list {overlap} of these "
-                f"{len(items)} in-domain images: the cross-validated figures above are optimistic (only the head "
-                "was held out); measure the model with `radregion evaluate` on images it has not seen")
+        return (
+            f"the backbone was trained with labels from {', '.join(sources)}, which list {overlap} of these "
+            f"{len(items)} in-domain images: the cross-validated figures above are optimistic (only the head "
+            "was held out); measure the model with `radregion evaluate` on images it has not seen"
+        )
     if unreadable:
-        return (f"the backbone was trained with the labels of {', '.join(unreadable)}, which cannot be read here: "
-                "if these images are among them, the cross-validated figures above are optimistic")
+        return (
+            f"the backbone was trained with the labels of {', '.join(unreadable)}, which cannot be read here: "
+            "if these images are among them, the cross-validated figures above are optimistic"
+        )
     return None
 
 
 def command_line(args) -> str:
     """The command as it could be typed again (rebuilt from the parsed options)."""
     parts = ["radregion", "fit-head"]
-    for option in ("model", "labels", "images_root", "per_class", "fraction", "seed", "C", "epochs", "size",
-                   "taxonomy", "output"):
+    for option in (
+        "model",
+        "labels",
+        "images_root",
+        "per_class",
+        "fraction",
+        "seed",
+        "C",
+        "epochs",
+        "size",
+        "taxonomy",
+        "output",
+    ):
         value = getattr(args, option)
         if value is not None and not (option == "epochs" and not args.fine_tune):
             parts += [f"--{option.replace('_', '-')}", str(value)]

@@ -12,19 +12,29 @@ from radregion.prediction_csv import COLUMNS, write_predictions  # noqa: F401  (
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "predict", help="predict the anatomical region of radiographs",
+        "predict",
+        help="predict the anatomical region of radiographs",
         description="Predict the region of each radiograph (files or folders, recursive; DICOM, PNG, JPEG, "
-                    "ITK formats). Unreadable files get their reason in the error column; the exit status is "
-                    "non-zero only when nothing could be read.")
+        "ITK formats). Unreadable files get their reason in the error column; the exit status is "
+        "non-zero only when nothing could be read.",
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders")
-    parser.add_argument("--model", action="append", metavar="BUNDLE",
-                        help="model bundle (default: $RADREGION_MODEL or the shipped model); repeat to ensemble")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="BUNDLE",
+        help="model bundle (default: $RADREGION_MODEL or the shipped model); repeat to ensemble",
+    )
     parser.add_argument("--output", "-o", metavar="CSV", help="write the CSV here (atomically); default stdout")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N")
     parser.add_argument("--workers", type=int, default=2, metavar="N", help="decoding processes (0: in-process)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--precision", choices=("auto", "fp32"), default="auto",
-                        help="auto: bf16 on CPU, fp16 on GPU; fp32: full precision")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32"),
+        default="auto",
+        help="auto: bf16 on CPU, fp16 on GPU; fp32: full precision",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
@@ -59,8 +69,9 @@ def run(args) -> int:
 
     models = [resolve_model(m) for m in args.model] if args.model else [resolve_model()]
     paths, input_errors = collect_inputs(args.inputs)
-    predictor = Predictor(models if len(models) > 1 else models[0], device=args.device, workers=args.workers,
-                          precision=args.precision)
+    predictor = Predictor(
+        models if len(models) > 1 else models[0], device=args.device, workers=args.workers, precision=args.precision
+    )
 
     def predictions():
         for path, problem in input_errors.items():
@@ -74,9 +85,12 @@ def run(args) -> int:
         counts = write_predictions(predictions(), predictor.regions, sys.stdout)
         sys.stdout.flush()
     unreadable = counts["total"] - counts["read"]
-    print(f"radregion predict: {counts['read']} of {counts['total']} images predicted, {unreadable} unreadable, "
-          f"{counts['out_of_domain']} out of domain (model {predictor.version})"
-          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+    print(
+        f"radregion predict: {counts['read']} of {counts['total']} images predicted, {unreadable} unreadable, "
+        f"{counts['out_of_domain']} out of domain (model {predictor.version})"
+        + (f" -> {args.output}" if args.output else ""),
+        file=sys.stderr,
+    )
     print_problems("predict", counts["errors"], where_all=" (every reason is in the CSV's error column)")
     if counts["read"] == 0:
         print("radregion predict: error: no image could be read", file=sys.stderr)

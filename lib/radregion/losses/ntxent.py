@@ -11,8 +11,9 @@ def ntxent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) ->
     For anchor i with positive j: -log(exp(s_ij / t) / sum_{k != i} exp(s_ik / t)), s = cosine similarity.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"ntxent_loss wants two (N, D) tensors of the same shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}")
+        raise ValueError(
+            f"ntxent_loss wants two (N, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     logits = z @ z.T / temperature

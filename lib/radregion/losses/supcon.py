@@ -13,8 +13,9 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     its own: its other view is then its only positive, which is NT-Xent for that anchor.
     """
     if features.ndim != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"supcon_loss wants (M, D) features and (M,) labels, got {tuple(features.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"supcon_loss wants (M, D) features and (M,) labels, got {tuple(features.shape)} and {tuple(labels.shape)}"
+        )
     z = F.normalize(features.float(), dim=1)
     logits = z @ z.T / temperature
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)

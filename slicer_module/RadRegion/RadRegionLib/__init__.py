@@ -8,7 +8,18 @@ from .results import CaseResult, ServerSummary, parse_infer, parse_summary, trai
 from .review import Decision, Outbox, QUEUES, ReviewSession, server_work_dir
 
 __all__ = [
-    "RadRegionClient", "ServerError", "ServerUnreachable", "RequestRejected",
-    "CaseResult", "ServerSummary", "parse_infer", "parse_summary", "train_status_text",
-    "Decision", "Outbox", "QUEUES", "ReviewSession", "server_work_dir",
+    "RadRegionClient",
+    "ServerError",
+    "ServerUnreachable",
+    "RequestRejected",
+    "CaseResult",
+    "ServerSummary",
+    "parse_infer",
+    "parse_summary",
+    "train_status_text",
+    "Decision",
+    "Outbox",
+    "QUEUES",
+    "ReviewSession",
+    "server_work_dir",
 ]

@@ -71,8 +71,14 @@ class RadRegionClient:
     def infer(self, image: str, model: str = MODEL) -> dict:
         body, content_type = encode_multipart({"params": "{}"})
         # the first inference loads the model: allow it more time than a plain request
-        return self._json("POST", f"/infer/{quote(model)}", {"image": image, "output": "json"},
-                          body=body, content_type=content_type, timeout=max(self.timeout, 120.0))
+        return self._json(
+            "POST",
+            f"/infer/{quote(model)}",
+            {"image": image, "output": "json"},
+            body=body,
+            content_type=content_type,
+            timeout=max(self.timeout, 120.0),
+        )
 
     def download_image(self, image: str, dest_dir: str) -> str:
         """Save the image file into dest_dir (atomically) and return its path."""
@@ -86,8 +92,16 @@ class RadRegionClient:
         atomic_write(path, data)
         return path
 
-    def submit_label(self, image: str, region: Optional[str], out_of_domain: bool = False,
-                     annotator: str = "", comment: str = "", tag: str = FINAL, extra: Optional[dict] = None) -> dict:
+    def submit_label(
+        self,
+        image: str,
+        region: Optional[str],
+        out_of_domain: bool = False,
+        annotator: str = "",
+        comment: str = "",
+        tag: str = FINAL,
+        extra: Optional[dict] = None,
+    ) -> dict:
         """`extra`: more fields of the label JSON (an undo's `undo_of`, `undone_by`, `saved_at`)."""
         label = {"region": region, "out_of_domain": bool(out_of_domain), "annotator": annotator, "comment": comment}
         label.update({k: v for k, v in (extra or {}).items() if v not in (None, "")})
@@ -95,8 +109,7 @@ class RadRegionClient:
             {"params": json.dumps(label)},
             files={"label": ("label.json", json.dumps(label).encode("utf-8"), "application/json")},
         )
-        return self._json("PUT", "/datastore/label", {"image": image, "tag": tag}, body=body,
-                          content_type=content_type)
+        return self._json("PUT", "/datastore/label", {"image": image, "tag": tag}, body=body, content_type=content_type)
 
     def get_label(self, image: str, tag: str = FINAL) -> Optional[dict]:
         """The label JSON saved for an image, or None when it has none."""
@@ -135,8 +148,9 @@ class RadRegionClient:
         try:
             return json.loads(data.decode("utf-8"))
         except ValueError:
-            raise ServerError(f"{method} {path}: the server at {self.url} did not answer JSON "
-                              f"(is this a RadRegion server?)") from None
+            raise ServerError(
+                f"{method} {path}: the server at {self.url} did not answer JSON (is this a RadRegion server?)"
+            ) from None
 
     def _request(self, method, path, query=None, body=None, content_type=None, timeout=None):
         """(headers, body bytes); every failure becomes a ServerError that says what happened."""
@@ -156,8 +170,10 @@ class RadRegionClient:
         except (URLError, ConnectionError, socket.timeout, OSError) as error:
             reason = getattr(error, "reason", error)
             if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise ServerUnreachable(f"no answer from the RadRegion server at {self.url} within "
-                                        f"{timeout or self.timeout:.0f} s ({method} {path})") from None
+                raise ServerUnreachable(
+                    f"no answer from the RadRegion server at {self.url} within "
+                    f"{timeout or self.timeout:.0f} s ({method} {path})"
+                ) from None
             raise ServerUnreachable(f"cannot reach the RadRegion server at {self.url} ({reason})") from None
 
 
@@ -166,12 +182,20 @@ def encode_multipart(fields: dict, files: Optional[dict] = None):
     boundary = uuid.uuid4().hex
     lines = []
     for name, value in fields.items():
-        lines += [f"--{boundary}".encode(), f'Content-Disposition: form-data; name="{name}"'.encode(), b"",
-                  str(value).encode("utf-8")]
+        lines += [
+            f"--{boundary}".encode(),
+            f'Content-Disposition: form-data; name="{name}"'.encode(),
+            b"",
+            str(value).encode("utf-8"),
+        ]
     for name, (filename, data, content_type) in (files or {}).items():
-        lines += [f"--{boundary}".encode(),
-                  f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode(),
-                  f"Content-Type: {content_type}".encode(), b"", data]
+        lines += [
+            f"--{boundary}".encode(),
+            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode(),
+            f"Content-Type: {content_type}".encode(),
+            b"",
+            data,
+        ]
     lines += [f"--{boundary}--".encode(), b""]
     return b"\r\n".join(lines), f"multipart/form-data; boundary={boundary}"
 
@@ -209,16 +233,22 @@ def _rejection_text(method, path, status, detail) -> str:
             f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg', '')}" if isinstance(d, dict) else str(d)
             for d in detail
         )
-    what = {401: "not authorised (check the token)", 403: "forbidden for this user (check the token)",
-            404: "not found", 422: "refused", 429: "busy"}.get(status, "failed")
+    what = {
+        401: "not authorised (check the token)",
+        403: "forbidden for this user (check the token)",
+        404: "not found",
+        422: "refused",
+        429: "busy",
+    }.get(status, "failed")
     return f"{method} {path} {what} (HTTP {status}): {detail}"
 
 
 def _attachment_name(disposition: Optional[str]) -> Optional[str]:
     if not disposition:
         return None
-    match = re.search(r"filename\*=(?:UTF-8'')?([^;]+)", disposition) or re.search(r'filename="?([^";]+)"?',
-                                                                                   disposition)
+    match = re.search(r"filename\*=(?:UTF-8'')?([^;]+)", disposition) or re.search(
+        r'filename="?([^";]+)"?', disposition
+    )
     return unquote(match.group(1).strip()) if match else None
 
 

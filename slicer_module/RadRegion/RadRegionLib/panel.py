@@ -121,7 +121,7 @@ def elide_middle(text: str, limit: int = 44) -> str:
     if len(text) <= limit:
         return text
     head = (limit - 1) // 2
-    return f"{text[:head]}…{text[len(text) - (limit - 1 - head):]}"
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
 
 
 def _button_text(session: ReviewSession) -> str:
@@ -139,5 +139,7 @@ def _percent(score: float) -> str:
 
 
 def _summary_text(summary: ServerSummary) -> str:
-    return (f"Model {summary.model_version or 'unknown'} · {len(summary.regions)} regions\n"
-            f"{summary.confirmed} of {summary.total} images confirmed")
+    return (
+        f"Model {summary.model_version or 'unknown'} · {len(summary.regions)} regions\n"
+        f"{summary.confirmed} of {summary.total} images confirmed"
+    )

@@ -85,16 +85,17 @@ class ServerSummary:
     @property
     def text(self) -> str:
         version = self.model_version or "unknown"
-        return (f"Connected to {self.app_name or 'server'} at {self.url}: model {version}, "
-                f"{len(self.regions)} regions, {self.confirmed} of {self.total} images confirmed")
+        return (
+            f"Connected to {self.app_name or 'server'} at {self.url}: model {version}, "
+            f"{len(self.regions)} regions, {self.confirmed} of {self.total} images confirmed"
+        )
 
 
 def parse_infer(answer: dict, image: str = "", top: int = 5) -> CaseResult:
     """Parse the infer answer; the prediction list may come in any order."""
     answer = answer or {}
     predictions = [p for p in answer.get("prediction") or [] if isinstance(p, dict)]
-    ranked = sorted(((str(p.get("label")), float(p.get("score", 0.0))) for p in predictions),
-                    key=lambda item: -item[1])
+    ranked = sorted(((str(p.get("label")), float(p.get("score", 0.0))) for p in predictions), key=lambda item: -item[1])
     in_order = sorted(predictions, key=lambda p: p.get("idx", 0) if isinstance(p.get("idx"), int) else 0)
     pacs_label = answer.get("pacs_label") or None
     pacs_labels = [str(r) for r in answer.get("pacs_labels") or [] if r] or ([pacs_label] if pacs_label else [])

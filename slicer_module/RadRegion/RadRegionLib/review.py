@@ -72,8 +72,9 @@ class Decision:
         if not label:
             return self.action == "delete"
         if self.out_of_domain or label.get("out_of_domain"):
-            return bool(label.get("out_of_domain")) == self.out_of_domain and \
-                (label.get("region") or None) == (self.region or None)
+            return bool(label.get("out_of_domain")) == self.out_of_domain and (label.get("region") or None) == (
+                self.region or None
+            )
         return label.get("region") == self.region
 
 
@@ -162,8 +163,7 @@ class ReviewSession:
     The methods block on the server: a UI calls them off its own thread (RadRegionLib.tasks), one at a time.
     """
 
-    def __init__(self, client: RadRegionClient, work_dir: str, annotator: Optional[str] = None,
-                 prefetch: bool = False):
+    def __init__(self, client: RadRegionClient, work_dir: str, annotator: Optional[str] = None, prefetch: bool = False):
         self.client = client
         self.work_dir = work_dir
         self.annotator = annotator if annotator is not None else _user()
@@ -180,8 +180,9 @@ class ReviewSession:
         self._refused: Dict[str, RequestRejected] = {}  # decision id -> the server's refusal
         self._replace_armed: Optional[str] = None  # the pending decision the annotator was warned about
         self._typed, self._typed_at = "", 0.0  # number keys typed so far (two-digit region numbers)
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radregion-prefetch") \
-            if prefetch else None
+        self._prefetcher = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="radregion-prefetch") if prefetch else None
+        )
         self._prefetch: Optional[Tuple[str, Future]] = None  # (queue, future of the next Case or None)
         self.online = False  # False after the server did not answer: no more waiting on it for counts
         self.status_message = "Not connected"
@@ -224,8 +225,10 @@ class ReviewSession:
                 self._send(decision)
             except ServerUnreachable as error:
                 self.online = False
-                self.status_message = (f"Server unreachable: {len(self.outbox)} decision(s) saved on this computer, "
-                                       f"sent when the server is back ({error})")
+                self.status_message = (
+                    f"Server unreachable: {len(self.outbox)} decision(s) saved on this computer, "
+                    f"sent when the server is back ({error})"
+                )
                 return delivered
             except RequestRejected as error:
                 if error.status >= 500:
@@ -284,8 +287,10 @@ class ReviewSession:
             self.online = True
             if not sample.get("id"):
                 self.current, self.pending = None, None
-                self.status_message = (f"No case in the '{QUEUES.get(self.queue, self.queue)}' queue now: it is "
-                                       f"empty, or the server is still scoring the images (try again in a minute)")
+                self.status_message = (
+                    f"No case in the '{QUEUES.get(self.queue, self.queue)}' queue now: it is "
+                    f"empty, or the server is still scoring the images (try again in a minute)"
+                )
                 return None
             case = self._load_case(sample["id"], source=self.queue, provisional=bool(sample.get("provisional")))
         return self._show(case)
@@ -401,7 +406,8 @@ class ReviewSession:
             self._replace_armed = decision.id
             raise ReplaceNeedsConfirmation(
                 f"{decision.image} is already labelled {label_text(existing)} {label_owner_text(existing)}. "
-                f"Press Enter again to replace it with {decision.what}.")
+                f"Press Enter again to replace it with {decision.what}."
+            )
         self.pending, self._replace_armed = None, None
         if comment:
             decision.comment = comment
@@ -414,9 +420,13 @@ class ReviewSession:
             self.pending = decision
             raise self._refused.pop(decision.id)
         if case and case.image == decision.image:
-            case.existing = {"region": decision.region, "out_of_domain": decision.out_of_domain,
-                             "annotator": decision.annotator, "comment": decision.comment,
-                             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            case.existing = {
+                "region": decision.region,
+                "out_of_domain": decision.out_of_domain,
+                "annotator": decision.annotator,
+                "comment": decision.comment,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
         was = f" (was {label_text(existing)})" if existing else ""
         self._remember(f"{_short(decision.image)}: {decision.what}{was}")
         if len(self.outbox):
@@ -434,10 +444,16 @@ class ReviewSession:
         previous = decision.previous
         if not self.outbox.remove(decision.id):
             if previous:
-                back = Decision(decision.image, region=previous.get("region"),
-                                out_of_domain=bool(previous.get("out_of_domain")),
-                                comment=previous.get("comment") or "", annotator=previous.get("annotator") or "",
-                                action="restore", undo_of=decision.id, saved_at=previous.get("saved_at") or "")
+                back = Decision(
+                    decision.image,
+                    region=previous.get("region"),
+                    out_of_domain=bool(previous.get("out_of_domain")),
+                    comment=previous.get("comment") or "",
+                    annotator=previous.get("annotator") or "",
+                    action="restore",
+                    undo_of=decision.id,
+                    saved_at=previous.get("saved_at") or "",
+                )
             else:
                 back = Decision(decision.image, action="delete", annotator=self.annotator, undo_of=decision.id)
             self.outbox.append(back)
@@ -447,8 +463,13 @@ class ReviewSession:
             self.current = None
         if self.current:
             self.current.existing = dict(previous) if previous else None
-        self.pending = Decision(decision.image, region=decision.region, out_of_domain=decision.out_of_domain,
-                                comment=decision.comment, annotator=self.annotator)
+        self.pending = Decision(
+            decision.image,
+            region=decision.region,
+            out_of_domain=decision.out_of_domain,
+            comment=decision.comment,
+            annotator=self.annotator,
+        )
         self._replace_armed = None
         waiting = " (waits for the server)" if len(self.outbox) else ""
         back_to = f"back to {label_text(previous)}" if previous else "label removed"
@@ -485,8 +506,9 @@ class ReviewSession:
         result = parse_infer(self.client.infer(image), image=image)
         existing = self.client.get_label(image)
         path = self.client.download_image(image, self.image_dir)
-        return Case(image=image, result=result, image_path=path, source=source, existing=existing,
-                    provisional=provisional)
+        return Case(
+            image=image, result=result, image_path=path, source=source, existing=existing, provisional=provisional
+        )
 
     def _show(self, case: Case) -> Case:
         self.current = case
@@ -551,10 +573,14 @@ class ReviewSession:
                 if error.status != 404:  # already gone is what we wanted
                     raise
             return
-        extra = {"undo_of": decision.undo_of, "undone_by": self.annotator, "saved_at": decision.saved_at} \
-            if decision.action == "restore" else None
-        self.client.submit_label(decision.image, decision.region, decision.out_of_domain, decision.annotator,
-                                 decision.comment, extra=extra)
+        extra = (
+            {"undo_of": decision.undo_of, "undone_by": self.annotator, "saved_at": decision.saved_at}
+            if decision.action == "restore"
+            else None
+        )
+        self.client.submit_label(
+            decision.image, decision.region, decision.out_of_domain, decision.annotator, decision.comment, extra=extra
+        )
 
     def _reject(self, decision: Decision, error: RequestRejected) -> None:
         self._refused[decision.id] = error

@@ -55,23 +55,36 @@ class ScoredStrategy(Strategy):
         with _LOCK:
             now = time.time()
             skip = self.context.config.skip_served_s
-            position = next((n for n, (image_id, _) in enumerate(candidates)
-                             if now - _last_served(datastore, image_id) >= skip), 0)
+            position = next(
+                (n for n, (image_id, _) in enumerate(candidates) if now - _last_served(datastore, image_id) >= skip), 0
+            )
             image_id, score = candidates[position]
             _SERVED[image_id] = now
-        result = {"id": image_id, "score": score, "rank": position + 1, "candidates": len(candidates),
-                  "model_version": table.version if table is not None else None, "provisional": provisional}
+        result = {
+            "id": image_id,
+            "score": score,
+            "rank": position + 1,
+            "candidates": len(candidates),
+            "model_version": table.version if table is not None else None,
+            "provisional": provisional,
+        }
         k = table.index(image_id) if table is not None else None
         if k is not None:
-            result.update(region=table.predicted()[k], confidence=float(table.confidence()[k]),
-                          ood_score=float(table.ood_score[k]), pacs_label=table.pacs_label[k])
+            result.update(
+                region=table.predicted()[k],
+                confidence=float(table.confidence()[k]),
+                ood_score=float(table.ood_score[k]),
+                pacs_label=table.pacs_label[k],
+            )
         if provisional:
-            result["scoring"] = {"model_version": version, "scored": len(table) if table is not None else 0,
-                                 "images": len(datastore.list_images()),
-                                 "scores_of": table.version if table is not None else None}
+            result["scoring"] = {
+                "model_version": version,
+                "scored": len(table) if table is not None else 0,
+                "images": len(datastore.list_images()),
+                "scores_of": table.version if table is not None else None,
+            }
             logger.info(f"{self.name}: provisional choice {image_id} (scoring in progress)")
         return result
-
 
     def candidates(self, ranked, pending) -> list:
         """[(image_id, score or None)] in hand-out order: the scored ones ranked, then the unscored ones."""

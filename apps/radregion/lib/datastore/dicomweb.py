@@ -28,9 +28,20 @@ from ..writeback import WRITEBACK_MARKER, WriteBack
 logger = logging.getLogger(__name__)
 
 QIDO_FIELDS = (
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "BodyPartExamined",
-    "StudyDescription", "SeriesDescription", "ProtocolName", "ViewPosition", "ImageLaterality",
-    "PhotometricInterpretation", "Rows", "Columns",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "ViewPosition",
+    "ImageLaterality",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
 )
 PAGE_SIZE = 500
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the stored bytes, never a server-side transcode
@@ -75,9 +86,24 @@ class RadRegionDICOMwebDatastore(Datastore):
     label_dir defaults to cache_dir/labels. With the PACS down, listing and cached images keep working.
     """
 
-    def __init__(self, url, cache_dir, *, label_dir=None, modalities=("CR", "DX"), username=None, password=None,
-                 token=None, writeback="off", taxonomy="unifesp22", timeout=(3.05, 30.0), retries=2, backoff=0.5,
-                 list_ttl=60.0, model_answer=None):
+    def __init__(
+        self,
+        url,
+        cache_dir,
+        *,
+        label_dir=None,
+        modalities=("CR", "DX"),
+        username=None,
+        password=None,
+        token=None,
+        writeback="off",
+        taxonomy="unifesp22",
+        timeout=(3.05, 30.0),
+        retries=2,
+        backoff=0.5,
+        list_ttl=60.0,
+        model_answer=None,
+    ):
         if not str(url).startswith(("http://", "https://")):
             raise PACSError(url, "a DICOMweb URL must start with http:// or https://")
         self.url = str(url).rstrip("/")
@@ -138,9 +164,13 @@ class RadRegionDICOMwebDatastore(Datastore):
             offset = 0
             while True:
                 page = self._call(
-                    f"QIDO-RS search for {modality or 'all'} instances", f"{self.url}/instances",
-                    self.client.search_for_instances, search_filters=filters, fields=list(QIDO_FIELDS),
-                    limit=PAGE_SIZE, offset=offset,
+                    f"QIDO-RS search for {modality or 'all'} instances",
+                    f"{self.url}/instances",
+                    self.client.search_for_instances,
+                    search_filters=filters,
+                    fields=list(QIDO_FIELDS),
+                    limit=PAGE_SIZE,
+                    offset=offset,
                 )
                 for item in page:
                     meta = _meta(item)
@@ -176,8 +206,9 @@ class RadRegionDICOMwebDatastore(Datastore):
         for image_id in sorted({e["image"] for e in self.writeback.pending()}):
             label = self.labels.read(image_id, DefaultLabelTag.FINAL)
             if label:
-                self.writeback.submit(image_id, label, self.get_image_info(image_id),
-                                      lambda: self.fetch(image_id), self.taxonomy)
+                self.writeback.submit(
+                    image_id, label, self.get_image_info(image_id), lambda: self.fetch(image_id), self.taxonomy
+                )
 
     def _load_index(self) -> Dict[str, dict]:
         try:
@@ -199,6 +230,7 @@ class RadRegionDICOMwebDatastore(Datastore):
         if not self._listed_at and not self._index:
             self.refresh()  # nothing to show yet: wait for the PACS
         elif self._refreshing.acquire(blocking=False):
+
             def refresh_in_background():
                 try:
                     self.refresh()
@@ -218,8 +250,15 @@ class RadRegionDICOMwebDatastore(Datastore):
             return path
         meta = self._index.get(image_id) or self._listing().get(image_id) or self._lookup(image_id)
         url = f"{self.url}/studies/{meta['StudyInstanceUID']}/series/{meta['SeriesInstanceUID']}/instances/{image_id}"
-        ds = self._call("WADO-RS retrieve", url, self.client.retrieve_instance, meta["StudyInstanceUID"],
-                        meta["SeriesInstanceUID"], image_id, media_types=ANY_TRANSFER_SYNTAX)
+        ds = self._call(
+            "WADO-RS retrieve",
+            url,
+            self.client.retrieve_instance,
+            meta["StudyInstanceUID"],
+            meta["SeriesInstanceUID"],
+            image_id,
+            media_types=ANY_TRANSFER_SYNTAX,
+        )
         with atomic_write(path) as handle:
             ds.save_as(handle, write_like_original=True)
         return path
@@ -230,15 +269,20 @@ class RadRegionDICOMwebDatastore(Datastore):
         found = {}
         for modality in self.modalities or (None,):
             filters = {"SOPInstanceUID": image_id, **({"Modality": modality} if modality else {})}
-            for item in self._call(f"QIDO-RS search for instance {image_id}", f"{self.url}/instances",
-                                   self.client.search_for_instances, search_filters=filters,
-                                   fields=list(QIDO_FIELDS)):
+            for item in self._call(
+                f"QIDO-RS search for instance {image_id}",
+                f"{self.url}/instances",
+                self.client.search_for_instances,
+                search_filters=filters,
+                fields=list(QIDO_FIELDS),
+            ):
                 meta = _meta(item)
                 if meta.get("SOPInstanceUID") == image_id and not self._is_own(meta, self.writeback.created_uids()):
                     found = meta
         if not found:
-            raise PACSError(self.url, f"no {'/'.join(self.modalities) or 'DICOM'} instance {image_id} in this PACS",
-                            http_status=404)
+            raise PACSError(
+                self.url, f"no {'/'.join(self.modalities) or 'DICOM'} instance {image_id} in this PACS", http_status=404
+            )
         with self._lock:
             self._index[image_id] = found
             self._save_index()
@@ -263,9 +307,15 @@ class RadRegionDICOMwebDatastore(Datastore):
         if not meta:
             return notes
         archive = self.taxonomy.archive_label(meta)
-        meta.update(pacs_label=archive.region, pacs_labels=list(archive.regions), pacs_label_field=archive.field,
-                    cached=path.exists(),
-                    name=image_id, id=image_id, source=self.url)
+        meta.update(
+            pacs_label=archive.region,
+            pacs_labels=list(archive.regions),
+            pacs_label_field=archive.field,
+            cached=path.exists(),
+            name=image_id,
+            id=image_id,
+            source=self.url,
+        )
         return {**notes, **meta}
 
     def _cached_header(self, image_id: str, path: Path) -> dict:
@@ -301,9 +351,16 @@ class RadRegionDICOMwebDatastore(Datastore):
         previous = self.labels.read(image_id, label_tag)
         label_id = self.labels.save(image_id, label_filename, label_tag, label_info)
         if label_tag == DefaultLabelTag.FINAL:
-            self.writeback.record(image_id, self.labels.read(image_id, label_tag), self.get_image_info(image_id),
-                                  lambda: self.fetch(image_id), self.taxonomy, previous=previous,
-                                  raw=_sent_json(label_filename), model=self._model_answer(image_id))
+            self.writeback.record(
+                image_id,
+                self.labels.read(image_id, label_tag),
+                self.get_image_info(image_id),
+                lambda: self.fetch(image_id),
+                self.taxonomy,
+                previous=previous,
+                raw=_sent_json(label_filename),
+                model=self._model_answer(image_id),
+            )
         return label_id
 
     def _model_answer(self, image_id: str):
@@ -335,8 +392,15 @@ class RadRegionDICOMwebDatastore(Datastore):
         previous = self.labels.read(label_id, label_tag)
         self.labels.remove(label_id, label_tag)
         if previous is not None and label_tag == DefaultLabelTag.FINAL:
-            self.writeback.record(label_id, None, self.get_image_info(label_id), lambda: self.fetch(label_id),
-                                  self.taxonomy, previous=previous, model=self._model_answer(label_id))
+            self.writeback.record(
+                label_id,
+                None,
+                self.get_image_info(label_id),
+                lambda: self.fetch(label_id),
+                self.taxonomy,
+                previous=previous,
+                model=self._model_answer(label_id),
+            )
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         listed = set(self._listing())
@@ -354,8 +418,13 @@ class RadRegionDICOMwebDatastore(Datastore):
             except PACSError as error:
                 logger.warning("%s: left out of training", error)
                 continue
-            items.append({"image": image, "label": self.labels.uri(image_id, DefaultLabelTag.FINAL),
-                          "region": self.labels.read(image_id, DefaultLabelTag.FINAL).get("region")})
+            items.append(
+                {
+                    "image": image,
+                    "label": self.labels.uri(image_id, DefaultLabelTag.FINAL),
+                    "region": self.labels.read(image_id, DefaultLabelTag.FINAL).get("region"),
+                }
+            )
         return items
 
     def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
@@ -381,11 +450,14 @@ class RadRegionDICOMwebDatastore(Datastore):
             "total": len(images),
             "completed": len(self.get_labeled_images()),
             "label_tags": tags,
-            "pacs": {"url": self.url, "reachable": self.last_error is None, "error": self.last_error,
-                     "cached_images": sum(1 for _ in self.image_dir.glob("*.dcm")),
-                     "writeback": self.writeback.mode},
+            "pacs": {
+                "url": self.url,
+                "reachable": self.last_error is None,
+                "error": self.last_error,
+                "cached_images": sum(1 for _ in self.image_dir.glob("*.dcm")),
+                "writeback": self.writeback.mode,
+            },
         }
 
     def json(self):
         return {i: {"image": self._index.get(i, {}), "labels": self.labels.tags(i)} for i in self.list_images()}
-

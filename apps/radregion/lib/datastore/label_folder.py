@@ -41,8 +41,9 @@ class LabelFolder:
         return path
 
     def save(self, image_id: str, label_filename, tag: str, label_info: dict) -> str:
-        label = parse_label(image_id, Path(label_filename).read_bytes(), self.taxonomy_fn(),
-                            annotator=(label_info or {}).get("user"))
+        label = parse_label(
+            image_id, Path(label_filename).read_bytes(), self.taxonomy_fn(), annotator=(label_info or {}).get("user")
+        )
         with atomic_write(self.path(image_id, tag), "w") as f:
             json.dump(label, f, indent=2)
         return image_id
@@ -86,8 +87,11 @@ class LabelFolder:
         folder = self.root / _tag(tag)
         if not folder.is_dir():
             return []
-        return sorted(p.name[: -len(LABEL_SUFFIX)] for p in folder.iterdir()
-                      if p.name.endswith(LABEL_SUFFIX) and not p.name.startswith("."))
+        return sorted(
+            p.name[: -len(LABEL_SUFFIX)]
+            for p in folder.iterdir()
+            if p.name.endswith(LABEL_SUFFIX) and not p.name.startswith(".")
+        )
 
     def tags(self, image_id: str) -> Dict[str, str]:
         if not self.root.is_dir():

@@ -63,16 +63,16 @@ def parse_label(image_id, raw: bytes, taxonomy, annotator=None) -> dict:
         raise InvalidLabelError(image_id, f"out_of_domain must be true or false, got {out_of_domain!r}")
     if region is None:
         if not out_of_domain:
-            raise InvalidLabelError(image_id, "label has no region (give one, or out_of_domain: true)",
-                                    taxonomy.names)
+            raise InvalidLabelError(image_id, "label has no region (give one, or out_of_domain: true)", taxonomy.names)
     else:
         try:
             entry = taxonomy.get(region) if isinstance(region, str) else None
         except KeyError:
             entry = None
         if entry is None:
-            raise InvalidLabelError(image_id, f"unknown region {region!r}; valid regions: "
-                                              f"{', '.join(taxonomy.names)}", taxonomy.names)
+            raise InvalidLabelError(
+                image_id, f"unknown region {region!r}; valid regions: {', '.join(taxonomy.names)}", taxonomy.names
+            )
         region = entry.name
         if out_of_domain is None:
             out_of_domain = bool(entry.out_of_domain)
@@ -80,10 +80,14 @@ def parse_label(image_id, raw: bytes, taxonomy, annotator=None) -> dict:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise InvalidLabelError(image_id, f"{key} must be text")
         if len(data.get(key) or "") > MAX_TEXT[key]:
-            raise InvalidLabelError(image_id, f"{key} too long ({len(data[key])} characters; at most "
-                                              f"{MAX_TEXT[key]})")
-    return {"region": region, "out_of_domain": bool(out_of_domain), "annotator": data.get("annotator") or annotator,
-            "comment": data.get("comment") or "", "saved_at": _restored_time(data) or _now()}
+            raise InvalidLabelError(image_id, f"{key} too long ({len(data[key])} characters; at most {MAX_TEXT[key]})")
+    return {
+        "region": region,
+        "out_of_domain": bool(out_of_domain),
+        "annotator": data.get("annotator") or annotator,
+        "comment": data.get("comment") or "",
+        "saved_at": _restored_time(data) or _now(),
+    }
 
 
 def _now() -> str:
@@ -133,10 +137,16 @@ class RadRegionDatastore(LocalDatastore):
         if not folder.is_dir():
             return {}
         if folder.resolve() == Path(self._datastore.image_path()).resolve():
-            return {p.name: p.name for p in sorted(folder.iterdir())
-                    if is_plain_name(p.name) and inside(folder, p) and is_radiograph_file(p)}
-        return {p.name: p.name for p in sorted(folder.iterdir())
-                if is_plain_name(p.name) and inside(folder, p) and p.is_file() and p.suffix.lower() == LABEL_SUFFIX}
+            return {
+                p.name: p.name
+                for p in sorted(folder.iterdir())
+                if is_plain_name(p.name) and inside(folder, p) and is_radiograph_file(p)
+            }
+        return {
+            p.name: p.name
+            for p in sorted(folder.iterdir())
+            if is_plain_name(p.name) and inside(folder, p) and p.is_file() and p.suffix.lower() == LABEL_SUFFIX
+        }
 
     def _to_id(self, file: str):
         suffix = Path(file).suffix
@@ -209,8 +219,7 @@ class RadRegionDatastore(LocalDatastore):
             raise RadiographError(image_id, error.problem) from None
         suffix = UPLOAD_SUFFIX.get(radiograph.meta.get("format"))
         if suffix is None:
-            raise RadiographError(image_id, f"unsupported format {radiograph.meta.get('format')}: "
-                                            f"DICOM, PNG or JPEG")
+            raise RadiographError(image_id, f"unsupported format {radiograph.meta.get('format')}: DICOM, PNG or JPEG")
         root = Path(self._datastore.image_path())
         name = self._filename(image_id, suffix)
         dest = root / name
@@ -218,8 +227,10 @@ class RadRegionDatastore(LocalDatastore):
             raise BadNameError(f"invalid image id {show(image_id)}")
         with self._state_lock, FileLock(self._lock_file):
             if image_id in self._datastore.objects or os.path.lexists(dest):
-                raise ConflictError(f"image {show(image_id)} already exists: an upload never replaces an image "
-                                    f"(delete it first, or upload under another id)")
+                raise ConflictError(
+                    f"image {show(image_id)} already exists: an upload never replaces an image "
+                    f"(delete it first, or upload under another id)"
+                )
             _place_new(upload, dest)
             info = {**(image_info or {}), "ts": int(time.time()), "name": name}
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=suffix))
@@ -254,8 +265,9 @@ class RadRegionDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id) if is_plain_name(image_id) else None
         if not obj or not self.get_image_uri(image_id):
             raise ImageNotFoundException(f"image {show(image_id)} not found in the datastore")
-        label = parse_label(image_id, Path(label_filename).read_bytes(), self._taxonomy_fn(),
-                            annotator=(label_info or {}).get("user"))
+        label = parse_label(
+            image_id, Path(label_filename).read_bytes(), self._taxonomy_fn(), annotator=(label_info or {}).get("user")
+        )
         label_dir = Path(self._datastore.label_path(label_tag))
         name = self._filename(image_id, LABEL_SUFFIX)
         with self._state_lock, FileLock(self._lock_file):

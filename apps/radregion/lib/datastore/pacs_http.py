@@ -32,8 +32,14 @@ def pacs_session(username=None, password=None, token=None, timeout=(3.05, 30.0),
     """requests.Session with auth, a default timeout and bounded retries with exponential backoff."""
     session = requests.Session()
     retry = Retry(
-        total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
-        status_forcelist=(429, 502, 503, 504), allowed_methods=None, raise_on_status=False,
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=backoff,
+        status_forcelist=(429, 502, 503, 504),
+        allowed_methods=None,
+        raise_on_status=False,
     )
     adapter = _TimeoutAdapter(timeout, max_retries=retry)
     session.mount("http://", adapter)

@@ -32,10 +32,15 @@ class AuditBatchInfer(BatchInferTask):
         rows = audit_rows(table, image_ids, datastore)
         write_audit_csv(rows, path)
         flagged = sum(1 for r in rows if r["is_issue"])
-        result = {"csv": str(path), "images": len(rows), "issues": flagged,
-                  "out_of_domain": sum(1 for r in rows if r["out_of_domain"]),
-                  "unreadable": sum(1 for i in image_ids if i in table.errors),
-                  "model_version": table.version, "seconds": round(time.time() - start, 2)}
+        result = {
+            "csv": str(path),
+            "images": len(rows),
+            "issues": flagged,
+            "out_of_domain": sum(1 for r in rows if r["out_of_domain"]),
+            "unreadable": sum(1 for i in image_ids if i in table.errors),
+            "model_version": table.version,
+            "seconds": round(time.time() - start, 2),
+        }
         logger.info(f"batch audit: {result}")
         return result
 
@@ -44,8 +49,11 @@ class AuditBatchInfer(BatchInferTask):
         if not requested:
             return Path(self.context.config.audit_csv or self.context.state_dir / "audit.csv")
         path = self.context.state_dir / str(requested)
-        if not is_plain_name(requested) or not str(requested).endswith(".csv") or not inside(
-                self.context.state_dir, path):
+        if (
+            not is_plain_name(requested)
+            or not str(requested).endswith(".csv")
+            or not inside(self.context.state_dir, path)
+        ):
             raise BadNameError(f"output {show(requested)}: a .csv file name in the server's state folder")
         return path
 
@@ -67,11 +75,28 @@ def audit_rows(table, image_ids, datastore) -> list:
     predicted = table.predicted()
     out = []
     for n, (image_id, k) in enumerate(zip(ids, rows)):
-        out.append({"image": image_id, "given_label": given[n], "suggested_label": predicted[k],
-                    "issue_score": float(scores[n]), "is_issue": bool(flags[n]),
-                    "ood_score": float(table.ood_score[k]), "out_of_domain": bool(ood[n])})
+        out.append(
+            {
+                "image": image_id,
+                "given_label": given[n],
+                "suggested_label": predicted[k],
+                "issue_score": float(scores[n]),
+                "is_issue": bool(flags[n]),
+                "ood_score": float(table.ood_score[k]),
+                "out_of_domain": bool(ood[n]),
+            }
+        )
     for image_id in image_ids:
         if image_id in table.errors:
-            out.append({"image": image_id, "given_label": None, "suggested_label": None, "issue_score": None,
-                        "is_issue": False, "ood_score": None, "out_of_domain": None})
+            out.append(
+                {
+                    "image": image_id,
+                    "given_label": None,
+                    "suggested_label": None,
+                    "issue_score": None,
+                    "is_issue": False,
+                    "ood_score": None,
+                    "out_of_domain": None,
+                }
+            )
     return out

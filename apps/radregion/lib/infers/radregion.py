@@ -25,10 +25,15 @@ class RadRegionInfer(InferTask):
         predictor = self.context.predictor()
         self.labels = list(predictor.regions)
         scores = self.context.scores.load(predictor.version)
-        return {**super().info(), "model_version": predictor.version,
-                "scores": {"model_version": predictor.version if scores else None,
-                           "images": len(scores) if scores else 0,
-                           "unreadable": len(scores.errors) if scores else 0}}
+        return {
+            **super().info(),
+            "model_version": predictor.version,
+            "scores": {
+                "model_version": predictor.version if scores else None,
+                "images": len(scores) if scores else 0,
+                "unreadable": len(scores.errors) if scores else 0,
+            },
+        }
 
     def is_valid(self) -> bool:
         return True
@@ -47,15 +52,24 @@ class RadRegionInfer(InferTask):
         if prediction.error:
             problem = prediction.error
             prefix = f"{path}: "
-            problem = problem[len(prefix):] if problem.startswith(prefix) else problem
+            problem = problem[len(prefix) :] if problem.startswith(prefix) else problem
             raise RadiographError(image_id, problem)
         result = to_result(prediction, predictor, latency=time.time() - start)
         result["header"] = header_context(path)
         return None, result
 
 
-HEADER_CONTEXT = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "StudyDate",
-                  "SeriesDate", "Modality", "ViewPosition", "ImageLaterality")
+HEADER_CONTEXT = (
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "StudyDate",
+    "SeriesDate",
+    "Modality",
+    "ViewPosition",
+    "ImageLaterality",
+)
 
 
 def header_context(path) -> dict:

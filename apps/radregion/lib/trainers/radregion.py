@@ -38,15 +38,21 @@ SAME_IMAGE_COSINE = 0.999  # stored and served features of one image differ by f
 
 class RadRegionTrainer(TrainTask):
     def __init__(self, context):
-        super().__init__("Fit a new head on the model's training data plus the confirmed labels; publish it if "
-                         "it is not worse on the confirmed labels nor on the original data")
+        super().__init__(
+            "Fit a new head on the model's training data plus the confirmed labels; publish it if "
+            "it is not worse on the confirmed labels nor on the original data"
+        )
         self.context = context
         self.stats_file = context.state_dir / "train_stats.json"
 
     def config(self):
         c = self.context.config
-        return {"val_fraction": c.val_fraction, "min_labels": c.min_labels, "auto_train_every": c.auto_train_every,
-                "heldout_tolerance": c.heldout_tolerance}
+        return {
+            "val_fraction": c.val_fraction,
+            "min_labels": c.min_labels,
+            "auto_train_every": c.auto_train_every,
+            "heldout_tolerance": c.heldout_tolerance,
+        }
 
     def stats(self):
         return read_json(self.stats_file)
@@ -58,14 +64,22 @@ class RadRegionTrainer(TrainTask):
         try:
             result = self._train(request, datastore, base)
         except Exception as error:
-            write_json(self.stats_file, {"status": "failed", "published": False, "reason": str(error),
-                                         "error": str(error), "model_version": previous,
-                                         "previous_version": previous, "seconds": round(time.time() - start, 2),
-                                         "finished_at": _now()})
+            write_json(
+                self.stats_file,
+                {
+                    "status": "failed",
+                    "published": False,
+                    "reason": str(error),
+                    "error": str(error),
+                    "model_version": previous,
+                    "previous_version": previous,
+                    "seconds": round(time.time() - start, 2),
+                    "finished_at": _now(),
+                },
+            )
             logger.error(f"training failed, model {previous} kept: {error}")
             raise
-        result.update({"previous_version": previous, "seconds": round(time.time() - start, 2),
-                       "finished_at": _now()})
+        result.update({"previous_version": previous, "seconds": round(time.time() - start, 2), "finished_at": _now()})
         write_json(self.stats_file, result)
         logger.info(f"training {result['status']}: {result['reason']}")
         return result
@@ -78,23 +92,32 @@ class RadRegionTrainer(TrainTask):
 
         config = self.context.config
         if _flag(request.get("fine_tune", config.fine_tune)):
-            raise TrainingError("the server fits heads only: fine-tuning the backbone needs the model's original "
-                                "training images (run `radregion fit-head --fine-tune` and serve that bundle)")
+            raise TrainingError(
+                "the server fits heads only: fine-tuning the backbone needs the model's original "
+                "training images (run `radregion fit-head --fine-tune` and serve that bundle)"
+            )
         bundle = load_bundle(self.context.models.root / base["folder"])
         requested = int(request.get("base_generation", base["generation"]))  # set when the run was requested
         if requested != int(base["generation"]):
-            return self._kept(bundle, {}, f"a newer model (generation {base['generation']}, {bundle.version}) was "
-                                          f"published since this training was requested (generation {requested})")
+            return self._kept(
+                bundle,
+                {},
+                f"a newer model (generation {base['generation']}, {bundle.version}) was "
+                f"published since this training was requested (generation {requested})",
+            )
         regions = bundle.regions
         stored = bundle.training_set()
         if stored is None:
-            raise TrainingError(f"model {bundle.version} does not store the features its head was fitted on, so a "
-                                f"new head would lose every region nobody confirmed; refit it with `radregion "
-                                f"fit-head` (which stores them) and serve that bundle")
+            raise TrainingError(
+                f"model {bundle.version} does not store the features its head was fitted on, so a "
+                f"new head would lose every region nobody confirmed; refit it with `radregion "
+                f"fit-head` (which stores them) and serve that bundle"
+            )
         labels = confirmed_labels(datastore, regions)
         if len(labels) < config.min_labels:
-            raise TrainingError(f"training needs at least {config.min_labels} confirmed in-domain labels; "
-                                f"have {len(labels)}")
+            raise TrainingError(
+                f"training needs at least {config.min_labels} confirmed in-domain labels; have {len(labels)}"
+            )
         table = self.context.refresh_scores(datastore, list(labels))
         ids = [i for i in labels if table.index(i) is not None]
         x_conf = _features(table, ids)
@@ -102,8 +125,12 @@ class RadRegionTrainer(TrainTask):
         x_stored = np.asarray(stored.features, np.float32)
         same = same_images(x_stored, x_conf)
         x_base, y_base, g_base = x_stored[~same], np.asarray(stored.targets)[~same], np.asarray(stored.groups)[~same]
-        counts = {"stored": int(len(x_stored)), "stored_replaced_by_confirmed": int(same.sum()),
-                  "confirmed": len(ids), "confirmed_unreadable": len(labels) - len(ids)}
+        counts = {
+            "stored": int(len(x_stored)),
+            "stored_replaced_by_confirmed": int(same.sum()),
+            "confirmed": len(ids),
+            "confirmed_unreadable": len(labels) - len(ids),
+        }
         missing = [regions[r] for r in range(len(regions)) if not np.any(y_base == r) and not np.any(y_conf == r)]
         if missing:
             raise TrainingError(f"no training image left for region(s) {', '.join(missing)}")
@@ -113,50 +140,80 @@ class RadRegionTrainer(TrainTask):
         counts.update(confirmed_train=len(train_rows), validation=len(val_rows))
         report = {"regions": len(regions), "n_images": counts, "labels_by_region": _count(labels.values())}
         if not val_rows:
-            return self._kept(bundle, report, "no validation images: confirm images of at least two patients "
-                                              "for a region so one can be held out")
+            return self._kept(
+                bundle,
+                report,
+                "no validation images: confirm images of at least two patients for a region so one can be held out",
+            )
         truths = [regions[y_conf[k]] for k in val_rows]
         fitted = np.concatenate([y_base, y_conf[train_rows]])  # a region whose only images are held out: left out
-        head = fit_head(np.concatenate([x_base, x_conf[train_rows]]), [regions[t] for t in fitted],
-                        [r for k, r in enumerate(regions) if np.any(fitted == k)])
+        head = fit_head(
+            np.concatenate([x_base, x_conf[train_rows]]),
+            [regions[t] for t in fitted],
+            [r for k, r in enumerate(regions) if np.any(fitted == k)],
+        )
         new = macro_recall(head.predict(x_conf[val_rows]), truths, regions)
         current = macro_recall(bundle.head().predict(x_conf[val_rows]), truths, regions)
-        report["validation"] = {"n_images": len(val_rows), "n_patients": n_patients, "metric": "macro_recall",
-                                "new": round(new, 4), "current": round(current, 4)}
+        report["validation"] = {
+            "n_images": len(val_rows),
+            "n_patients": n_patients,
+            "metric": "macro_recall",
+            "new": round(new, 4),
+            "current": round(current, 4),
+        }
         # 2. the original data's held-out figure, with and without the confirmed labels (all of them: the published
         # head is fitted on all; none of them is among the rows evaluated)
         held = heldout_check(x_base, y_base, g_base, x_conf, y_conf, regions)
         report["heldout"] = held
         problems = []
         if new < current:
-            problems.append(f"worse on the {len(val_rows)} validation images of {n_patients} patient(s): "
-                            f"macro recall {new:.3f} < current {current:.3f}")
+            problems.append(
+                f"worse on the {len(val_rows)} validation images of {n_patients} patient(s): "
+                f"macro recall {new:.3f} < current {current:.3f}"
+            )
         if held["new"] < held["current"] - config.heldout_tolerance:
-            problems.append(f"worse on the original training data's held-out folds ({held['n_images']} images): "
-                            f"macro recall {held['new']:.3f} < {held['current']:.3f} without the confirmed labels")
+            problems.append(
+                f"worse on the original training data's held-out folds ({held['n_images']} images): "
+                f"macro recall {held['new']:.3f} < {held['current']:.3f} without the confirmed labels"
+            )
         if problems:
             return self._kept(bundle, report, "; ".join(problems))
 
         # publish: a head on everything, every region
-        head = fit_head(np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])],
-                        regions)
+        head = fit_head(
+            np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])], regions
+        )
         models = self.context.models
         path = models.staging()
         path.rmdir()
-        reason = (f"not worse on {len(val_rows)} validation images of {n_patients} patient(s) (macro recall "
-                  f"{new:.3f} vs {current:.3f}) nor on the original data's held-out folds ({held['new']:.3f} vs "
-                  f"{held['current']:.3f}); fitted on {len(x_base)} stored + {len(ids)} confirmed images")
-        new_bundle = bundle.with_head(path, head, ood=bundle.ood_detector(), training_set=stored,
-                                      meta_updates={"server_training": {**report, "date": _now()}})
+        reason = (
+            f"not worse on {len(val_rows)} validation images of {n_patients} patient(s) (macro recall "
+            f"{new:.3f} vs {current:.3f}) nor on the original data's held-out folds ({held['new']:.3f} vs "
+            f"{held['current']:.3f}); fitted on {len(x_base)} stored + {len(ids)} confirmed images"
+        )
+        new_bundle = bundle.with_head(
+            path,
+            head,
+            ood=bundle.ood_detector(),
+            training_set=stored,
+            meta_updates={"server_training": {**report, "date": _now()}},
+        )
         try:
             crash_at = request.get("crash_at") if os.environ.get("RADREGION_TEST_FAULTS") == "1" else None
-            record = models.publish(path, reason, expect_generation=requested, crash_at=crash_at,
-                                    trained_from=base.get("folder"))
+            record = models.publish(
+                path, reason, expect_generation=requested, crash_at=crash_at, trained_from=base.get("folder")
+            )
         except PublishConflict as error:
             return self._kept(bundle, report, str(error))
         self._rescore(table, head, new_bundle)
-        return {"status": "published", "published": True, "reason": reason, "model_version": record["version"],
-                "generation": record["generation"], **report}
+        return {
+            "status": "published",
+            "published": True,
+            "reason": reason,
+            "model_version": record["version"],
+            "generation": record["generation"],
+            **report,
+        }
 
     def _kept(self, bundle, report, reason):
         return {"status": "kept", "published": False, "reason": reason, "model_version": bundle.version, **report}
@@ -174,9 +231,18 @@ class RadRegionTrainer(TrainTask):
 
     def _rescore(self, table: ScoreTable, head, bundle):
         """Scores of the new model from the cached features: same backbone, so no image is read again."""
-        new = ScoreTable(bundle.version, head.regions, table.ids, head.probabilities(table.features),
-                         table.features, table.ood_score, table.out_of_domain, table.pacs_label, table.errors,
-                         table.pacs_labels)
+        new = ScoreTable(
+            bundle.version,
+            head.regions,
+            table.ids,
+            head.probabilities(table.features),
+            table.features,
+            table.ood_score,
+            table.out_of_domain,
+            table.pacs_label,
+            table.errors,
+            table.pacs_labels,
+        )
         self.context.scores.save(new)
 
 
@@ -210,11 +276,16 @@ def heldout_check(x, y, groups, x_extra, y_extra, regions, folds=HELDOUT_FOLDS) 
     items = [LabelledImage(Path(f"{n}"), (name,), f"group-{g}") for n, (name, g) in enumerate(zip(names, groups))]
     fold_of = fold_ids(items, k=folds, seed=0)
     current = out_of_fold_predictions(x, names, regions, fold_of)
-    new = out_of_fold_predictions(x, names, regions, fold_of, extra_features=x_extra,
-                                  extra_label_sets=[(regions[t],) for t in y_extra])
-    return {"n_images": int(len(y)), "folds": int(len(np.unique(fold_of))), "metric": "macro_recall",
-            "new": round(macro_recall(new, names, regions), 4),
-            "current": round(macro_recall(current, names, regions), 4)}
+    new = out_of_fold_predictions(
+        x, names, regions, fold_of, extra_features=x_extra, extra_label_sets=[(regions[t],) for t in y_extra]
+    )
+    return {
+        "n_images": int(len(y)),
+        "folds": int(len(np.unique(fold_of))),
+        "metric": "macro_recall",
+        "new": round(macro_recall(new, names, regions), 4),
+        "current": round(macro_recall(current, names, regions), 4),
+    }
 
 
 def _patient(datastore, image_id):
