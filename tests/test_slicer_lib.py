@@ -321,6 +321,13 @@ def test_train_and_its_status(session, radregion_server):
         time.sleep(3)
         text = session.train_status()
     assert text.startswith("Last training finished"), f"training did not finish: {text}"
+    # the panel's Roll back: the server serves the model this training replaced (or says there is none)
+    try:
+        message = session.rollback()
+    except RequestRejected as error:
+        assert error.status == 409 and "no earlier published model" in str(error), str(error)
+    else:
+        assert message.startswith("Rolled back: the server serves model "), message
 
 
 def test_slicer_self_test_runs_against_the_server(radregion_server, monkeypatch):

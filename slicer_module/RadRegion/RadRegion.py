@@ -81,6 +81,7 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
         self.ui.regionListWidget.connect("itemClicked(QListWidgetItem*)", self.onRegionClicked)
         self.ui.trainButton.connect("clicked()", self.onTrain)
         self.ui.trainRefreshButton.connect("clicked()", self.onTrainRefresh)
+        self.ui.rollbackButton.connect("clicked()", self.onRollback)
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_MS)
@@ -190,6 +191,9 @@ class RadRegionWidget(ScriptedLoadableModuleWidget):
             self.onTrainRefresh()
 
         self._call(lambda: self.logic.session.train(), then=started, waiting="Starting training…")
+
+    def onRollback(self):
+        self._call(lambda: self.logic.session.rollback(), then=self.onTrainRefresh, waiting="Rolling back…")
 
     def onTrainRefresh(self):
         session = self.logic.session

@@ -130,6 +130,10 @@ class RadRegionClient:
     def train(self, model: str = MODEL) -> dict:
         return self._json("POST", f"/train/{quote(model)}", body=b"{}", content_type="application/json")
 
+    def rollback(self, model: str = MODEL) -> dict:
+        """Serve again the model the current one replaced (the server keeps every published generation)."""
+        return self._json("POST", f"/model/{quote(model)}/rollback", body=b"{}", content_type="application/json")
+
     def train_status(self) -> Optional[dict]:
         """The latest training task, or None when there has been none."""
         try:

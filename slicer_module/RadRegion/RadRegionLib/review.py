@@ -265,6 +265,15 @@ class ReviewSession:
     def train_status(self) -> str:
         return train_status_text(self.client.train_status())
 
+    def rollback(self) -> str:
+        """Undo the last published training: the server serves the model it replaced again."""
+        answer = self.client.rollback()
+        self.status_message = (
+            f"Rolled back: the server serves model {answer['model_version']} again "
+            f"(generation {answer['generation']}; replaced {answer.get('rolled_back_from')})"
+        )
+        return self.status_message
+
     def close(self) -> None:
         """Stop the prefetch thread (a request in flight finishes on its own)."""
         if self._prefetcher is not None:
