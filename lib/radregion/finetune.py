@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from radregion import device as device_rule
+from radregion.networks import parameter_groups
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
 OUTLIER_WEIGHT = 0.5  # lambda of the outlier-exposure term
@@ -77,11 +78,7 @@ def fine_tune(
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=label_smoothing
     )
-    decay = [p for p in list(backbone.parameters()) + list(linear.parameters()) if p.ndim > 1]
-    no_decay = [p for p in list(backbone.parameters()) + list(linear.parameters()) if p.ndim <= 1]
-    optimiser = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    optimiser = torch.optim.AdamW(parameter_groups([backbone, linear], weight_decay), lr=lr)
     steps_per_epoch = math.ceil(len(y) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos"
@@ -112,11 +109,12 @@ def fine_tune(
             scaler.step(optimiser)
             scaler.update()
             schedule.step()
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"fine-tune: the loss became {loss.item()} in epoch {epoch + 1}; try a lower --lr")
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise ValueError(f"fine-tune: the loss became {loss_value} in epoch {epoch + 1}; try a lower --lr")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}", refresh=False)
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.3f}", refresh=False)
     if bar is not None:
         bar.close()
     return backbone.eval().cpu().to(memory_format=torch.contiguous_format)

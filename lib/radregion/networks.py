@@ -122,6 +122,16 @@ def feature_dim(name: str) -> int:
     return ARCHITECTURES[name][1]
 
 
+def parameter_groups(modules, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of `modules` (one or several): weight decay on weights, none on norms and biases."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    decay, no_decay = [], []
+    for module in modules:
+        for parameter in module.parameters():
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class ProjectionHead(nn.Sequential):
     """Linear-BN-ReLU-Linear, the projector of SimCLR/BYOL/SupCon (output is not normalised here)."""
 

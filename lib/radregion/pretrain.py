@@ -33,6 +33,7 @@ from radregion.networks import (
     build_backbone,
     feature_dim,
     momentum_copy,
+    parameter_groups,
     update_momentum,
 )
 from radregion.pretrain_data import ViewsDataset, fit_batch_size, prepare_images
@@ -84,13 +85,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def byol_momentum(step: int, total_steps: int, base: float = BYOL_BASE_MOMENTUM) -> float:
     """BYOL's schedule: from `base` up to 1 with a cosine over training."""
     return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
-
-
-def _parameter_groups(model: nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)  # no decay on norms and biases
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # --- the run: setup, one epoch at a time, finish -----------------------------------------------------------
@@ -241,7 +235,7 @@ def setup(
         torch.manual_seed(seed)
         run.model = SSLModel(method, arch, pretrained).to(world.device).to(memory_format=run.layout)
         run.target = momentum_copy(run.model.encoder()) if method == "byol" else None
-        run.optimizer = torch.optim.AdamW(_parameter_groups(run.model, weight_decay), lr=run.lr)
+        run.optimizer = torch.optim.AdamW(parameter_groups(run.model, weight_decay), lr=run.lr)
         run.scaler = device_rule.grad_scaler(world.device, precision)
         if resume and run.checkpoint.exists():
             state = _load_checkpoint(
