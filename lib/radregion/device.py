@@ -10,6 +10,7 @@ channels_last.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -41,6 +42,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX)."""
     cpu = getattr(torch, "cpu", None)
