@@ -23,6 +23,7 @@ sys.path.insert(0, str(APP_DIR))
 from lib.published import ModelStore, NothingToRollBack, PublishConflict  # noqa: E402
 
 BIG_PNGS = 4  # 16-bit PNGs large enough that decoding them takes a while
+HOLD_S = 4  # seconds each of their inferences holds its worker (RADREGION_TEST_FAULTS)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -186,14 +187,16 @@ def faults_server(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
 
 
 def test_info_and_label_saves_answer_while_images_decode(faults_server):
-    """Requests run off the event loop: /info/ and a label save sent while big images decode are answered before
-    the last of those images (on the event loop they waited behind every one of them)."""
+    """Requests run off the event loop: /info/ and a label save sent while big images are being inferred are
+    answered before any of those images (on the event loop they waited behind every one of them). Each inference
+    also holds its worker HOLD_S seconds (a test fault), so the order does not depend on this machine's speed."""
     done = {}
 
     def infer(n):
         answer = requests.post(
             f"{faults_server.url}/infer/radregion",
             params={"image": f"big{n}", "output": "json"},
+            data={"params": json.dumps({"hold_s": HOLD_S})},
             headers=faults_server.auth,
             timeout=600,
         )
@@ -201,6 +204,7 @@ def test_info_and_label_saves_answer_while_images_decode(faults_server):
         return answer.status_code
 
     image_id = next(iter(faults_server.truth))
+    start = time.monotonic()
     with ThreadPoolExecutor(BIG_PNGS) as pool:
         statuses = [pool.submit(infer, n) for n in range(BIG_PNGS)]
         time.sleep(0.5)  # the infers are in the server
@@ -209,8 +213,9 @@ def test_info_and_label_saves_answer_while_images_decode(faults_server):
         save_label(faults_server, image_id, faults_server.truth[image_id])
         done["label"] = time.monotonic()
         assert [s.result() for s in statuses] == [200] * BIG_PNGS
-    last_infer = max(v for k, v in done.items() if k.startswith("infer"))
-    assert done["info"] < last_infer and done["label"] < last_infer, done
+    first_infer = min(v for k, v in done.items() if k.startswith("infer"))
+    assert first_infer - start >= HOLD_S, "the hold_s fault was not applied"
+    assert done["info"] < first_infer and done["label"] < first_infer, done
     requests.delete(
         f"{faults_server.url}/datastore/label",
         params={"id": image_id, "tag": "final"},

@@ -7,6 +7,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from radregion.errors import RadiographError
 
+from .. import faults
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,6 +50,7 @@ class RadRegionInfer(InferTask):
         if not path or not isinstance(path, str):
             raise RadiographError(image_id or "(no image)", "image not found in the datastore")
         predictor = self.context.predictor()
+        faults.hold(request)
         prediction = next(iter(predictor.predict([path], batch_size=1)))
         if prediction.error:
             problem = prediction.error

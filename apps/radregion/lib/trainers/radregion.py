@@ -19,7 +19,6 @@ Frozen backbone: training takes seconds on CPU and reads no image twice.
 """
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..context import read_json, read_label, write_json
+from .. import faults
 from ..errors import TrainingError
 from ..published import PublishConflict
 from ..scores import ScoreTable
@@ -199,7 +199,7 @@ class RadRegionTrainer(TrainTask):
             meta_updates={"server_training": {**report, "date": _now()}},
         )
         try:
-            crash_at = request.get("crash_at") if os.environ.get("RADREGION_TEST_FAULTS") == "1" else None
+            crash_at = faults.requested(request, "crash_at")
             record = models.publish(
                 path, reason, expect_generation=requested, crash_at=crash_at, trained_from=base.get("folder")
             )
