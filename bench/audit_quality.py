@@ -22,11 +22,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from radregion.audit import issues
-from radregion.audit.pipeline import audit_regions, combine_ood
+from radregion.audit.pipeline import audit_regions, combine_ood, label_probabilities
 from radregion.bundle import labelled_images, load_bundle
 from radregion.datasets import read_labels_csv
 from radregion.features import bundle_features
-from radregion.validation import label_set_fold_ids, out_of_fold_probabilities
+from radregion.validation import label_set_fold_ids
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "apps" / "radregion" / "model"
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             rng = np.random.default_rng(seed)
             noisy, truth = flip_labels(clean, present, rate, rng)
             folds = label_set_fold_ids(noisy, patients, paths, k=args.folds, seed=seed)
-            probs = np.mean([out_of_fold_probabilities(f, noisy, regions, folds) for f in feats], axis=0)
+            probs = np.mean([label_probabilities(b, f, noisy, regions, folds) for b, f in zip(bundles, feats)], axis=0)
             given = issues.primary_labels([[regions.index(r) for r in labels] for labels in noisy], probs)
             for method in issues.METHODS:
                 flagged = issues.find_label_issues(given, probs, method, out_of_domain=out_of_domain)

@@ -137,7 +137,7 @@ def run_audit(
     for bundle, feats in zip(bundles, features_per_bundle):
         feats = feats[rows]
         if use_oof:
-            probs.append(out_of_fold_probabilities(feats, in_domain, regions, fold_ids, progress=progress))
+            probs.append(label_probabilities(bundle, feats, in_domain, regions, fold_ids, progress=progress))
         elif bundle.has_head:
             probs.append(bundle.head().probabilities(feats).astype(np.float64))
         else:
@@ -172,12 +172,30 @@ def run_audit(
         source=inputs.source,
         probabilities_from=(
             f"{len(np.unique(fold_ids[fold_ids >= 0]))}-fold out-of-fold linear heads, grouped by patient"
+            + (", each also fitted on the model's own training set" if _stored_labels(first, regions) else "")
             if use_oof
             else "the model's own head (too few labels to fit out-of-fold heads)"
         )
         + (f", averaged over {len(bundles)} models" if len(bundles) > 1 else ""),
     )
     return result
+
+
+def label_probabilities(bundle, features, label_sets, regions, fold_ids, progress=False) -> np.ndarray:
+    """(N, R) out-of-fold probabilities of the audited images: each image's from a linear head fitted on the
+    archive's other folds and, when the bundle stores it, the model's own labelled training set."""
+    return out_of_fold_probabilities(
+        features, label_sets, regions, fold_ids, progress=progress, **_stored_labels(bundle, regions)
+    )
+
+
+def _stored_labels(bundle, regions) -> dict:
+    """The bundle's own labelled training features as extra rows for the out-of-fold heads (never predicted
+    themselves): curated labels that every fold's head learns from besides the audited archive's other folds."""
+    stored = bundle.training_set() if bundle.has_head and list(bundle.regions) == list(regions) else None
+    if stored is None or not len(stored):
+        return {}
+    return {"extra_features": stored.features, "extra_label_sets": [(r,) for r in stored.truths(regions)]}
 
 
 def combine_ood(scores, thresholds, n):
