@@ -10,6 +10,7 @@ import pytest
 from radregion.audit import issues
 from radregion.audit.writer import AUDIT_COLUMNS, write_audit_csv
 from radregion.cli import main
+from radregion.validation import label_set_fold_ids
 
 # Visually distinct regions, so that even the tiny random-backbone bundle separates them.
 REGIONS = ("Chest", "Knee", "Feet", "Pelvis", "Cervical Spine")
@@ -363,3 +364,34 @@ def test_audit_of_a_few_dicoms_uses_the_models_own_head(tiny_bundle, real_dicoms
     assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in real_dicoms)
     assert all(r["suggested_label"] and r["ood_score"] for r in rows)
     assert "the model&#x27;s own head" in (out / "index.html").read_text()
+
+
+def test_out_of_fold_heads_also_learn_from_the_models_training_set(tiny_bundle, unifesp, tmp_path):
+    """Each fold's head is fitted on the archive's other folds plus the bundle's stored (curated) training set: the
+    probabilities are those of out_of_fold_probabilities with the stored rows as extra, never predicted, rows."""
+    from radregion.audit.pipeline import inputs_from_labels_csv, label_probabilities, run_audit
+    from radregion.bundle import load_bundle
+    from radregion.validation import out_of_fold_probabilities
+
+    labels = tmp_path / "labels.csv"
+    flipped_labels_csv(unifesp, labels, seed=5)
+    bundle = load_bundle(tiny_bundle)
+    stored = bundle.training_set()
+    assert stored is not None and len(stored)
+    result = run_audit([bundle], inputs_from_labels_csv(labels, taxonomy=bundle.taxonomy()), progress=False)
+    assert "the model's own training set" in result.probabilities_from
+    in_domain = [tuple(r for r in labels if r in result.regions) for labels in result.given]
+    folds = label_set_fold_ids(in_domain, result.patient_ids, result.paths)
+    feats = result.features
+    with_stored = label_probabilities(bundle, feats, in_domain, result.regions, folds)
+    np.testing.assert_allclose(result.pred_probs, with_stored, atol=1e-6)
+    expected = out_of_fold_probabilities(
+        feats,
+        in_domain,
+        result.regions,
+        folds,
+        extra_features=stored.features,
+        extra_label_sets=[(r,) for r in stored.truths(result.regions)],
+    )
+    np.testing.assert_allclose(with_stored, expected, atol=1e-6)
+    assert not np.allclose(with_stored, out_of_fold_probabilities(feats, in_domain, result.regions, folds), atol=1e-3)
