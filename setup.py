@@ -10,9 +10,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    # radregion_model: the shipped bundle (apps/radregion/model), installed so the server finds it in any install
-    package_dir={"": "lib", "radregion_model": "apps/radregion/model"},
-    packages=find_packages("lib") + ["radregion_model"],
+    # lib/: the engine `radregion` and `radregion_harness` (launches a real server / Orthanc for tests and benches);
+    # radregion_model: the shipped bundle (apps/radregion/model), installed so the server finds it in any install;
+    # RadRegionLib: the Slicer module's standard-library REST client, importable outside Slicer (bench/slicer_review.py)
+    package_dir={
+        "": "lib",
+        "radregion_model": "apps/radregion/model",
+        "RadRegionLib": "slicer_module/RadRegion/RadRegionLib",
+    },
+    packages=find_packages("lib") + ["radregion_model", "RadRegionLib"],
     package_data={
         "radregion": ["taxonomies/*.json", "audit/*.html"],
         "radregion_model": ["bundle.json", "model.safetensors", "MODEL_CARD.md"],

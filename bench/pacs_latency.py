@@ -2,17 +2,19 @@
 
 Starts a local Orthanc with the DICOMweb plugin and a real MONAI Label server on its DICOMweb URL, uploads the
 real JPEG 2000 CR files and DICOM copies of shared PNGs, and times POST /infer/radregion from the client side.
-Also times the bare WADO-RS fetch (datastore only, no model).
+Also times the bare WADO-RS fetch (what the server's datastore does on a first request: retrieve the stored bytes,
+write the .dcm; no model).
 
-    .venv/bin/python bench/pacs_latency.py [--pngs 12] [--model BUNDLE]   (default model: apps/radregion/model,
-                                                                             else the tests' tiny bundle)
+    .venv/bin/python bench/pacs_latency.py [--pngs 12] [--model BUNDLE]
+
+Without --model it uses the default model ($RADREGION_MODEL, else the shipped model). Orthanc and the server are
+started by radregion_harness, as the tests start them.
 """
 
 import argparse
 import csv
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +22,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import requests
+from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
+from radregion.atomic import atomic_write
+from radregion.bundle import resolve_model
+from radregion.dicomwrite import array_to_dicom
+from radregion.errors import RadiographError
+from radregion_harness import OrthancServer, RadRegionServer
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "apps" / "radregion")]
-
-from fixtures.bundle import bench_model  # noqa: E402
-from fixtures.pacs import OrthancServer  # noqa: E402
-from fixtures.server import RadRegionServer  # noqa: E402
-
-from radregion.dicomwrite import array_to_dicom  # noqa: E402
+DATA = Path(os.environ.get("RADREGION_SHARED_DATA", REPO.parent / "shared" / "data"))
+STORED_BYTES = (("application/dicom", "*"),)  # any transfer syntax: the stored file, never a transcode
 
 
 def make_dicoms(folder: Path, count: int) -> list:
@@ -40,6 +43,23 @@ def make_dicoms(folder: Path, count: int) -> list:
         pixels = np.asarray(Image.open(DATA / "unifesp" / row["image"]).convert("L"))
         paths.append(array_to_dicom(pixels, folder / f"png{i}.dcm", modality="CR", patient_id=f"B{i}"))
     return paths
+
+
+def fetch_times(pacs, kind: dict, folder: Path) -> dict:
+    """Seconds per instance of a bare WADO-RS fetch (retrieve, then write the .dcm atomically), by kind."""
+    session = requests.Session()
+    session.auth = pacs.auth
+    client = DICOMwebClient(pacs.dicomweb_url, session=session)
+    folder.mkdir(parents=True)
+    times = {}
+    for item in client.search_for_instances():
+        study, series, sop = (item[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018"))
+        start = time.perf_counter()
+        ds = client.retrieve_instance(study, series, sop, media_types=STORED_BYTES)
+        with atomic_write(folder / f"{sop}.dcm") as handle:
+            ds.save_as(handle, write_like_original=True)
+        times.setdefault(kind[sop], []).append(time.perf_counter() - start)
+    return times
 
 
 def summary(name, seconds):
@@ -53,10 +73,13 @@ def main():
     parser.add_argument("--pngs", type=int, default=12, help="DICOM copies of shared PNGs to upload")
     parser.add_argument("--model", help="bundle folder")
     args = parser.parse_args()
+    try:
+        model = resolve_model(args.model)
+    except RadiographError as error:
+        parser.error(str(error))
 
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         root = Path(tmp)
-        model = bench_model(args.model, DATA / "unifesp", root)
         pacs = OrthancServer(root / "orthanc").start()
         server = None
         try:
@@ -66,17 +89,7 @@ def main():
                 pacs.upload(path)
                 sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
                 kind[sop] = "JPEG 2000 CR ~1900 px" if path.parent.name == "dicom" else "PNG copy 320 px"
-
-            from lib.datastore.dicomweb import RadRegionDICOMwebDatastore
-
-            store = RadRegionDICOMwebDatastore(
-                pacs.dicomweb_url, root / "fetch-only", username=pacs.username, password=pacs.password
-            )
-            fetch = {}
-            for sop in store.list_images():
-                start = time.perf_counter()
-                store.get_image_uri(sop)
-                fetch.setdefault(kind[sop], []).append(time.perf_counter() - start)
+            fetch = fetch_times(pacs, kind, root / "fetch-only")
 
             os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"  # no background prefetch: first = first
             os.environ["RADREGION_CACHE"] = str(root / "image-cache")  # nor a cleaned image from an earlier run

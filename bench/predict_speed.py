@@ -120,7 +120,7 @@ def main():
     )
 
     images = sorted(p for p in Path(args.images).rglob("*") if p.is_file())[: args.limit]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "RADREGION_CACHE": str(tmp / "cache")}
+    env = {**os.environ, "RADREGION_CACHE": str(tmp / "cache")}
     cmd = [
         sys.executable,
         "-m",

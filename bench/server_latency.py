@@ -5,23 +5,25 @@ server's overhead per image against the engine's Predictor (what `radregion pred
 
     .venv/bin/python bench/server_latency.py [--model BUNDLE] [--requests 30] [--clients 8] [--per-client 25]
 
-Without --model it uses apps/radregion/model when that holds a bundle, else builds the tests' tiny bundle.
-The server runs with OMP_NUM_THREADS=1 unless set (as the tests do; see tests/fixtures/server.py).
+Without --model it uses the default model ($RADREGION_MODEL, else the shipped model). The server (started by
+radregion_harness, as the tests start it) runs with OMP_NUM_THREADS=1 unless set.
 """
 
 import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from radregion.bundle import resolve_model
+from radregion.errors import RadiographError
+from radregion_harness import AUTH, start_server
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("RADREGION_SHARED_DATA", REPO.parent / "shared" / "data"))
 DICOM_2K = SHARED / "dicom" / "RG1_J2KI.dcm"  # 1955 x 1841, JPEG 2000 lossy
 
@@ -52,20 +54,14 @@ def distinct_copies(source: Path, folder: Path, n: int, stem: str) -> list:
 def session_with_token():
     import requests
 
-    from fixtures.server import AUTH
-
     session = requests.Session()
-    session.headers.update(AUTH)  # every POST needs the API token
+    session.headers.update(AUTH)  # every POST needs the API token the benchmark's servers get
     return session
 
 
 def timed_infer(session, url, image_id):
     start = time.perf_counter()
-    from fixtures.server import AUTH  # the API token the benchmark's servers get
-
-    answer = session.post(
-        f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300, headers=AUTH
-    )
+    answer = session.post(f"{url}/infer/radregion", params={"image": image_id, "output": "json"}, timeout=300)
     elapsed = time.perf_counter() - start
     if answer.status_code != 200:
         raise RuntimeError(f"{image_id}: HTTP {answer.status_code} {answer.text[:200]}")
@@ -80,14 +76,17 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=25)
     args = parser.parse_args()
-
-    from fixtures.bundle import bench_model
-    from fixtures.server import start_server
+    if args.requests < 2:
+        parser.error("--requests must be 2 or more (the first one warms up the server)")
+    try:
+        model = resolve_model(args.model)
+    except RadiographError as error:
+        parser.error(str(error))
+    print(f"model: {model}")
 
     work = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        model = bench_model(args.model, SHARED / "unifesp", work)
         studies = work / "studies"
         studies.mkdir()
         png = sorted((SHARED / "unifesp" / "images").glob("*.png"))[0]

@@ -7,24 +7,26 @@ the outbox while the server was down.
 
     .venv/bin/python bench/slicer_review.py [--model BUNDLE] [--cases 25] [--outbox 20] [--look-s 1.0]
 
-Without --model it uses apps/radregion/model when that holds a bundle, else builds the tests' tiny bundle.
+Without --model it uses the default model ($RADREGION_MODEL, else the shipped model). The server is started by
+radregion_harness, as the tests start it.
 """
 
 import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
-SHARED = Path(os.environ.get("RADREGION_SHARED_DATA", REPO.parent / "shared" / "data"))
+from RadRegionLib import Decision, RadRegionClient, ReviewSession
 
-from RadRegionLib import Decision, RadRegionClient, ReviewSession  # noqa: E402
+from radregion.bundle import resolve_model
+from radregion.errors import RadiographError
+from radregion_harness import start_server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RADREGION_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def percentiles(seconds):
@@ -61,15 +63,16 @@ def main():
     parser.add_argument("--outbox", type=int, default=20)
     parser.add_argument("--look-s", type=float, default=1.0, help="how long the annotator looks at each case")
     args = parser.parse_args()
-
-    from fixtures.bundle import bench_model
-    from fixtures.server import start_server
+    try:
+        model = resolve_model(args.model)
+    except RadiographError as error:
+        parser.error(str(error))
+    print(f"model: {model}")
 
     work = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
     os.environ.setdefault("RADREGION_CACHE", str(work / "cache"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        model = bench_model(args.model, SHARED / "unifesp", work)
         studies = work / "studies"
         studies.mkdir()
         needed = 4 * args.cases + args.outbox + 8

@@ -1,11 +1,15 @@
-"""The engine's module map holds (docs/architecture.md): no import cycle, function-local imports included, and no
-code outside a module imports its `_private` names."""
+"""The module map holds (docs/architecture.md): the engine has no import cycle, function-local imports included; no
+code outside a module imports its `_private` names; the test/bench harness stays outside the product; benchmarks
+import only installed packages."""
 
 import ast
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = REPO / "lib" / "radregion"
+HARNESS = REPO / "lib" / "radregion_harness"
+TESTS = REPO / "tests"
 
 
 def _module(path: Path) -> str:
@@ -61,3 +65,54 @@ def test_no_private_names_imported_from_the_engine():
                         if n.startswith("_") and not n.startswith("__")
                     ]
     assert not reach_ins, reach_ins
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _test_code() -> set:
+    """Top-level names only tests/ provides: its modules and packages (`conftest`, `fixtures`, `dicom_factory`...)."""
+    return {p.stem for p in TESTS.glob("*.py")} | {p.name for p in TESTS.iterdir() if (p / "__init__.py").is_file()}
+
+
+def test_the_harness_stays_outside_the_product():
+    """radregion_harness launches the server and Orthanc as processes for tests and benches: no engine, server or
+    Slicer code imports it, and it imports nothing of theirs (nor of the tests)."""
+    users = [
+        f"{path.relative_to(REPO)}: {imported}"
+        for folder in (ENGINE, REPO / "apps", REPO / "slicer_module")
+        for path in folder.rglob("*.py")
+        for imported, _ in _imports(path)
+        if _top(imported) == "radregion_harness"
+    ]
+    assert not users, users
+    product = {"radregion", "radregion_model", "lib", "RadRegionLib", "monailabel"} | _test_code()
+    reach_ins = [
+        f"{path.relative_to(REPO)}: {imported}"
+        for path in HARNESS.rglob("*.py")
+        for imported, _ in _imports(path)
+        if _top(imported) in product
+    ]
+    assert not reach_ins, reach_ins
+
+
+def test_benchmarks_import_only_installed_packages():
+    """bench/*.py imports no test code and no app code (`lib` is the server app's package), every module it imports
+    is installed or a script beside it (python puts a script's folder first), and it edits neither sys.path nor
+    PYTHONPATH."""
+    scripts = sorted((REPO / "bench").glob("*.py"))
+    problems = []
+    for path in scripts:
+        name = path.relative_to(REPO)
+        for imported, _ in _imports(path):
+            if _top(imported) in {p.stem for p in scripts}:
+                continue
+            if _top(imported) in _test_code() | {"lib"} or find_spec(_top(imported)) is None:
+                problems.append(f"{name}: imports {imported}")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                problems.append(f"{name}:{node.lineno}: sys.path")
+            elif isinstance(node, ast.Constant) and node.value == "PYTHONPATH":
+                problems.append(f"{name}:{node.lineno}: PYTHONPATH")
+    assert not problems, problems

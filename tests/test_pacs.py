@@ -281,7 +281,7 @@ def test_pacs_down_serves_the_cache_and_says_why(pacs, tmp_path):
 
 def test_server_against_orthanc_end_to_end(pacs, tmp_path, tiny_bundle):
     """MONAI Label server on Orthanc's DICOMweb URL: infer, correct, restart both, PACS down."""
-    from fixtures.server import RadRegionServer
+    from radregion_harness import RadRegionServer
 
     state = tmp_path / "state"
     server = RadRegionServer(
@@ -604,7 +604,7 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
     """Real server on Orthanc, driven by the panel's RadRegionLib: Knee -> Ankle -> undo -> Knee ends with one
     standing Knee decision and the Ankle copy superseded; the admin exports the log; infer while the PACS is down
     (on a server started while it is down) is a 502 with the PACS's reason."""
-    from fixtures.server import RadRegionServer
+    from radregion_harness import RadRegionServer
 
     sys.path.insert(0, str(REPO / "slicer_module" / "RadRegion"))
     from RadRegionLib import RadRegionClient, ReviewSession

@@ -21,7 +21,8 @@ import requests
 from PIL import Image
 
 import dicom_factory
-from fixtures.server import APP_DIR, AUTH, REPO, RadRegionServer, make_studies
+from fixtures.server import make_studies
+from radregion_harness import APP_DIR, AUTH, REPO, RadRegionServer
 
 TWIN = "twin"  # twin.png and twin.dcm side by side
 NO_CONTENT = {  # file in the studies folder -> words the 422 must contain

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from fixtures.server import AUTH, EXTENSIONLESS_DICOM, start_server
+from fixtures.server import EXTENSIONLESS_DICOM
+from radregion_harness import AUTH, start_server
 
 SWAP = {"Chest": "Knee", "Knee": "Chest", "Abdomen": "Pelvis", "Pelvis": "Abdomen"}
 RESULT_KEYS = {

@@ -17,7 +17,8 @@ import psutil
 import pytest
 import requests
 
-from fixtures.server import APP_DIR, RadRegionServer, make_studies
+from fixtures.server import make_studies
+from radregion_harness import APP_DIR, RadRegionServer
 
 sys.path.insert(0, str(APP_DIR))
 from lib.published import ModelStore, NothingToRollBack, PublishConflict  # noqa: E402
