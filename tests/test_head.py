@@ -171,3 +171,53 @@ def test_fit_head_cli_fine_tune_changes_the_backbone(tiny_bundle, unifesp, tmp_p
     assert after.meta["training"]["head"]["fine_tune_lr"] == 1e-4
     assert after.meta["weights_dtype"] == "float16" and after.regions == before.regions
     assert "--fine-tune" in after.meta["training"]["command"] and "--lr 0.0001" in after.meta["training"]["command"]
+
+
+def test_fit_head_cli_held_out_stores_other_patients_features_and_refuses_shared_ones(
+    tiny_bundle, unifesp, tmp_path, capsys
+):
+    from radregion.bundle import label_sources
+    from radregion.datasets import patient_split, write_labels_csv
+
+    train, test = patient_split(read_labels_csv(unifesp / "labels.csv"), test_fraction=0.2, seed=0)
+    train_csv = write_labels_csv(sample_per_class(train, 1, seed=0), tmp_path / "train.csv")
+    held = sample_per_class(test, 2, seed=0)
+    test_csv = write_labels_csv(held, tmp_path / "test.csv")
+    out = tmp_path / "model"
+    args = ["fit-head", "--model", str(tiny_bundle), "--labels", str(train_csv), "--output", str(out)]
+    assert main(args + ["--held-out", str(test_csv)]) == 0
+    assert "held-out set:" in capsys.readouterr().err
+    bundle = load_bundle(out)
+    stored = bundle.held_out
+    in_head = [it for it in held if any(lab in bundle.regions for lab in it.labels)]
+    assert len(in_head) < len(held)  # the Others images are not in it
+    assert stored is not None and len(stored) == len(in_head) == len(stored.features) == len(stored.groups)
+    assert stored.truths(bundle.regions) == [next(lab for lab in it.labels if lab in bundle.regions) for it in in_head]
+    assert len(np.unique(stored.groups)) == len({it.patient_id for it in in_head})
+    # the features of the bundle's own backbone (stored in fp16)
+    expected = extract_features(bundle.backbone(), load_clean_images([it.path for it in in_head], bundle.settings))
+    assert np.allclose(stored.features, expected, rtol=1e-2, atol=1e-2)
+    record = bundle.meta["training"]["held_out"]
+    assert record["n_images"] == len(in_head) and record["data"] == str(test_csv.resolve())
+    assert record["left_out"]["out_of_domain"] == len(held) - len(in_head)
+    assert f"--held-out {test_csv}" in bundle.meta["training"]["command"]
+    assert str(test_csv.resolve()) not in label_sources(bundle.meta["training"], include_head=True)  # not trained on
+    assert bundle.training_set() is not None and len(bundle.training_set()) != len(stored)
+
+    # a new head on the same backbone and regions keeps it; another backbone drops it (its features are stale)
+    kept = bundle.with_head(tmp_path / "kept", bundle.head(), bundle.ood_detector())
+    assert np.array_equal(kept.held_out.features, stored.features)
+    assert np.array_equal(kept.held_out.targets, stored.targets)
+    other = bundle.with_head(
+        tmp_path / "other", bundle.head(), bundle.ood_detector(), backbone_state=bundle.backbone().state_dict()
+    )
+    assert other.held_out is None and load_bundle(tiny_bundle).held_out is None
+
+    # held-out images of a training patient are refused, naming the file and the patient; nothing is written
+    shared = sample_per_class(train, 1, seed=0)[0]
+    leaky_csv = write_labels_csv(held + [shared], tmp_path / "leaky.csv")
+    leaky_out = tmp_path / "leaky"
+    assert main(args[:-1] + [str(leaky_out), "--held-out", str(leaky_csv)]) == 2
+    err = capsys.readouterr().err
+    assert str(leaky_csv.resolve()) in err and "share 1 patient(s)" in err and shared.patient_id in err
+    assert not leaky_out.exists()

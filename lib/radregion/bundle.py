@@ -1,9 +1,10 @@
 """Model bundle: a folder with `model.safetensors` (all tensors) and `bundle.json` (everything else).
 
 Tensors: "backbone.*" (fp16 or fp32, loaded as fp32), "head.weight" (C, D), "head.bias" (C,),
-"head.feature_mean" (D,), "head.feature_std" (D,), "ood.*" (the out-of-domain statistics), and the training set
+"head.feature_mean" (D,), "head.feature_std" (D,), "ood.*" (the out-of-domain statistics), the training set
 the head was fitted on: "train.features" (N, D) fp16, "train.targets" (N,) region index, "train.groups" (N,) patient
-group (what a retrained head starts from).
+group (what a retrained head starts from), and optionally a held-out set of other patients' labelled images in the
+same form under "heldout.*" (`radregion fit-head --held-out`; what a retrained head must not be worse on).
 Loading never unpickles anything: safetensors and JSON only.
 """
 
@@ -63,20 +64,32 @@ def resolve_model(path=None) -> Path:
     return default
 
 
+TRAINING_SET = "train"  # key prefix of the training set in model.safetensors
+HELD_OUT_SET = "heldout"  # key prefix of the held-out set
+_KEEP = object()
+
+
 @dataclass
 class TrainingSet:
-    """The features a head was fitted on: (N, D) float32, region index (N,) in the bundle's regions, patient group
-    (N,) as integers."""
+    """Labelled features of one backbone: (N, D) float32, region index (N,) in the bundle's regions, patient group
+    (N,) as integers. A bundle stores the set its head was fitted on, and may store a held-out set."""
 
     features: np.ndarray
     targets: np.ndarray
     groups: np.ndarray
 
-    def tensors(self) -> dict:
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def truths(self, regions) -> list[str]:
+        """The region name of every row."""
+        return [regions[t] for t in self.targets]
+
+    def tensors(self, prefix: str = TRAINING_SET) -> dict:
         return {
-            "train.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
-            "train.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
-            "train.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64)),
+            f"{prefix}.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
+            f"{prefix}.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
+            f"{prefix}.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64)),
         }
 
 
@@ -179,13 +192,24 @@ class Bundle:
 
         return OODDetector.from_dict(self.ood) if self.meta.get("ood") else None
 
-    def training_set(self) -> TrainingSet | None:
-        """The features, region indices and patient groups the head was fitted on (None if not stored)."""
-        if "train.features" not in self._tensors:
+    def _stored_set(self, prefix: str) -> TrainingSet | None:
+        if f"{prefix}.features" not in self._tensors:
             return None
         return TrainingSet(
-            self._array("train.features"), self._tensors["train.targets"].numpy(), self._tensors["train.groups"].numpy()
+            self._array(f"{prefix}.features"),
+            self._tensors[f"{prefix}.targets"].numpy(),
+            self._tensors[f"{prefix}.groups"].numpy(),
         )
+
+    def training_set(self) -> TrainingSet | None:
+        """The features, region indices and patient groups the head was fitted on (None if not stored)."""
+        return self._stored_set(TRAINING_SET)
+
+    @property
+    def held_out(self) -> TrainingSet | None:
+        """The held-out set: features (this backbone's), region indices and patient groups of labelled images of
+        patients the head was not fitted on (`radregion fit-head --held-out`); None when the bundle has none."""
+        return self._stored_set(HELD_OUT_SET)
 
     def with_head(
         self,
@@ -197,16 +221,31 @@ class Bundle:
         backbone_state=None,
         half_backbone: bool | None = None,
         training_set: TrainingSet | None = None,
+        held_out=_KEEP,
     ) -> "Bundle":
         """The one way to replace a bundle's head: save a new bundle at `path` with this backbone (or
         `backbone_state`), a new head, OOD detector and training set; metrics and the old OOD block are dropped,
-        `meta_updates` applied. `half_backbone` None: fp16 when this bundle stores fp16."""
+        `meta_updates` applied. `half_backbone` None: fp16 when this bundle stores fp16.
+        `held_out`: a TrainingSet, or None for none; by default this bundle's held-out set is kept when it still
+        fits (the same backbone, the same regions in the same order), else dropped."""
         meta = {k: v for k, v in self.meta.items() if k not in ("ood", "metrics")}
         meta.update(meta_updates or {})
         if half_backbone is None:
             half_backbone = self.meta.get("weights_dtype") == "float16"
+        if held_out is _KEEP:
+            fits = backbone_state is None and head is not None and list(head.regions) == self.regions
+            held_out = self.held_out if fits else None
         state = self.backbone_state(dtype=None) if backbone_state is None else backbone_state
-        save_bundle(path, state, head, meta, ood=ood, half_backbone=half_backbone, training_set=training_set)
+        save_bundle(
+            path,
+            state,
+            head,
+            meta,
+            ood=ood,
+            half_backbone=half_backbone,
+            training_set=training_set,
+            held_out=held_out,
+        )
         return load_bundle(path)
 
     def __repr__(self):
@@ -247,6 +286,14 @@ def load_bundle(path) -> Bundle:
             raise RadiographError(
                 weights_file, f"head has shape ({c}, {d}) but bundle.json lists {len(bundle.regions)} regions"
             )
+    for name, prefix in (("training", TRAINING_SET), ("held-out", HELD_OUT_SET)):
+        parts = [tensors.get(f"{prefix}.{part}") for part in ("features", "targets", "groups")]
+        if all(part is None for part in parts):
+            continue
+        targets = parts[1]
+        fits = all(part is not None for part in parts) and len({len(part) for part in parts}) == 1
+        if not fits or (len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(bundle.regions)):
+            raise RadiographError(weights_file, f"the {name} set does not fit the head (rows or region indices)")
     return bundle
 
 
@@ -318,6 +365,7 @@ def save_bundle(
     ood=None,
     half_backbone: bool = False,
     training_set: TrainingSet | None = None,
+    held_out: TrainingSet | None = None,
 ) -> Path:
     """Write a bundle folder atomically (temp folder next to it, then rename; an old bundle is replaced whole).
 
@@ -325,6 +373,7 @@ def save_bundle(
     taxonomy (name, out_of_domain), training (see `provenance`), metrics, licence (the terms of the training
     data, see `combined_licence`; "unknown" unless given) are recorded as given.
     `head` is a LinearHead or None; `ood` an OODDetector or None. `half_backbone` stores the backbone in fp16.
+    `training_set` and `held_out` (TrainingSets, region indices in the head's regions) are stored when given.
     """
     path = Path(path)
     meta = json.loads(json.dumps(meta or {}))  # deep copy, and proof that it is JSON
@@ -347,7 +396,11 @@ def save_bundle(
         meta["ood"] = info
         tensors.update({f"ood.{k}": torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()})
     if training_set is not None:
-        tensors.update(training_set.tensors())
+        tensors.update(training_set.tensors(TRAINING_SET))
+    if held_out is not None:
+        if head is None or (len(held_out) and int(np.max(held_out.targets)) >= len(head.regions)):
+            raise ValueError("a held-out set needs a head whose regions its region indices refer to")
+        tensors.update(held_out.tensors(HELD_OUT_SET))
     meta["format_version"] = FORMAT_VERSION
     meta["input_size"] = meta["cleaning"].get("size")
     meta.setdefault("licence", UNKNOWN_LICENCE)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from radregion.errors import RadiographError
 from radregion.head import DEFAULT_C, first_labels, fit_head, out_of_domain_regions
 from radregion.ood import METHODS, auroc, fit_ood
 from radregion.validation import fold_ids, fold_masks, out_of_fold_predictions
@@ -36,6 +37,47 @@ def split_in_domain(items, ood_regions):
     return in_items, in_labels, ood_items
 
 
+def shared_patients(train_items, held_items) -> list[str]:
+    """The patients (PatientID; an image without one is its own patient) of `held_items` also in `train_items`."""
+    train = {it.group for it in train_items}
+    return sorted({it.patient_id or str(it.path) for it in held_items if it.group in train})
+
+
+def check_held_out(train_items, held_items, held_source, train_source="the training labels"):
+    """RadiographError naming `held_source` and the patients when a held-out image shares a patient (or is the
+    same image) with the training images."""
+    shared = shared_patients(train_items, held_items)
+    if shared:
+        shown = ", ".join(shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "")
+        raise RadiographError(
+            held_source,
+            f"held-out images share {len(shared)} patient(s) with {train_source}: {shown}; a held-out set must "
+            "come from other patients (`radregion split` makes one)",
+        )
+
+
+def held_out_items(items, ood_regions, regions):
+    """-> (held-out in-domain items whose labels name a region of the head, their region index, how many were
+    left out: {"out_of_domain", "region_not_in_head"}). The index is that of the first such label."""
+    kept, targets, left_out = [], [], {"out_of_domain": 0, "region_not_in_head": 0}
+    in_items, in_labels, ood_items = split_in_domain(items, ood_regions)
+    left_out["out_of_domain"] = len(ood_items)
+    for item, labels in zip(in_items, in_labels):
+        known = [lab for lab in labels if lab in regions]
+        if known:
+            kept.append(item)
+            targets.append(regions.index(known[0]))
+        else:
+            left_out["region_not_in_head"] += 1
+    return kept, np.array(targets, np.int64), left_out
+
+
+def patient_numbers(items) -> np.ndarray:
+    """A patient group number (0, 1, ...) per item, in order of first appearance."""
+    numbers = {}
+    return np.array([numbers.setdefault(it.group, len(numbers)) for it in items], np.int64)
+
+
 def train_head(
     bundle,
     items,
@@ -56,6 +98,8 @@ def train_head(
     progress=False,
     half_backbone=None,
     device="auto",
+    held_out=None,
+    held_out_data=None,
 ):
     """Fit head + OOD detector of `bundle` on labelled `items` and save a new bundle at `output`.
 
@@ -64,6 +108,9 @@ def train_head(
     Patient-grouped out-of-fold predictions give the cross-validated metrics and the OOD threshold (its
     `OOD_PERCENTILE` on held-out in-domain images). The features the head was fitted on are stored in the
     bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None: as the input bundle).
+    `held_out`: labelled images of other patients (RadiographError naming `held_out_data` when one shares a
+    patient with `items`); the features of those of the head's regions, from the same (fine-tuned) backbone, are
+    stored as the bundle's held-out set (`Bundle.held_out`), what the server's retraining must not be worse on.
     """
     from radregion.bundle import TrainingSet, provenance
     from radregion.evaluate import summarise
@@ -79,6 +126,13 @@ def train_head(
     regions = [r for r in order if r in present] + sorted(present - set(order))
     names = first_labels(in_labels)
     y = np.array([regions.index(n) for n in names])
+    if held_out is not None:
+        check_held_out(items, held_out, held_out_data or "the held-out images")
+        held_items, held_y, held_left_out = held_out_items(held_out, ood_regions, regions)
+        if not held_items:
+            raise RadiographError(
+                held_out_data or "the held-out images", "no held-out image of a region the head is fitted on"
+            )
 
     settings = bundle.settings
     in_images = load_clean_images([it.path for it in in_items], settings, workers)
@@ -164,8 +218,19 @@ def train_head(
         ),
         "metrics": metrics,
     }
-    patients = {p: i for i, p in enumerate(dict.fromkeys(it.patient_id for it in in_items))}
-    training_set = TrainingSet(feats, y, np.array([patients[it.patient_id] for it in in_items]))
+    training_set = TrainingSet(feats, y, patient_numbers(in_items))
+    held_set = None
+    if held_out is not None:
+        held_images = load_clean_images([it.path for it in held_items], settings, workers)
+        held_set = TrainingSet(
+            extract_features(backbone, held_images, device=device), held_y, patient_numbers(held_items)
+        )
+        meta_updates["training"]["held_out"] = {
+            "data": held_out_data,
+            "n_images": len(held_set),
+            "n_patients": int(len(np.unique(held_set.groups))),
+            "left_out": held_left_out,
+        }
     return bundle.with_head(
         output,
         head,
@@ -174,6 +239,7 @@ def train_head(
         backbone_state=backbone.state_dict(),
         half_backbone=half_backbone,
         training_set=training_set,
+        held_out=held_set,
     )
 
 

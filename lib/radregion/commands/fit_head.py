@@ -18,7 +18,16 @@ def register(subparsers):
     parser.add_argument("--model", metavar="BUNDLE", help="bundle with the backbone (default: the shipped model)")
     parser.add_argument("--labels", required=True, metavar="CSV", help="labels CSV (image,labels,PatientID,...)")
     parser.add_argument(
-        "--images-root", metavar="DIR", help="folder the CSV's image paths are relative to (default: the CSV's folder)"
+        "--images-root",
+        metavar="DIR",
+        help="folder the CSVs' image paths are relative to (default: each CSV's folder)",
+    )
+    parser.add_argument(
+        "--held-out",
+        metavar="CSV",
+        help="labels CSV of other patients' images (e.g. the test.csv of `radregion split`): their features are "
+        "stored in the bundle as its held-out set, what the server's retraining must not be worse on; refused "
+        "when it shares a patient with --labels",
     )
     few = parser.add_mutually_exclusive_group()
     few.add_argument("--per-class", type=int, metavar="K", help="use K labelled images per region")
@@ -83,7 +92,7 @@ def register(subparsers):
 def run(args) -> int:
     from radregion.bundle import combined_licence, load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
-    from radregion.fitting import split_in_domain, train_head
+    from radregion.fitting import check_held_out, split_in_domain, train_head
     from radregion.head import DEFAULT_C, out_of_domain_regions
     from radregion.taxonomy import load_taxonomy
 
@@ -99,6 +108,10 @@ def run(args) -> int:
         taxonomy = bundle.taxonomy()
     args.exclude_regions = list(taxonomy.check_names(args.exclude_regions, "--exclude-regions"))
     items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy)
+    held_out = None
+    if args.held_out:
+        held_out = read_labels_csv(args.held_out, args.images_root, taxonomy=taxonomy)
+        check_held_out(items, held_out, Path(args.held_out).resolve(), f"--labels {Path(args.labels).resolve()}")
     in_domain, _, out_domain = split_in_domain(items, out_of_domain_regions(taxonomy, args.exclude_regions))
     bundle.meta["licence"] = combined_licence(args.licence, bundle.meta.get("licence"))
     if args.per_class is not None:
@@ -139,6 +152,8 @@ def run(args) -> int:
         workers=args.workers,
         progress=True,
         half_backbone=True if args.half else None,
+        held_out=held_out,
+        held_out_data=str(Path(args.held_out).resolve()) if args.held_out else None,
     )
     cv = result.meta["metrics"]["cross_validated"]
     ood = result.meta["metrics"]["ood"]
@@ -151,6 +166,14 @@ def run(args) -> int:
         f"{'n/a' if auroc is None else f'{auroc:.3f}'} -> {result.path} (version {result.version})",
         file=sys.stderr,
     )
+    held = result.meta["training"].get("held_out")
+    if held:
+        left = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in held["left_out"].items() if n)
+        print(
+            f"radregion fit-head: held-out set: {held['n_images']} images of {held['n_patients']} patients stored "
+            f"from {held['data']}{f' (left out: {left})' if left else ''}",
+            file=sys.stderr,
+        )
     seen = backbone_saw(bundle, in_domain)
     if seen:
         print(f"radregion fit-head: note: {seen}", file=sys.stderr)
@@ -187,6 +210,7 @@ def command_line(args) -> str:
         "model",
         "labels",
         "images_root",
+        "held_out",
         "per_class",
         "fraction",
         "seed",
