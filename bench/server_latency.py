@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from radregion.bundle import resolve_model
 from radregion.errors import RadiographError
 from radregion_harness import AUTH, start_server
 
@@ -78,6 +77,9 @@ def main():
     args = parser.parse_args()
     if args.requests < 2:
         parser.error("--requests must be 2 or more (the first one warms up the server)")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: the engine here runs as the server does
+    from radregion.bundle import resolve_model
+
     try:
         model = resolve_model(args.model)
     except RadiographError as error:
@@ -85,7 +87,6 @@ def main():
     print(f"model: {model}")
 
     work = Path(tempfile.mkdtemp(prefix="radregion-bench-"))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         studies = work / "studies"
         studies.mkdir()
