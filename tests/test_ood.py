@@ -3,15 +3,19 @@
 import numpy as np
 
 from radregion.head import fit_head
-from radregion.ood import METHODS, OODDetector, auroc, fit_ood
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from radregion.ood import CLASSIFIER_C, METHODS, NEEDS_OUTLIERS, OODDetector, auroc, fit_ood
 
 
-def _blobs(seed=0):
+def _blobs(seed=0, n_outliers=30):
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=4.0, size=(3, 16))
     labels = np.repeat(np.arange(3), 40)
     features = centres[labels] + rng.normal(size=(120, 16))
-    outliers = rng.normal(size=(30, 16)) * 0.5 + centres.mean(0)  # between the regions: no region claims them
+    # between the regions (no region claims them) and off to one side (a direction only they take)
+    outliers = rng.normal(size=(n_outliers, 16)) * 0.5 + centres.mean(0) + 3.0 * np.eye(16)[0]
     return features.astype(np.float32), labels, outliers.astype(np.float32)
 
 
@@ -24,10 +28,27 @@ def test_msp_is_one_minus_the_heads_top_probability():
 
 
 def test_every_method_tells_outliers_apart_and_survives_the_bundle_format():
-    features, labels, outliers = _blobs(1)
+    features, labels, outliers = _blobs(1, n_outliers=60)
+    outliers, known_outliers = outliers[:30], outliers[30:]  # the classifier learns from other images of the kind
     for method in METHODS:
-        detector = fit_ood(features, labels, method)
+        detector = fit_ood(features, labels, method, outliers=known_outliers if method in NEEDS_OUTLIERS else None)
         assert auroc(detector.score(features), detector.score(outliers)) > 0.9, method
         info, arrays = detector.to_dict()
         again = OODDetector.from_dict({**info, **arrays})
         assert np.allclose(again.score(outliers), detector.score(outliers)), method
+
+
+def test_classifier_is_the_logit_of_sklearns_balanced_logistic_regression():
+    features, labels, outliers = _blobs(3)
+    detector = fit_ood(features, labels, "classifier", outliers=outliers)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (np.concatenate([features, outliers]) - mean) / std
+    y = np.r_[np.zeros(len(features)), np.ones(len(outliers))]
+    reference = LogisticRegression(C=CLASSIFIER_C, class_weight="balanced", max_iter=3000).fit(x, y)
+    assert np.allclose(detector.score(outliers), reference.decision_function((outliers - mean) / std), atol=1e-3)
+
+
+def test_classifier_refuses_without_out_of_domain_images():
+    features, labels, _ = _blobs()
+    with pytest.raises(ValueError, match="out-of-domain images"):
+        fit_ood(features, labels, "classifier")

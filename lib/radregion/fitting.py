@@ -4,16 +4,18 @@ cross-validated head and a calibrated out-of-domain detector, saved as a new bun
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 import sys
 
 import numpy as np
 
 from radregion.errors import RadiographError
 from radregion.head import DEFAULT_C, first_labels, fit_head, out_of_domain_regions
-from radregion.ood import METHODS, auroc, fit_ood
+from radregion.ood import METHODS, NEEDS_OUTLIERS, auroc, fit_ood
 from radregion.validation import fold_ids, fold_masks, out_of_fold_predictions
 
 OOD_PERCENTILE = 95.0
+MIN_OUTLIERS = 10  # out-of-domain images each fold's training part needs before the classifier score is tried
 
 
 def taxonomy_of(bundle):
@@ -164,9 +166,10 @@ def train_head(
 
     fold_of = fold_ids(in_items, folds, seed)
     oof_pred = out_of_fold_predictions(feats, names, regions, fold_of, class_balanced=class_balanced, C=C)
-    oof_scores = _out_of_fold_ood_scores(feats, y, fold_of)
+    outliers = Outliers(ood_feats, outlier_folds(in_items, fold_of, ood_items, folds, seed))
+    oof_scores = _out_of_fold_ood_scores(feats, y, fold_of, outliers)
     head = fit_head(feats, names, regions, class_balanced, C)
-    detector, aurocs = _calibrated_ood(feats, y, oof_scores, ood_feats)
+    detector, aurocs = _calibrated_ood(feats, y, oof_scores, outliers)
 
     known = [i for i, p in enumerate(oof_pred) if p is not None]
     metrics = {
@@ -243,24 +246,67 @@ def train_head(
     )
 
 
-def _out_of_fold_ood_scores(feats, y, fold_of) -> dict:
-    """Each OOD method's score of every image by a detector fitted on the other folds."""
-    scores = {m: np.zeros(len(y), np.float32) for m in METHODS}
-    for _, train, test in fold_masks(fold_of):
-        for method in METHODS:
-            scores[method][test] = fit_ood(feats[train], y[train], method).score(feats[test])
+@dataclass
+class Outliers:
+    """Features of the known out-of-domain images and their folds (-1: in no fold)."""
+
+    features: np.ndarray
+    folds: np.ndarray
+
+    def usable_by_classifier(self, fold_of) -> bool:
+        """Every fold's training part holds at least MIN_OUTLIERS of them (else the classifier is not offered)."""
+        return len(self.features) > 0 and all(
+            ((self.folds >= 0) & (self.folds != fold)).sum() >= MIN_OUTLIERS for fold in np.unique(fold_of)
+        )
+
+
+def outlier_folds(in_items, fold_of, ood_items, k, seed) -> np.ndarray:
+    """Folds of the out-of-domain images: a patient's fold among the in-domain images where it has one, else
+    patient-grouped folds of their own (so no patient is on both sides of a fold)."""
+    if not ood_items:
+        return np.zeros(0, int)
+    patient_fold = {it.group: int(f) for it, f in zip(in_items, fold_of)}
+    own = fold_ids(ood_items, k, seed) if len({it.group for it in ood_items}) >= 2 else np.full(len(ood_items), -1)
+    return np.array([patient_fold.get(it.group, int(f)) for it, f in zip(ood_items, own)])
+
+
+def _methods(fold_of, outliers: Outliers) -> list:
+    return [m for m in METHODS if m not in NEEDS_OUTLIERS or outliers.usable_by_classifier(fold_of)]
+
+
+def _out_of_fold_ood_scores(feats, y, fold_of, outliers: Outliers) -> dict:
+    """Each OOD method's score of every image by a detector fitted on the other folds; for the methods that learn
+    from the out-of-domain images, their out-of-fold scores too (key "<method>:outliers")."""
+    methods = _methods(fold_of, outliers)
+    scores = {m: np.zeros(len(y), np.float32) for m in methods}
+    for method in set(methods) & set(NEEDS_OUTLIERS):
+        scores[f"{method}:outliers"] = np.full(len(outliers.features), np.nan, np.float32)
+    for fold, train, test in fold_masks(fold_of):
+        out_train, out_test = (outliers.folds >= 0) & (outliers.folds != fold), outliers.folds == fold
+        for method in methods:
+            needs = method in NEEDS_OUTLIERS
+            detector = fit_ood(feats[train], y[train], method, outliers=outliers.features[out_train] if needs else None)
+            scores[method][test] = detector.score(feats[test])
+            if needs and out_test.any():
+                scores[f"{method}:outliers"][out_test] = detector.score(outliers.features[out_test])
     return scores
 
 
-def _calibrated_ood(feats, y, oof_scores, ood_feats):
+def _calibrated_ood(feats, y, oof_scores, outliers: Outliers):
     """Each method fitted on all in-domain features, threshold from its out-of-fold scores; the one with the
-    better AUROC on the out-of-domain images wins (Mahalanobis when there are none). -> (detector, AUROCs)"""
+    better AUROC on the out-of-domain images wins (Mahalanobis when there are none). A method that learns from
+    those images is judged on its out-of-fold scores of them. -> (detector, AUROCs)"""
     aurocs, detectors = {}, {}
-    for method in METHODS:
-        detector = fit_ood(feats, y, method)
+    for method in (m for m in METHODS if m in oof_scores):
+        needs = method in NEEDS_OUTLIERS
+        detector = fit_ood(feats, y, method, outliers=outliers.features if needs else None)
         detector.threshold = float(np.percentile(oof_scores[method], OOD_PERCENTILE))
         detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
         detectors[method] = detector
-        aurocs[method] = auroc(oof_scores[method], detector.score(ood_feats))
-    best = max(METHODS, key=lambda m: aurocs[m] or 0.0) if len(ood_feats) else "mahalanobis"
+        if needs:
+            out = oof_scores[f"{method}:outliers"]
+            aurocs[method] = auroc(oof_scores[method], out[np.isfinite(out)])
+        else:
+            aurocs[method] = auroc(oof_scores[method], detector.score(outliers.features))
+    best = max(detectors, key=lambda m: aurocs[m] or 0.0) if len(outliers.features) else "mahalanobis"
     return detectors[best], aurocs

@@ -8,7 +8,11 @@ Three methods, all on standardised features:
 - "msp": 1 - the maximum softmax probability of a logistic head over the regions (Hendrycks & Gimpel, ICLR 2017,
   "A baseline for detecting misclassified and out-of-distribution examples"); the score that outlier exposure
   (`radregion.finetune`) trains a backbone for, where it pulls out-of-domain features towards the region means.
-The threshold is a percentile of the scores of held-out in-domain images (out-of-fold, see head.train_head).
+- "classifier": the logit of a logistic regression of known out-of-domain images (the taxonomy's `Others`) against
+  in-domain ones, class-balanced, L2 strength `CLASSIFIER_C`: outlier exposure (Hendrycks et al., ICLR 2019, "Deep
+  anomaly detection with outlier exposure") applied to the frozen features. Needs out-of-domain images; it scores
+  how much an image resembles them, so it is measured out of fold on them before it is chosen (fitting.py).
+The threshold is a percentile of the scores of held-out in-domain images (out-of-fold, see fitting.train_head).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-METHODS = ("mahalanobis", "knn", "msp")
+METHODS = ("mahalanobis", "knn", "msp", "classifier")
+NEEDS_OUTLIERS = ("classifier",)
+CLASSIFIER_C = 0.03  # held-out AUROC flat for C in 0.01-0.1 on the shipped recipe's features (docs/results.md)
 
 
 @dataclass
@@ -37,6 +43,8 @@ class OODDetector:
             return _knn_distance(z, self.arrays["bank"], int(self.params.get("k", 5)))
         if self.method == "msp":
             return _max_softmax_distance(z, self.arrays["weight"], self.arrays["bias"])
+        if self.method == "classifier":
+            return (z @ self.arrays["weight"][0] + self.arrays["bias"][0]).astype(np.float32)
         raise ValueError(f"unknown OOD method {self.method!r} (known: {', '.join(METHODS)})")
 
     def is_out_of_domain(self, scores: np.ndarray) -> np.ndarray:
@@ -54,8 +62,11 @@ class OODDetector:
         return cls(info["method"], arrays, float(info["threshold"]), params)
 
 
-def fit_ood(features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis", k: int = 5) -> OODDetector:
-    """Fit the statistics of `method` on in-domain features with integer region labels (threshold unset)."""
+def fit_ood(
+    features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis", k: int = 5, outliers=None
+) -> OODDetector:
+    """Fit the statistics of `method` on in-domain features with integer region labels (threshold unset);
+    "classifier" also needs the features of known out-of-domain images (`outliers`)."""
     features = np.asarray(features, np.float32)
     mean = features.mean(0)
     std = features.std(0) + 1e-6
@@ -80,6 +91,16 @@ def fit_ood(features: np.ndarray, labels: np.ndarray, method: str = "mahalanobis
         # the head standardises as the detector does (same mean and std): its weights act on z directly
         arrays.update(weight=head.weight, bias=head.bias)
         return OODDetector(method, arrays)
+    if method == "classifier":
+        from sklearn.linear_model import LogisticRegression
+
+        if outliers is None or len(outliers) == 0:
+            raise ValueError("the classifier OOD score needs out-of-domain images (outliers)")
+        x = np.concatenate([z, _standardise(outliers, mean, std)])
+        is_out = np.r_[np.zeros(len(z)), np.ones(len(outliers))]
+        model = LogisticRegression(C=CLASSIFIER_C, class_weight="balanced", max_iter=3000).fit(x, is_out)
+        arrays.update(weight=model.coef_.astype(np.float32), bias=model.intercept_.astype(np.float32))
+        return OODDetector(method, arrays, params={"C": CLASSIFIER_C, "n_outliers": int(len(outliers))})
     raise ValueError(f"unknown OOD method {method!r} (known: {', '.join(METHODS)})")
 
 
