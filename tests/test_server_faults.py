@@ -108,6 +108,19 @@ def leftovers(server) -> list:
     return out
 
 
+def six_true_labels(server) -> dict:
+    """Save 6 true labels, two of each of three regions; returns {image_id: region}."""
+    chosen = {}
+    for image_id, region in server.truth.items():
+        if sum(r == region for r in chosen.values()) < 2 and len(set(chosen.values()) | {region}) <= 3:
+            chosen[image_id] = region
+        if len(chosen) == 6:
+            break
+    for image_id, region in chosen.items():
+        save_label(server, image_id, region)
+    return chosen
+
+
 def write_big_png(path: Path, seed: int, size=2400):
     from PIL import Image
 
@@ -255,14 +268,7 @@ def test_train_with_6_confirmed_labels_keeps_all_21_regions(faults_server, tiny_
     shipped = load_bundle(tiny_bundle)
     assert len(shipped.regions) == 21
     before = model(faults_server)["model_version"]
-    chosen = {}
-    for image_id, region in faults_server.truth.items():
-        if sum(r == region for r in chosen.values()) < 2 and len(set(chosen.values()) | {region}) <= 3:
-            chosen[image_id] = region
-        if len(chosen) == 6:
-            break
-    for image_id, region in chosen.items():
-        save_label(faults_server, image_id, region)
+    chosen = six_true_labels(faults_server)
     answer = train(faults_server)
     assert answer.status_code == 200, answer.text
     result = answer.json()
@@ -446,3 +452,66 @@ def test_the_server_starts_without_conf_model_from_the_installed_package(tmp_pat
         assert len(model(server)["labels"]) == len(load_bundle(shipped).regions)
     finally:
         server.stop()
+
+
+# ---- a model with a held-out set ------------------------------------------------------------------------------
+HELD_OUT_PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def held_out_server(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
+    """The tiny bundle's head refitted on its own images with a held-out set of other patients' images (none in
+    the studies folder either), as `radregion fit-head --held-out` stores one; a server on it."""
+    from radregion.bundle import load_bundle
+    from radregion.datasets import read_labels_csv, sample_per_class
+    from radregion.fitting import train_head
+
+    from fixtures.bundle import TINY_PER_CLASS
+
+    root = tmp_path_factory.mktemp("held_out")
+    truth = make_studies(root / "studies", unifesp, real_dicoms)
+    items = read_labels_csv(unifesp / "labels.csv")
+    train = sample_per_class(items, TINY_PER_CLASS, seed=0)  # the tiny bundle's own images
+    taken = {it.group for it in train} | {it.group for it in items if it.path.stem in truth}
+    held = sample_per_class([it for it in items if it.group not in taken], HELD_OUT_PER_CLASS, seed=0)
+    bundle = train_head(
+        load_bundle(Path(tiny_bundle).parent / "pretrained"),
+        train,
+        root / "model",
+        data=f"{TINY_PER_CLASS} per region of {unifesp / 'labels.csv'} (seed 0)",
+        command="tests/test_server_faults.py",
+        held_out=held,
+        held_out_data=f"{HELD_OUT_PER_CLASS} per region of other patients",
+    )
+    with RadRegionServer(root / "studies", shutil.copytree(bundle.path, root / "served")) as server:
+        server.truth, server.bundle = truth, bundle
+        yield server
+    print(f"---- monailabel server log ({server.log_path}) ----\n{server.log_tail()}")
+
+
+def test_training_checks_the_new_head_on_the_models_held_out_set(held_out_server):
+    """A model with a held-out set: the current and the new head are compared on it (not on the training set's
+    folds), and the status says so and on how many images of how many patients."""
+    from radregion.bundle import load_bundle
+    from radregion.evaluate import macro_recall
+
+    server, base = held_out_server, held_out_server.bundle
+    held, regions = base.held_out, base.regions
+    six_true_labels(server)
+    answer = train(server)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    check = result["heldout"]
+    assert check["method"] == "held_out_set" and check["metric"] == "macro_recall", check
+    assert check["n_images"] == len(held) and check["n_patients"] == len(np.unique(held.groups)) > 1
+    truths = held.truths(regions)
+    assert check["current"] == round(macro_recall(base.head().predict(held.features), truths, regions), 4)
+    assert f"the model's held-out set ({len(held)} images of {check['n_patients']} patient(s))" in result["reason"]
+    assert result["published"] is True and result["status"] == "published", result
+    published = load_bundle(state(server) / "model")
+    assert published.version == result["model_version"] != base.version
+    assert check["new"] == round(macro_recall(published.head().predict(held.features), truths, regions), 4)
+    assert np.array_equal(published.held_out.features, held.features)  # the next training checks the same set
+    assert np.array_equal(published.held_out.targets, held.targets)
+    stats = info(server)["train_stats"]["radregion"]
+    assert stats["heldout"] == check and stats["reason"] == result["reason"]

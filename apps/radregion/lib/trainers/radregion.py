@@ -5,16 +5,20 @@ Frozen backbone: training takes seconds on CPU and reads no image twice.
   the model's own training images, every region of the taxonomy), plus the confirmed labels (features from the
   score cache). A confirmed image that is also in the stored set (same features) counts once, with its confirmed
   label: confirmed labels win where they disagree.
+- The new head is fitted on everything (stored + confirmed) for all regions.
 - Two checks, both must hold to publish:
   1. confirmed labels: a patient-grouped split (the engine's `patient_split`); a head fitted without the
      validation patients against the current model on them, macro recall (the engine's `macro_recall`);
-  2. the original data: bundles record no held-out test set, so the held-out figure is the patient-grouped
+  2. the original held-out set: with a bundle that stores one (`Bundle.held_out`, from `radregion fit-head
+     --held-out`: other patients' images, features of the same backbone), the new head against the current one on
+     it, macro recall (`macro_recall`) not lower; a bundle without one falls back to the patient-grouped
      cross-validation of the stored training set (the engine's `radregion.validation`): each fold's head fitted
-     with and without the confirmed labels, out-of-fold macro recall with them not lower than without
-     (up to `--conf heldout_tolerance`, default 0.01: refitting alone moves it by that much).
-- Then the head is fitted on everything for all regions, carries the stored training set unchanged (the next
-  training starts from the same base) and is published as the next generation, unless a newer model was
-  published since this run was requested (the server adds `base_generation` to every training request).
+     with and without the confirmed labels, out-of-fold macro recall with them not lower than without.
+     Both up to `--conf heldout_tolerance` (default 0.01: refitting alone moves it by that much); the status's
+     "heldout" block names the method used and its images.
+- Then the new head, with the stored training set and held-out set unchanged (the next training starts from the
+  same base), is published as the next generation, unless a newer model was published since this run was
+  requested (the server adds `base_generation` to every training request).
   The status (train_stats.json, GET /info/) says published or kept, why, and on how many images.
 """
 
@@ -33,6 +37,8 @@ from ..scores import ScoreTable
 
 logger = logging.getLogger(__name__)
 HELDOUT_FOLDS = 5
+HELD_OUT_SET = "held_out_set"  # the check's method: the bundle's held-out set
+CROSS_VALIDATION = "cross_validation"  # without one: the stored training set's patient-grouped folds
 SAME_IMAGE_COSINE = 0.999  # stored and served features of one image differ by fp16/bf16 rounding only
 
 
@@ -161,9 +167,16 @@ class RadRegionTrainer(TrainTask):
             "new": round(new, 4),
             "current": round(current, 4),
         }
-        # 2. the original data's held-out figure, with and without the confirmed labels (all of them: the published
-        # head is fitted on all; none of them is among the rows evaluated)
-        held = heldout_check(x_base, y_base, g_base, x_conf, y_conf, regions)
+        # the head to publish: everything, every region
+        head = fit_head(
+            np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])], regions
+        )
+        # 2. the original held-out set (or, without one, the stored set's folds with and without the confirmed labels)
+        held_out = bundle.held_out
+        if held_out is not None:
+            held = held_out_set_check(held_out, bundle.head(), head, regions)
+        else:
+            held = heldout_check(x_base, y_base, g_base, x_conf, y_conf, regions)
         report["heldout"] = held
         problems = []
         if new < current:
@@ -173,22 +186,18 @@ class RadRegionTrainer(TrainTask):
             )
         if held["new"] < held["current"] - config.heldout_tolerance:
             problems.append(
-                f"worse on the original training data's held-out folds ({held['n_images']} images): "
-                f"macro recall {held['new']:.3f} < {held['current']:.3f} without the confirmed labels"
+                f"worse on {_held_words(held)}: macro recall {held['new']:.3f} < {held['current']:.3f} "
+                + ("of the current model" if held_out is not None else "without the confirmed labels")
             )
         if problems:
             return self._kept(bundle, report, "; ".join(problems))
 
-        # publish: a head on everything, every region
-        head = fit_head(
-            np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])], regions
-        )
         models = self.context.models
         path = models.staging()
         path.rmdir()
         reason = (
             f"not worse on {len(val_rows)} validation images of {n_patients} patient(s) (macro recall "
-            f"{new:.3f} vs {current:.3f}) nor on the original data's held-out folds ({held['new']:.3f} vs "
+            f"{new:.3f} vs {current:.3f}) nor on {_held_words(held)} ({held['new']:.3f} vs "
             f"{held['current']:.3f}); fitted on {len(x_base)} stored + {len(ids)} confirmed images"
         )
         new_bundle = bundle.with_head(
@@ -196,6 +205,7 @@ class RadRegionTrainer(TrainTask):
             head,
             ood=bundle.ood_detector(),
             training_set=stored,
+            held_out=held_out,
             meta_updates={"server_training": {**report, "date": _now()}},
         )
         try:
@@ -265,6 +275,27 @@ def same_images(stored: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
     return (a @ b.T).max(1) >= SAME_IMAGE_COSINE
 
 
+def held_out_set_check(held_out, current_head, new_head, regions) -> dict:
+    """Macro recall (the engine's `macro_recall`) of the current and the new head on the bundle's held-out set."""
+    from radregion.evaluate import macro_recall
+
+    truths = held_out.truths(regions)
+    return {
+        "method": HELD_OUT_SET,
+        "n_images": len(held_out),
+        "n_patients": int(len(np.unique(held_out.groups))),
+        "metric": "macro_recall",
+        "new": round(macro_recall(new_head.predict(held_out.features), truths, regions), 4),
+        "current": round(macro_recall(current_head.predict(held_out.features), truths, regions), 4),
+    }
+
+
+def _held_words(held) -> str:
+    if held["method"] == HELD_OUT_SET:
+        return f"the model's held-out set ({held['n_images']} images of {held['n_patients']} patient(s))"
+    return f"the original training data's held-out folds ({held['n_images']} images; the model has no held-out set)"
+
+
 def heldout_check(x, y, groups, x_extra, y_extra, regions, folds=HELDOUT_FOLDS) -> dict:
     """Out-of-fold macro recall on the stored set (the engine's patient-grouped folds and out-of-fold heads):
     heads fitted on each fold's training part alone (`current`) and with the extra (confirmed) rows (`new`)."""
@@ -280,6 +311,7 @@ def heldout_check(x, y, groups, x_extra, y_extra, regions, folds=HELDOUT_FOLDS) 
         x, names, regions, fold_of, extra_features=x_extra, extra_label_sets=[(regions[t],) for t in y_extra]
     )
     return {
+        "method": CROSS_VALIDATION,
         "n_images": int(len(y)),
         "folds": int(len(np.unique(fold_of))),
         "metric": "macro_recall",
