@@ -529,6 +529,24 @@ def test_knee_ankle_undo_knee_leaves_one_knee_decision_and_supersedes_the_ankle_
     assert live_copies(store, wrong_knee) == {}
 
 
+def test_undo_of_a_first_label_is_an_undo_by_the_one_who_undid_it(pacs, tmp_path):
+    """The panel undoes an image's first label with DELETE ...&undo_of=&undone_by= (no earlier label to restore):
+    the log names the undo and who undid it, and the copy the label had written is superseded."""
+    store = datastore(pacs, tmp_path, writeback="stow")
+    wrong_knee = list(pacs.truth)[1]  # the archive says CHEST
+    store.save_label(wrong_knee, label_json(tmp_path, region="Knee", annotator="first"), "final", {})
+    assert store.writeback.wait(60)
+    knee = live_copies(store, wrong_knee)["Knee"]
+    labelled = store.writeback.decisions(wrong_knee)[0]
+    store.remove_label(wrong_knee, "final", sent={"undo_of": "d-knee", "undone_by": "first"})
+    undo = store.writeback.decisions(wrong_knee)[-1]
+    assert (undo["event"], undo["who"], undo["decision"], undo["undo_of"]) == ("undo", "first", None, "d-knee")
+    assert undo["previous"]["region"] == "Knee" and undo["written"]["why"] == "label removed"
+    assert undo["supersedes"] == [{"region": "Knee", "was": "stored", "sop": knee["new_sop"]}]
+    assert store.writeback.current_decisions()[wrong_knee]["id"] == undo["id"] != labelled["id"]
+    assert live_copies(store, wrong_knee) == {} and store.get_label(wrong_knee, "final") is None
+
+
 def test_out_of_domain_findings_in_the_decision_log_and_the_csv(pacs, tmp_path):
     store = datastore(pacs, tmp_path, writeback="csv")
     image = list(pacs.truth)[3]  # header says FOOT
@@ -691,6 +709,12 @@ def test_panel_on_a_pacs_knee_ankle_undo_knee_the_admin_export_and_a_pacs_that_i
         assert audit.status_code == 200, audit.text
         rows = {r["image"]: r for r in csv.DictReader(open(audit.json()["csv"], newline=""))}
         assert rows[phantom]["out_of_domain"] == "true"
+        # undoing the image's first label removes it: an undo, by the one who undid it
+        first.undo()
+        assert first.client.get_label(phantom) is None
+        undone = export(image=phantom)[-1]
+        assert (undone["event"], undone["who"], undone["decision"]) == ("undo", "first", None), undone
+        assert undone["undo_of"] and undone["previous"]["out_of_domain"] is True
 
         # an id the PACS does not have is a 404; the PACS down is a 502 that says why
         answer = requests.post(

@@ -134,9 +134,10 @@ class RadRegionApp(MONAILabelApp):
         super().server_mode(mode)
         if mode:
             install_http_errors()
-            from lib.writeback import install_export_route
+            from lib.writeback import install_export_route, install_label_delete_route
 
             install_export_route(self, getattr(self, "api_token", None))  # the PACS decision log, for the admin
+            install_label_delete_route(self)  # a removal that undoes a first label says so, and who undid it
             install_security(
                 self,
                 self.api_token,

@@ -4,7 +4,9 @@ The decision log, <label_dir>/decisions.jsonl, is append-only (one JSON object a
 replaced, undone or removed is a line with who, when, the image (patient, study, series), what the archive says,
 the model's answer, the decision, the label it replaced and what was written where (`event`: "label", "confirm"
 for the same label again, "undo", "remove"); a finished STOW-RS adds a "written" line. `GET /radregion/decisions`
-serves it (install_export_route).
+serves it (install_export_route). An undo restores the earlier label (a label save naming `undo_of` and
+`undone_by`) or, for an image's first label, removes it (`DELETE /datastore/label?...&undo_of=&undone_by=`,
+install_label_delete_route): either way an "undo" line whose `who` is `undone_by`.
 
 Write-back (mode "stow" or "csv") of a decision that corrects the archive: the original instance is never touched.
 The copy is a derived instance (ImageType DERIVED, a new series of the same study with its own series number,
@@ -159,13 +161,14 @@ class WriteBack:
     # ---- a decision ----------------------------------------------------------------------------------------
     def record(self, image_id, label, info, fetch, taxonomy, *, previous=None, raw=None, model=None) -> dict:
         """Log a decision on `image_id` and write it back: `label` the stored label (None: removed), `previous`
-        the label it replaced, `raw` the JSON the client sent (an undo names `undo_of` and `undone_by`),
+        the label it replaced, `raw` what the client sent (the label JSON; for a removal, the query of
+        `DELETE /datastore/label`): an undo names `undo_of` and `undone_by`, who is then the one recorded,
         `model` the model's answer. Returns the decision log line."""
         raw = raw or {}
-        if label is None:
+        if raw.get("undo_of"):
+            event = "undo"  # the earlier label restored, or (label None) the image's first label taken back
+        elif label is None:
             event = "remove"
-        elif raw.get("undo_of"):
-            event = "undo"
         elif _same(label, previous):
             event = "confirm"
         else:
@@ -424,6 +427,39 @@ class WriteBack:
         writer.writerows(rows)
         with atomic_write(self.csv_path, "w", newline="") as f:
             f.write(buffer.getvalue())
+
+
+DELETE_LABEL_PATH = "/datastore/label"
+
+
+def install_label_delete_route(app_instance):
+    """`DELETE /datastore/label?id=&tag=[&undo_of=DECISION&undone_by=NAME]`: MONAI Label's label removal, taking
+    also what an undo of an image's first label sends (a removal has no body), so the decision log says it was an
+    undo and who undid it. Put before MONAI Label's route of that path and method (same permission), so it
+    answers instead."""
+    from fastapi import Depends
+    from monailabel.app import app
+    from monailabel.config import settings
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    def remove_label(
+        id: str,
+        tag: str,
+        undo_of: str = "",
+        undone_by: str = "",
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
+        undo = f" (undo of {undo_of} by {undone_by})" if undo_of else ""
+        logger.info(f"Removing Label: {id} by {user.username}{undo}")
+        sent = {"undo_of": undo_of, "undone_by": undone_by} if undo_of else None
+        app_instance.datastore().remove_label(id, tag, sent=sent)
+        return {}
+
+    remove_label.radregion_label_delete = True
+    routes = app.router.routes
+    routes[:] = [r for r in routes if not getattr(getattr(r, "endpoint", None), "radregion_label_delete", False)]
+    app.add_api_route(DELETE_LABEL_PATH, remove_label, methods=["DELETE"], summary="Remove Label (RadRegion)")
+    routes.insert(0, routes.pop())  # matched before MONAI Label's router (its route takes id and tag only)
 
 
 def install_export_route(app_instance, token: str):

@@ -120,8 +120,12 @@ class RadRegionClient:
                 return None
             raise
 
-    def delete_label(self, image: str, tag: str = FINAL) -> None:
-        self._json("DELETE", "/datastore/label", {"id": image, "tag": tag})
+    def delete_label(self, image: str, tag: str = FINAL, undo_of: str = "", undone_by: str = "") -> None:
+        """`undo_of` (the decision taken back) and `undone_by`: an undo of the image's first label, so the server's
+        decision log records it as an undo and who undid it."""
+        query = {"id": image, "tag": tag}
+        query.update({k: v for k, v in (("undo_of", undo_of), ("undone_by", undone_by)) if v})
+        self._json("DELETE", "/datastore/label", query)
 
     def stats(self) -> dict:
         """Datastore counts: {"total", "completed", "label_tags": {tag: n}}."""

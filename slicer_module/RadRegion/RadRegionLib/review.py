@@ -577,7 +577,7 @@ class ReviewSession:
     def _send(self, decision: Decision) -> None:
         if decision.action == "delete":
             try:
-                self.client.delete_label(decision.image)
+                self.client.delete_label(decision.image, undo_of=decision.undo_of, undone_by=decision.annotator)
             except RequestRejected as error:
                 if error.status != 404:  # already gone is what we wanted
                     raise

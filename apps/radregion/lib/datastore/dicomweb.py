@@ -388,7 +388,8 @@ class RadRegionDICOMwebDatastore(Datastore):
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         self.labels.update_info(label_id, label_tag, info)
 
-    def remove_label(self, label_id: str, label_tag: str) -> None:
+    def remove_label(self, label_id: str, label_tag: str, sent: Optional[dict] = None) -> None:
+        """`sent`: what the client sent with the removal (an undo's `undo_of` and `undone_by`), for the log."""
         previous = self.labels.read(label_id, label_tag)
         self.labels.remove(label_id, label_tag)
         if previous is not None and label_tag == DefaultLabelTag.FINAL:
@@ -399,6 +400,7 @@ class RadRegionDICOMwebDatastore(Datastore):
                 lambda: self.fetch(label_id),
                 self.taxonomy,
                 previous=previous,
+                raw=sent,
                 model=self._model_answer(label_id),
             )
 

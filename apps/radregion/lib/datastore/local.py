@@ -279,7 +279,8 @@ class RadRegionDatastore(LocalDatastore):
         logger.info(f"label {label_tag} for {show(image_id)}: {label['region']} by {show(label['annotator'])}")
         return image_id
 
-    def remove_label(self, label_id, label_tag):
+    def remove_label(self, label_id, label_tag, sent=None):
+        """`sent` (an undo's `undo_of`, `undone_by`): a studies folder keeps no decision log, so unused here."""
         check_name(label_id)
         check_tag(label_tag)
         with self._state_lock:
