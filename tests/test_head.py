@@ -217,7 +217,7 @@ def test_fit_head_cli_held_out_stores_other_patients_features_and_refuses_shared
     assert main(args + ["--held-out", str(test_csv)]) == 0
     assert "held-out set:" in capsys.readouterr().err
     bundle = load_bundle(out)
-    stored = bundle.held_out
+    stored = bundle.held_out()
     in_head = [it for it in held if any(lab in bundle.regions for lab in it.labels)]
     assert len(in_head) < len(held)  # the Others images are not in it
     assert stored is not None and len(stored) == len(in_head) == len(stored.features) == len(stored.groups)
@@ -235,12 +235,12 @@ def test_fit_head_cli_held_out_stores_other_patients_features_and_refuses_shared
 
     # a new head on the same backbone and regions keeps it; another backbone drops it (its features are stale)
     kept = bundle.with_head(tmp_path / "kept", bundle.head(), bundle.ood_detector())
-    assert np.array_equal(kept.held_out.features, stored.features)
-    assert np.array_equal(kept.held_out.targets, stored.targets)
+    assert np.array_equal(kept.held_out().features, stored.features)
+    assert np.array_equal(kept.held_out().targets, stored.targets)
     other = bundle.with_head(
         tmp_path / "other", bundle.head(), bundle.ood_detector(), backbone_state=bundle.backbone().state_dict()
     )
-    assert other.held_out is None and load_bundle(tiny_bundle).held_out is None
+    assert other.held_out() is None and load_bundle(tiny_bundle).held_out() is None
 
     # held-out images of a training patient are refused, naming the file and the patient; nothing is written
     shared = sample_per_class(train, 1, seed=0)[0]

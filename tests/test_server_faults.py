@@ -496,7 +496,7 @@ def test_training_checks_the_new_head_on_the_models_held_out_set(held_out_server
     from radregion.evaluate import macro_recall
 
     server, base = held_out_server, held_out_server.bundle
-    held, regions = base.held_out, base.regions
+    held, regions = base.held_out(), base.regions
     six_true_labels(server)
     answer = train(server)
     assert answer.status_code == 200, answer.text
@@ -511,7 +511,7 @@ def test_training_checks_the_new_head_on_the_models_held_out_set(held_out_server
     published = load_bundle(state(server) / "model")
     assert published.version == result["model_version"] != base.version
     assert check["new"] == round(macro_recall(published.head().predict(held.features), truths, regions), 4)
-    assert np.array_equal(published.held_out.features, held.features)  # the next training checks the same set
-    assert np.array_equal(published.held_out.targets, held.targets)
+    assert np.array_equal(published.held_out().features, held.features)  # the next training checks the same set
+    assert np.array_equal(published.held_out().targets, held.targets)
     stats = info(server)["train_stats"]["radregion"]
     assert stats["heldout"] == check and stats["reason"] == result["reason"]

@@ -15,6 +15,13 @@ RARE_REGIONS = {
     "images/1.2.826.0.1.3680043.8.498.35566538088048503568734565120348111096.png": "Skull",
 }
 
+# held-out `Others` images (bone-density scans of a hip, the same hip, a lumbar spine) the out-of-domain score flags
+HELD_OUT_OTHERS = (
+    "images/1.2.826.0.1.3680043.8.498.12949185835253",
+    "images/1.2.826.0.1.3680043.8.498.40040328007680",
+    "images/1.2.826.0.1.3680043.8.498.88421842295081",
+)
+
 
 @pytest.fixture(scope="module")
 def predictor():
@@ -41,6 +48,13 @@ def test_rare_regions_of_held_out_patients(predictor, unifesp):
         if predicted[str(unifesp / image)] != region
     }
     assert not wrong
+    assert not any(p.out_of_domain for p in predictor.predict(paths))  # rare, but in the domain
+
+
+def test_held_out_out_of_domain_images_are_flagged(predictor, unifesp):
+    paths = [next((unifesp / "images").glob(prefix.split("/")[-1] + "*.png")) for prefix in HELD_OUT_OTHERS]
+    flagged = {p.path: p.out_of_domain for p in predictor.predict(paths)}
+    assert len(flagged) == len(HELD_OUT_OTHERS) and all(flagged.values()), flagged
 
 
 def test_the_shipped_model_is_the_recipe_of_its_card():
@@ -48,4 +62,6 @@ def test_the_shipped_model_is_the_recipe_of_its_card():
     assert bundle.meta["architecture"]["name"] == "efficientnet-lite0"
     assert len(bundle.regions) == 21 and "Others" not in bundle.regions
     assert bundle.training_set() is not None  # what the server's retraining starts from
+    assert bundle.held_out() is not None and len(bundle.held_out()) == 258  # what a retrained head must not be worse on
+    assert bundle.ood_detector().method == "classifier"
     assert (shipped_model_path() / "MODEL_CARD.md").read_text().count(bundle.version) >= 1

@@ -205,7 +205,6 @@ class Bundle:
         """The features, region indices and patient groups the head was fitted on (None if not stored)."""
         return self._stored_set(TRAINING_SET)
 
-    @property
     def held_out(self) -> TrainingSet | None:
         """The held-out set: features (this backbone's), region indices and patient groups of labelled images of
         patients the head was not fitted on (`radregion fit-head --held-out`); None when the bundle has none."""
@@ -234,7 +233,7 @@ class Bundle:
             half_backbone = self.meta.get("weights_dtype") == "float16"
         if held_out is _KEEP:
             fits = backbone_state is None and head is not None and list(head.regions) == self.regions
-            held_out = self.held_out if fits else None
+            held_out = self.held_out() if fits else None
         state = self.backbone_state(dtype=None) if backbone_state is None else backbone_state
         save_bundle(
             path,

@@ -112,7 +112,7 @@ def train_head(
     bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None: as the input bundle).
     `held_out`: labelled images of other patients (RadiographError naming `held_out_data` when one shares a
     patient with `items`); the features of those of the head's regions, from the same (fine-tuned) backbone, are
-    stored as the bundle's held-out set (`Bundle.held_out`), what the server's retraining must not be worse on.
+    stored as the bundle's held-out set (`Bundle.held_out()`), what the server's retraining must not be worse on.
     """
     from radregion.bundle import TrainingSet, provenance
     from radregion.evaluate import summarise

@@ -9,7 +9,7 @@ Frozen backbone: training takes seconds on CPU and reads no image twice.
 - Two checks, both must hold to publish:
   1. confirmed labels: a patient-grouped split (the engine's `patient_split`); a head fitted without the
      validation patients against the current model on them, macro recall (the engine's `macro_recall`);
-  2. the original held-out set: with a bundle that stores one (`Bundle.held_out`, from `radregion fit-head
+  2. the original held-out set: with a bundle that stores one (`Bundle.held_out()`, from `radregion fit-head
      --held-out`: other patients' images, features of the same backbone), the new head against the current one on
      it, macro recall (`macro_recall`) not lower; a bundle without one falls back to the patient-grouped
      cross-validation of the stored training set (the engine's `radregion.validation`): each fold's head fitted
@@ -172,7 +172,7 @@ class RadRegionTrainer(TrainTask):
             np.concatenate([x_base, x_conf]), [regions[t] for t in np.concatenate([y_base, y_conf])], regions
         )
         # 2. the original held-out set (or, without one, the stored set's folds with and without the confirmed labels)
-        held_out = bundle.held_out
+        held_out = bundle.held_out()
         if held_out is not None:
             held = held_out_set_check(held_out, bundle.head(), head, regions)
         else:
