@@ -25,10 +25,13 @@ $(VENV)/.dev: $(VENV)/.installed setup.py constraints.txt
 
 dev: $(VENV)/.dev
 
+# Nothing outside the studies folder: MONAI Label writes a log config to TMPDIR at start and imports matplotlib (its
+# font cache goes to MPLCONFIGDIR, else ~/.cache); the app keeps all its temp files in <studies>/.radregion/tmp
 serve: install
 	@test -f apps/radregion/main.py || { echo "make serve: the MONAI Label app (apps/radregion) does not exist yet" >&2; exit 2; }
-	mkdir -p $(STUDIES)
-	MONAILABEL_PYEXE=$(abspath $(PY)) $(VENV)/bin/monailabel start_server --app apps/radregion --studies $(STUDIES) \
+	mkdir -p -m 700 $(STUDIES)/.radregion/tmp
+	TMPDIR=$(abspath $(STUDIES))/.radregion/tmp MPLCONFIGDIR=$(abspath $(STUDIES))/.radregion/matplotlib \
+		MONAILABEL_PYEXE=$(abspath $(PY)) $(VENV)/bin/monailabel start_server --app apps/radregion --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT) --conf model $(MODEL)
 
 # a shell with the venv on PATH, so that `radregion ...` works (exit to leave)

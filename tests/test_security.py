@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,30 @@ NO_CONTENT = {  # file in the studies folder -> words the 422 must contain
     "sliver.png": "too small",
     "thin.png": "degenerate shape",
     "nan_rescale.dcm": "not numbers",
-    "huge.png": "too large",
 }
 
 
 def _png(path, array):
     Image.fromarray(array).save(path)
     return path
+
+
+def _png_of_zeros(width, height, bits=8, rows=100) -> bytes:
+    """A grey PNG of zeros, a bomb of any size in a few KB: one deflate block of `rows` zero rows (filter byte 0
+    and the row), ended by a full flush so that it can be repeated, then an empty final block and the Adler-32 of
+    n zeros, (n mod 65521) << 16 | 1."""
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    line = width * bits // 8 + 1
+    block = deflate.compress(bytes(line * rows)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    final = zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    adler = (((line * height) % 65521) << 16) | 1
+    pixels = b"\x78\xda" + block * (height // rows) + final + adler.to_bytes(4, "big")
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bits, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def _noise(shape, seed=0):
@@ -47,10 +65,11 @@ def _noise(shape, seed=0):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
     """Studies with a link pointing out, two files of one stem, images without content; an `outside` folder
-    the server must never touch; the server's own temp folder (TMPDIR) to prove it leaves nothing there."""
+    the server must never touch; its temp folder (<studies>/.radregion/tmp, TMPDIR as the documented start
+    commands set it) to prove it leaves nothing there."""
     root = tmp_path_factory.mktemp("security")
     studies = root / "studies"
-    make_studies(studies, unifesp, real_dicoms)
+    truth = make_studies(studies, unifesp, real_dicoms)
     pngs = sorted(studies.glob("*.png"))
     outside = root / "outside"
     outside.mkdir()
@@ -69,13 +88,9 @@ def env(tmp_path_factory, tiny_bundle, unifesp, real_dicoms):
     huge[::97, :] = 255
     _png(studies / "huge.png", huge)
     del huge
-    server_tmp = root / "server-tmp"
-    server_tmp.mkdir()
     model = Path(shutil.copytree(tiny_bundle, root / "model"))
-    server = RadRegionServer(
-        studies, model, log_path=root / "server.log", env={"TMPDIR": str(server_tmp)}, extra_conf={"max_upload_mb": 2}
-    )
-    server.root, server.outside, server.tmp, server.pngs = root, outside, server_tmp, pngs
+    server = RadRegionServer(studies, model, log_path=root / "server.log", extra_conf={"max_upload_mb": 2})
+    server.root, server.outside, server.tmp, server.pngs, server.truth = root, outside, server.temp_dir(), pngs, truth
     try:
         server.start()
         yield server
@@ -403,13 +418,46 @@ def check_model_upload(server, state):
     assert answer.json()["model_version"] != before and served_version() == answer.json()["model_version"]
 
 
+def test_answers_name_files_by_id_and_relative_name_never_by_server_path(env):
+    image = env.pngs[8].stem
+    assert put_label(env, image, json.dumps({"region": env.truth[image]})).status_code == 200
+    answers = {
+        "image info": requests.get(f"{env.url}/datastore/image/info", params={"image": image}, timeout=60),
+        "label info": requests.get(
+            f"{env.url}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=60
+        ),
+        **{
+            f"listing {output}": requests.get(f"{env.url}/datastore/", params={"output": output}, timeout=60)
+            for output in ("stats", "all", "train")
+        },
+        **{
+            f"next {strategy}": requests.post(
+                f"{env.url}/activelearning/{strategy}", json={}, headers=AUTH, timeout=120
+            )
+            for strategy in ("random", "uncertain", "disagreement", "ood", "diverse")
+        },
+        "infer": infer(env, image),
+        "info": requests.get(f"{env.url}/info/", timeout=60),
+    }
+    folders = {str(env.root), os.path.realpath(env.root)}
+    for what, answer in answers.items():
+        assert answer.status_code == 200, (what, answer.text)
+        leaks = [answer.text[max(0, i - 300) : i + 100] for i in (answer.text.find(f) for f in folders) if i >= 0]
+        assert leaks == [], what
+    info = answers["image info"].json()
+    assert info["name"] == f"{image}.png" and "path" not in info
+    assert answers["next random"].json()["id"] and "path" not in answers["next random"].json()
+    train = {item["image"]: item for item in answers["listing train"].json()}
+    assert train[f"{image}.png"]["label"] == f"labels/final/{image}.json", train
+
+
 # ---- uploads ---------------------------------------------------------------------------------------------
 
 
 def test_bad_uploads_are_refused_before_they_are_stored_and_leave_no_temp_file(env):
     png = env.pngs[3].read_bytes()
-    bomb = io.BytesIO()
-    Image.new("L", (20000, 20000)).save(bomb, format="PNG")  # 400 MP of zeros in a few hundred KB
+    bomb = _png_of_zeros(30000, 30000)  # 900 MP: 858 MiB to decode; Pillow's own guard refuses it
+    bomb16 = _png_of_zeros(17000, 17000, bits=16)  # 289 MP at 16 bits: 551 MiB, above pixels.MAX_DECODED_BYTES
     temp_before = files_under(env.tmp)
     studies_before = files_under(env.studies)
     bad = {
@@ -417,7 +465,8 @@ def test_bad_uploads_are_refused_before_they_are_stored_and_leave_no_temp_file(e
         "empty.png": (b"", 422, "empty file"),
         "truncated.png": (png[: len(png) // 3], 422, "unreadable PNG"),
         "zeros.dcm": (bytes(1 << 20), 422, "not a DICOM file"),
-        "bomb.png": (bomb.getvalue(), 422, "too large"),
+        "bomb.png": (bomb, 422, "too large"),
+        "bomb16.png": (bomb16, 422, "too large"),
         "big.dcm": (bytes(3 << 20), 413, "too large"),
     }
     for name, (data, status, words) in bad.items():
@@ -480,6 +529,20 @@ def test_dataset_export_leaves_no_zip_behind(env):
 # ---- images with no content ------------------------------------------------------------------------------
 
 
+def test_a_169_megapixel_png_is_read_downscaled_and_predicted_as_the_engine_does(env, tiny_bundle):
+    """Decoded at 8 bits and averaged down strip by strip (bench/huge_image_memory.py: about 190 MiB), not refused."""
+    from radregion.inference import Predictor
+
+    answer = infer(env, "huge")
+    assert answer.status_code == 200, answer.text
+    engine = next(Predictor(tiny_bundle, workers=0).predict([env.studies / "huge.png"]))
+    assert engine.error is None, engine.error
+    result = answer.json()
+    assert result["region"] == engine.region
+    assert result["confidence"] == pytest.approx(engine.confidence, abs=1e-4)
+    assert result["ood_score"] == pytest.approx(engine.ood_score, rel=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(NO_CONTENT))
 def test_images_without_content_answer_422_naming_the_problem(env, name):
     image_id = Path(name).stem
@@ -528,6 +591,52 @@ def test_ids_are_escaped_in_the_log(env):
 
 
 # ---- how the server is started -------------------------------------------------------------------------
+
+
+def test_a_server_run_writes_nothing_outside_its_folders(env, tiny_bundle, tmp_path, monkeypatch):
+    """Uploads (kept and refused), inference, next images, a dataset download and a training on a server started
+    as the documented commands start it (TMPDIR = <studies>/.radregion/tmp): the system temp folder and the home
+    folder it inherits get nothing, everything new lies in its studies and cache folders, and its temp folder is
+    empty again at the end (MONAI Label's start-up log config included)."""
+    system_tmp, home, studies, cache = (tmp_path / name for name in ("system-tmp", "home", "studies", "cache"))
+    system_tmp.mkdir()
+    home.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setenv("HOME", str(home))
+    studies.mkdir()
+    for png in env.pngs:
+        shutil.copy(png, studies / png.name)
+    before = files_under(tmp_path)
+    server = RadRegionServer(
+        studies, tiny_bundle, log_path=tmp_path / "server.log", env={"RADREGION_CACHE": str(cache)}
+    )
+    with server:
+        assert put_image(server, "upload-1", "upload.png", env.pngs[0].read_bytes()).status_code == 200
+        assert put_image(server, "refused-1", "refused.png", b"not a png").status_code == 422
+        assert infer(server, env.pngs[1].stem).status_code == 200
+        answer = requests.post(f"{server.url}/activelearning/random", json={}, headers=AUTH, timeout=120)
+        assert answer.status_code == 200, answer.text
+        for png in env.pngs:
+            assert put_label(server, png.stem, json.dumps({"region": env.truth[png.stem]})).status_code == 200
+        assert requests.get(f"{server.url}/datastore/dataset", headers=AUTH, timeout=120).status_code == 200
+        answer = requests.post(f"{server.url}/train/radregion", params={"run_sync": "true"}, headers=AUTH, timeout=600)
+        assert answer.status_code == 200, answer.text
+        time.sleep(0.5)  # the zip is removed after the response is sent
+        left_in_temp = files_under(server.temp_dir())
+    assert files_under(system_tmp) == [] and files_under(home) == []
+    assert left_in_temp == []
+    new = sorted(set(files_under(tmp_path)) - set(before))
+    assert any(name.startswith("cache/") for name in new) and any(
+        name.startswith("studies/.radregion/") for name in new
+    )
+    assert [name for name in new if name.split("/")[0] not in ("studies", "cache", "server.log")] == []
+    dry = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "TMPDIR=" in dry and ".radregion/tmp" in dry and "MPLCONFIGDIR=" in dry, dry
+    for doc in (APP_DIR / "README.md", REPO / "docs" / "pacs.md"):
+        commands = re.findall(
+            r"TMPDIR=[^\n]*MPLCONFIGDIR=(?:[^\n]*\\\n)*[^\n]*monailabel start_server", doc.read_text()
+        )
+        assert commands, doc.name
 
 
 def test_every_documented_start_command_binds_loopback():

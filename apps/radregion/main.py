@@ -143,6 +143,7 @@ class RadRegionApp(MONAILabelApp):
                 self.api_token,
                 self.app_config,
                 dataset_archive=lambda limit: self.datastore().get_dataset_archive(limit),
+                training_list=lambda: self.datastore().datalist(full_path=False),
             )
             install_model_routes(self, MODEL)
             install_offload()  # last: the outermost middleware, every request on a worker thread
@@ -153,6 +154,12 @@ class RadRegionApp(MONAILabelApp):
         info = super().info()
         info.setdefault("config", {}).setdefault("train", {})["base_generation"] = self.context.models.generation()
         return info
+
+    def next_sample(self, request):
+        """MONAI Label's answer without the image's path on the server: the id says which image."""
+        result = super().next_sample(request)
+        result.pop("path", None)
+        return result
 
     def infer(self, request, datastore=None):
         """Images by datastore id only (query or `params`): never a path. Unknown, malformed and outside ids

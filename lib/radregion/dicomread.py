@@ -142,11 +142,14 @@ def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndar
     """Decoded image, float32 [0, 1], bone bright; and the metadata `fields` the file has."""
     ds = read_header(path, pixels=True)
     check_image(ds, path)
-    check_dimensions(ds.Rows, ds.Columns, path)
+    full = ds.Rows * ds.Columns * max(1, (header_int(ds, "BitsAllocated", 16, path) + 7) // 8)
+    level = _jpeg2000_level(ds, max_size)
+    check_dimensions(ds.Rows, ds.Columns, path, full >> (2 * level))  # JPEG 2000 decodes 1/2^level of each side
     check_pixel_length(ds, path)
     syntax = ds.file_meta.TransferSyntaxUID
-    stored = _decode_jpeg2000_reduced(ds, max_size)
+    stored = _decode_jpeg2000_reduced(ds, level) if level else None
     if stored is None:
+        check_dimensions(ds.Rows, ds.Columns, path, full)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -166,18 +169,21 @@ def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndar
     return image, {**dicom_meta(ds, fields), "transfer_syntax": syntax.name}
 
 
-def _decode_jpeg2000_reduced(ds, max_size: int | None) -> np.ndarray | None:
+def _jpeg2000_level(ds, max_size: int | None) -> int:
+    """How many resolution levels a JPEG 2000 image can skip and keep its long side above `max_size`; 0 when
+    the image is not JPEG 2000 Pillow can reduce."""
+    if not max_size or ds.file_meta.TransferSyntaxUID not in JPEG2000_SYNTAXES:
+        return 0
+    if int(ds.get("PixelRepresentation") or 0) != 0 or int(ds.get("BitsAllocated") or 0) not in (8, 16):
+        return 0
+    return int(math.log2(max(ds.Rows, ds.Columns) / max_size)) if max(ds.Rows, ds.Columns) > max_size else 0
+
+
+def _decode_jpeg2000_reduced(ds, level: int) -> np.ndarray | None:
     """JPEG 2000 decodes at 1/2, 1/4 ... resolution by skipping wavelet levels: several times faster.
 
-    None when not applicable or when Pillow refuses; pydicom's full decode then takes over.
+    None when Pillow refuses; pydicom's full decode then takes over.
     """
-    if not max_size or ds.file_meta.TransferSyntaxUID not in JPEG2000_SYNTAXES:
-        return None
-    if int(ds.get("PixelRepresentation") or 0) != 0 or int(ds.get("BitsAllocated") or 0) not in (8, 16):
-        return None
-    level = int(math.log2(max(ds.Rows, ds.Columns) / max_size)) if max(ds.Rows, ds.Columns) > max_size else 0
-    if level < 1:
-        return None
     frame = next(generate_pixel_data_frame(ds.PixelData, 1))
     for reduce in range(level, 0, -1):  # Pillow rejects some levels for odd sizes at once; try the next
         try:

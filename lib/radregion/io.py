@@ -17,7 +17,15 @@ from radregion.dicomread import (
     read_header,
 )
 from radregion.errors import RadiographError
-from radregion.pixels import block_mean, check_content, check_dimensions, shrink_factors, to_unit_range
+from radregion.pixels import (
+    MAX_DECODED_BYTES,
+    block_mean,
+    block_mean_rows,
+    check_content,
+    check_dimensions,
+    shrink_factors,
+    to_unit_range,
+)
 
 META_FIELDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
                "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName", "ViewPosition",
@@ -36,6 +44,9 @@ NOT_IMAGES = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html",
               ".exe"}  # fmt: skip
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 SKIPPED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+# Pillow refuses above twice this many pixels before anything is decoded: check_dimensions' byte limit decides instead
+if Image.MAX_IMAGE_PIXELS is not None:
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, MAX_DECODED_BYTES // 2)
 
 
 @dataclass
@@ -227,38 +238,55 @@ def _pillow_name(path: Path) -> str:
 
 def _open_pillow(path: Path):
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_dimensions has the last word
+            return Image.open(path)
     except Image.DecompressionBombError:
         with open(path, "rb") as handle:
             size = _png_size(handle.read(24))
-        raise RadiographError(path, f"image too large: {size} pixels" if size else "image too large") from None
+        limit = f"the limit is {MAX_DECODED_BYTES / 2**20:.0f} MiB of decoded pixels"
+        raise RadiographError(path, f"image too large: {size} pixels; {limit}" if size else "image too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
 
 
 def _read_pillow(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
+    """Decoded at the file's own depth (Pillow: 1 byte a pixel for 8-bit grey, 2 for 16-bit), JPEGs already
+    shrunk by the decoder; then averaged down one strip at a time, so the float image is only ever small."""
     with _open_pillow(path) as img:
         meta = {"Rows": img.height, "Columns": img.width}
-        check_dimensions(img.height, img.width, path)  # before decoding: a PNG bomb never reaches memory
         try:
             if max_size and img.format == "JPEG":
                 img.draft("L", (max_size, max_size))  # the JPEG decoder shrinks by 1/2..1/8 for free
+            mode, (width, height) = img.mode, img.size
+            dtype, bits = _PILLOW_ARRAYS.get(mode, (np.uint8, 8))
+            # before decoding: a PNG bomb never reaches memory
+            check_dimensions(meta["Rows"], meta["Columns"], path, _pillow_pixel_bytes(mode) * width * height)
             img.load()
-            if img.mode.startswith("I;16"):
-                array, bits = np.asarray(img, dtype=np.uint16), 16
-            elif img.mode in ("I", "F"):
-                array, bits = np.asarray(img), 32
-            else:
-                array, bits = np.asarray(img if img.mode == "L" else img.convert("L")), 8
+
+            def read_rows(start: int, stop: int) -> np.ndarray:
+                strip = img.crop((0, start, width, stop))
+                return np.asarray(strip if mode in _PILLOW_ARRAYS else strip.convert("L"), dtype=dtype)
+
+            array = block_mean_rows(read_rows, (height, width), dtype, shrink_factors((height, width), max_size))
+        except RadiographError:
+            raise
         except Exception as error:
             raise RadiographError(path, f"unreadable {_pillow_name(path)} image ({error})") from None
-    if array.size == 0:
-        raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
     meta["BitsStored"] = bits
-    array = block_mean(array, shrink_factors(array.shape, max_size))
     check_content(array, path)
     image = array.astype(np.float32) / 255.0 if bits == 8 else to_unit_range(array)
     return image, meta
+
+
+# Pillow modes read as they are (dtype, bits); every other mode is converted to 8-bit grey ("L") strip by strip
+_PILLOW_ARRAYS = {"L": (np.uint8, 8), "I;16": (np.uint16, 16), "I;16L": (np.uint16, 16), "I;16B": (np.uint16, 16),
+                  "I;16N": (np.uint16, 16), "I": (np.int32, 32), "F": (np.float32, 32)}  # fmt: skip
+
+
+def _pillow_pixel_bytes(mode: str) -> int:
+    """Bytes a pixel of `mode` takes in Pillow's memory: 1 for 1/L/P, 2 for I;16*, 4 for the rest."""
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
 
 
 def _read_itk(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
@@ -281,7 +309,7 @@ def _read_itk(path: Path, max_size: int | None) -> tuple[np.ndarray, dict]:
     if array.size == 0:
         raise RadiographError(path, f"zero-size image ({array.shape[0]} x {array.shape[1]})")
     meta = {"Rows": int(array.shape[0]), "Columns": int(array.shape[1]), "PixelSpacing": [spacing[1], spacing[0]]}
-    check_dimensions(array.shape[0], array.shape[1], path)
+    check_dimensions(array.shape[0], array.shape[1], path, array.nbytes)
     array = block_mean(np.ascontiguousarray(array), shrink_factors(array.shape, max_size))
     check_content(array, path)
     return to_unit_range(array.astype(np.float32)), meta

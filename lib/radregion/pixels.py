@@ -11,18 +11,23 @@ from radregion.errors import RadiographError
 CHUNK_PIXELS = 1 << 22  # work on ~4 M pixels at a time so big images never get a full-size float copy
 MIN_SIDE = 32  # a radiograph smaller than this on a side holds nothing to classify (icons, 1x1 placeholders)
 MAX_ASPECT = 10.0  # long side / short side; the longest stitched leg views are about 1:4
-# decoding is refused above this many pixels (a 43 x 43 cm detector at 100 um is 18.5 MP); $RADREGION_MAX_PIXELS
-MAX_PIXELS = int(os.environ.get("RADREGION_MAX_PIXELS", 100_000_000))
+# Decoding is refused above this many bytes of decoded pixels, as the decoder holds them (1 byte a pixel for 8-bit
+# grey, 2 for 16-bit, 4 for Pillow's colour and 32-bit modes; after JPEG's and JPEG 2000's reduced decoding). The
+# biggest radiographs (a stitched 43 x 129 cm leg at 100 um: 55 MP, 111 MB at 16 bits) are a fifth of it; a
+# 169 MP 16-bit image (338 MB) still decodes. Each decoder thread holds at most this much plus a few MB
+# (bench/huge_image_memory.py). $RADREGION_MAX_DECODED_MB
+MAX_DECODED_BYTES = int(float(os.environ.get("RADREGION_MAX_DECODED_MB", 512)) * 2**20)
 
 
-def check_dimensions(rows: int, columns: int, path) -> None:
-    """Refuse, from the header alone, sizes no radiograph has: too small, degenerate aspect, too many pixels."""
+def check_dimensions(rows: int, columns: int, path, decoded: int) -> None:
+    """Refuse, from the header alone, sizes no radiograph has: too small, degenerate aspect, too many bytes to
+    decode (`decoded`: the bytes the decoder will hold for these rows x columns)."""
     rows, columns = int(rows), int(columns)
-    if rows * columns > MAX_PIXELS:
+    if decoded > MAX_DECODED_BYTES:
         raise RadiographError(
             path,
-            f"image too large: {rows} x {columns} pixels ({rows * columns / 1e6:.0f} MP); "
-            f"the limit is {MAX_PIXELS / 1e6:.0f} MP",
+            f"image too large: {rows} x {columns} pixels ({rows * columns / 1e6:.0f} MP) decode to "
+            f"{decoded / 2**20:.0f} MiB; the limit is {MAX_DECODED_BYTES / 2**20:.0f} MiB of decoded pixels",
         )
     if min(rows, columns) < MIN_SIDE:
         raise RadiographError(
@@ -55,17 +60,27 @@ def shrink_factors(shape, max_size: int | None) -> tuple[int, int]:
 
 def block_mean(array: np.ndarray, factors: tuple[int, int]) -> np.ndarray:
     """Average non-overlapping blocks, chunk by chunk; integer input stays integer (rounded)."""
-    fy, fx = factors
-    if (fy, fx) == (1, 1):
+    if tuple(factors) == (1, 1):
         return array
-    rows, cols = array.shape[0] // fy, array.shape[1] // fx
-    out_dtype = array.dtype if array.dtype.kind in "iub" else np.dtype(np.float32)
+    return block_mean_rows(lambda start, stop: array[start:stop], array.shape, array.dtype, factors)
+
+
+def block_mean_rows(read_rows, shape, dtype, factors: tuple[int, int]) -> np.ndarray:
+    """block_mean of an image read one strip of rows at a time: `read_rows(start, stop)` gives rows start..stop
+    as an array of `dtype`, so only a strip of ~CHUNK_PIXELS is in memory besides the result."""
+    fy, fx = factors
+    rows, cols = shape[0] // fy, shape[1] // fx
+    dtype = np.dtype(dtype)
+    out_dtype = dtype if dtype.kind in "iub" else np.dtype(np.float32)
     out = np.empty((rows, cols), dtype=out_dtype)
     step = max(1, CHUNK_PIXELS // max(1, cols * fx * fy))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        block = array[start * fy : stop * fy, : cols * fx].astype(np.float32)
-        mean = block.reshape(stop - start, fy, cols, fx).mean(axis=(1, 3))
+        block = read_rows(start * fy, stop * fy)[:, : cols * fx]
+        if (fy, fx) == (1, 1):
+            out[start:stop] = block
+            continue
+        mean = block.astype(np.float32).reshape(stop - start, fy, cols, fx).mean(axis=(1, 3))
         out[start:stop] = np.rint(mean) if out_dtype.kind in "iub" else mean
     return out
 

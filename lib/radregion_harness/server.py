@@ -103,9 +103,10 @@ class RadRegionServer:
         env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
         env.setdefault("OMP_NUM_THREADS", "1")  # a shared, loaded test machine: spinning OpenMP threads cost 20x
         temp = self.temp_dir()
-        if temp is not None:  # as the documented start commands do: even MONAI Label's start-up file stays inside
+        if temp is not None:  # as the documented start commands do: MONAI Label's start-up files stay inside too
             temp.mkdir(mode=0o700, parents=True, exist_ok=True)
             env["TMPDIR"] = str(temp)
+            env["MPLCONFIGDIR"] = str(temp.parent / "matplotlib")  # imported by MONAI Label: its font cache
         for key, value in self.env.items():
             if value is None:
                 env.pop(key, None)

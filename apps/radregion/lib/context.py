@@ -3,12 +3,17 @@
 The shipped model (--conf model, else the bundle installed with the package as `radregion_model`) stays
 read-only; it is published into <state_dir>/models as the first generation and training publishes the next ones
 (published.py). The predictor is built once and rebuilt when the `model` link points at another generation.
+
+Temp files (MONAI Label's upload copies, dataset zips, the log config it writes at start when TMPDIR points here as
+the documented start commands do) go to <state_dir>/tmp, never to the system's temp folder: the server and its task
+processes set TMPDIR and Python's `tempfile.tempdir` to it; the server empties it at start.
 """
 
 import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,6 +43,7 @@ class RadRegionContext:
         self.model_dir = self.state_dir / "model"  # a link to the current generation (published.py)
         self.models = ModelStore(self.state_dir)
         self.scores = ScoreStore(self.state_dir / "scores")
+        self.tmp_dir = self.state_dir / "tmp"
         self._lock = threading.RLock()  # the score table of this process (read, extend, save)
         self._model_lock = threading.Lock()  # the predictor (never held while images are scored)
         self._predictor = None
@@ -46,6 +52,8 @@ class RadRegionContext:
         self._taxonomy = None
         if server:
             self._clean_start(studies)
+        self._use_own_temp_folder()
+        if server:
             self._install_model()
         elif self.models.current_folder() is None:
             raise ModelNotFoundError(f"no published model at {self.model_dir}: the server installs one at start")
@@ -57,8 +65,20 @@ class RadRegionContext:
             removed = remove_temp_files(studies, recursive=False) + remove_temp_files(Path(studies) / "labels")
             if removed:
                 done.append(f"removed {len(removed)} temp file(s) of interrupted label writes")
+        if self.tmp_dir.is_dir():
+            stale = list(self.tmp_dir.iterdir())
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if stale:
+                logger.info(f"start-up: emptied the temp folder {self.tmp_dir} ({len(stale)} entries)")
         for line in done:
             logger.warning(f"start-up: {line}")
+
+    def _use_own_temp_folder(self):
+        """Every temp file of this process and the tasks it starts goes to <state_dir>/tmp."""
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(self.tmp_dir)
+        tempfile.tempdir = str(self.tmp_dir)
 
     # ---- model --------------------------------------------------------------------------------------
     def _install_model(self):

@@ -10,6 +10,8 @@
   small forms are checked before MONAI Label parses them (`params`/`info` must be JSON objects; inference
   takes an image id, not an uploaded file or a session).
 - `GET /datastore/dataset` is served from a temporary zip that is deleted once sent.
+- `GET /datastore/?output=train` names the files relative to the studies folder (MONAI Label answers their paths);
+  image info and next-image answers do too (the datastores' `get_image_info`).
 """
 
 import hmac
@@ -62,13 +64,16 @@ def is_loopback(host: str) -> bool:
 class RequestGate:
     """Pure ASGI middleware (no body buffering except small forms)."""
 
-    def __init__(self, app, token: str, loopback: bool, config, dataset_archive=None, model_upload=None):
+    def __init__(
+        self, app, token: str, loopback: bool, config, dataset_archive=None, model_upload=None, training_list=None
+    ):
         self.app = app
         self.token = token.encode()
         self.loopback = loopback
         self.config = config
         self.dataset_archive = dataset_archive  # callable(limit_cases) -> zip path
         self.model_upload = model_upload  # async callable(request) -> response, or None
+        self.training_list = training_list  # callable() -> the training items, named relative to the studies
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,6 +94,8 @@ class RequestGate:
             return await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
         if method == "GET" and path == "/datastore/dataset" and self.dataset_archive:
             return await self._dataset(scope, receive, send)
+        if method == "GET" and path == "/datastore" and self.training_list and _query(scope).get("output") == ["train"]:
+            return await JSONResponse(await run_in_threadpool(self.training_list))(scope, receive, send)
         limit = self._body_limit(method, path)
         length = _content_length(scope)
         if length is not None and length > limit:
@@ -133,8 +140,7 @@ class RequestGate:
         if path.startswith("/model/") and method == "PUT" and not self.model_upload:
             return 403, "model upload over REST is off (the admin enables it with --conf model_upload true)"
         if path.startswith("/infer/") and method == "POST":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            if query.get("session_id"):
+            if _query(scope).get("session_id"):
                 return 400, "sessions are off in RadRegion: infer an image of the datastore by id (?image=ID)"
         return None
 
@@ -184,7 +190,7 @@ class RequestGate:
                 raise error
 
     async def _dataset(self, scope, receive, send):
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = _query(scope)
         try:
             limit = int(query.get("limit_cases", ["0"])[0]) or None
         except ValueError:
@@ -212,6 +218,10 @@ def _remove(path):
 def _too_large(limit: int) -> JSONResponse:
     size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
     return JSONResponse({"detail": f"request body too large: the limit for this call is {size}"}, status_code=413)
+
+
+def _query(scope) -> dict:
+    return parse_qs(scope.get("query_string", b"").decode("latin-1"))
 
 
 def _content_length(scope):
@@ -287,7 +297,7 @@ async def _form_problem(scope, body: bytes, path: str):
     return None
 
 
-def install_security(app_instance, token: str, config, dataset_archive=None):
+def install_security(app_instance, token: str, config, dataset_archive=None, training_list=None):
     """Put the CORS rule and the gate in front of MONAI Label's FastAPI app (replacing its allow-all CORS)."""
     from monailabel.app import app
 
@@ -306,6 +316,7 @@ def install_security(app_instance, token: str, config, dataset_archive=None):
             config=config,
             dataset_archive=dataset_archive,
             model_upload=model_upload,
+            training_list=training_list,
         ),
     )
     app.user_middleware.insert(

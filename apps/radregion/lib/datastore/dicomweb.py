@@ -413,17 +413,20 @@ class RadRegionDICOMwebDatastore(Datastore):
         return [i for i in self.list_images() if i not in labelled]
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
+        """Training items: the cached image and the label file; `full_path=False` (what GET /datastore/?output=train
+        answers) names them without the server's folders and fetches nothing."""
         items = []
         for image_id in self.get_labeled_images(DefaultLabelTag.FINAL):
             try:
-                image = self.get_image_uri(image_id)
+                image = self.get_image_uri(image_id) if full_path else self.cached_path(image_id).name
             except PACSError as error:
                 logger.warning("%s: left out of training", error)
                 continue
+            label = self.labels.uri(image_id, DefaultLabelTag.FINAL)
             items.append(
                 {
                     "image": image,
-                    "label": self.labels.uri(image_id, DefaultLabelTag.FINAL),
+                    "label": label if full_path else Path(label).name,
                     "region": self.labels.read(image_id, DefaultLabelTag.FINAL).get("region"),
                 }
             )

@@ -174,6 +174,24 @@ class RadRegionDatastore(LocalDatastore):
         uri = super().get_label_uri(label_id, label_tag)
         return uri if uri and inside(self._datastore.label_path(label_tag), uri) and os.path.isfile(uri) else ""
 
+    # ---- answers name files relative to the studies folder, never by their path on the server ----------
+    def get_image_info(self, image_id: str):
+        """MONAI Label's info with the file's name in the studies folder ("name") instead of its path."""
+        info = super().get_image_info(image_id)
+        path = info.pop("path", None)
+        if path:
+            info["name"] = os.path.basename(path)
+        return info
+
+    def datalist(self, full_path=True):
+        """Training items; `full_path=False` (what GET /datastore/?output=train answers): paths relative to the
+        studies folder (MONAI Label's own stripping looks for os.pathsep and leaves them whole)."""
+        items = super().datalist(full_path=True)
+        if full_path:
+            return items
+        root = os.path.realpath(self._datastore_path)
+        return [{k: os.path.relpath(v, root) if k in ("image", "label") else v for k, v in i.items()} for i in items]
+
     # ---- state shared with the file watcher's thread -------------------------------------------------
     def refresh(self):
         with self._state_lock:
