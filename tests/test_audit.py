@@ -175,9 +175,12 @@ def test_audit_finds_flipped_labels(tiny_bundle, unifesp, tmp_path, capsys):
     assert is_issue == sorted(is_issue, reverse=True)  # suspected errors first ...
     scores = [float(r["issue_score"]) for r in rows if r["is_issue"] == "true"]
     assert scores == sorted(scores, reverse=True)  # ... most suspicious first
+    from radregion.bundle import load_bundle
+
+    known = set(load_bundle(tiny_bundle).regions)  # the heads also learn the model's own training set: any region
     for row in rows:
         if row["is_issue"] == "true":
-            assert row["suggested_label"] != row["given_label"] and row["suggested_label"] in REGIONS
+            assert row["suggested_label"] != row["given_label"] and row["suggested_label"] in known
 
     from radregion.datasets import read_labels_csv
 

@@ -210,7 +210,8 @@ def combine_ood(scores, thresholds, n):
 
 def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
     """Grad-CAM of the suggested region for `indices`: the first bundle's backbone + a head fitted on all
-    labelled images (the bundle's own head when there are too few labels)."""
+    labelled images and the bundle's stored training set, as the audit's probabilities were (the bundle's own head
+    when there are too few labels)."""
     from radregion.audit.gradcam import Classifier, grad_cams
     from radregion.head import fit_head
 
@@ -223,7 +224,10 @@ def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
     feats = result.features[:, :dim] if features is None else features
     names = [result.regions[k] for k in result.given_index[labelled]]
     if can_fit_out_of_fold([(n,) for n in names]):
-        head = fit_head(feats[labelled], names, [r for r in result.regions if r in set(names)])
+        stored = _stored_labels(bundle, result.regions)
+        x = np.concatenate([feats[labelled], stored.get("extra_features", feats[:0])])
+        names += [labels[0] for labels in stored.get("extra_label_sets", ())]
+        head = fit_head(x, names, [r for r in result.regions if r in set(names)])
     if head is None:
         return {}
     columns = {r: k for k, r in enumerate(head.regions)}
