@@ -16,7 +16,15 @@ from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, JPEG2000, JPEG2000Lossless
 
 from radregion.errors import RadiographError
-from radregion.pixels import CHUNK_PIXELS, block_mean, check_content, check_dimensions, shrink_factors, to_unit_range
+from radregion.pixels import (
+    CHUNK_PIXELS,
+    block_mean,
+    block_mean_rows,
+    check_content,
+    check_dimensions,
+    shrink_factors,
+    to_unit_range,
+)
 
 PREAMBLE_MAGIC_OFFSET = 128
 # First element tag of a preamble-less file: group 0x0002 (file meta) or 0x0008 (identifying), either byte order.
@@ -27,6 +35,7 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 JPEG2000_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+DEFER_BYTES = 1 << 20  # read_dicom_image leaves larger values (the pixel data) in the file, read a strip at a time
 
 
 def looks_like_dicom(path) -> bool:
@@ -44,13 +53,16 @@ def looks_like_dicom(path) -> bool:
     return True
 
 
-def read_header(path, *, pixels: bool = False) -> pydicom.Dataset:
-    """Parse the file (header only unless `pixels`); truncated files and non-DICOM content raise."""
+def read_header(path, *, pixels: bool = False, defer: bool = False) -> pydicom.Dataset:
+    """Parse the file (header only unless `pixels`); truncated files and non-DICOM content raise. `defer`: values
+    above DEFER_BYTES (native pixel data) stay on disk until used."""
     path = Path(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+            ds = pydicom.dcmread(
+                path, force=True, stop_before_pixels=not pixels, defer_size=DEFER_BYTES if defer else None
+            )
         except (PermissionError, FileNotFoundError, IsADirectoryError) as error:
             raise RadiographError(path, f"cannot read: {error.strerror or error}") from None
         except (EOFError, OSError) as error:  # pydicom's "No tag to read at file position ..."
@@ -134,32 +146,49 @@ def check_pixel_length(ds, path) -> None:
         return
     expected = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel") or 1) * ds.BitsAllocated // 8
     expected *= int(ds.get("NumberOfFrames") or 1)
-    if len(ds.PixelData) < expected:
-        raise RadiographError(path, f"truncated file: Pixel Data has {len(ds.PixelData)} of {expected} bytes")
+    raw = _pixel_element(ds)
+    if _on_disk(raw):  # deferred: the file must hold the declared length
+        have = max(0, min(raw.length, Path(path).stat().st_size - raw.value_tell))
+    else:
+        have = len(ds.PixelData)
+    if have < expected:
+        raise RadiographError(path, f"truncated file: Pixel Data has {have} of {expected} bytes")
+
+
+def _pixel_element(ds):
+    """The Pixel Data element as parsed: Dataset.items() leaves a deferred value on disk (get_item would read it)."""
+    return next((element for tag, element in ds.items() if tag == 0x7FE00010), None)
+
+
+def _on_disk(raw) -> bool:
+    """A value pydicom left in the file (read_header's `defer`)."""
+    return isinstance(raw, RawDataElement) and raw.value is None and raw.length != UNDEFINED_LENGTH
 
 
 def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndarray, dict]:
     """Decoded image, float32 [0, 1], bone bright; and the metadata `fields` the file has."""
-    ds = read_header(path, pixels=True)
+    ds = read_header(path, pixels=True, defer=True)
     check_image(ds, path)
     full = ds.Rows * ds.Columns * max(1, (header_int(ds, "BitsAllocated", 16, path) + 7) // 8)
     level = _jpeg2000_level(ds, max_size)
     check_dimensions(ds.Rows, ds.Columns, path, full >> (2 * level))  # JPEG 2000 decodes 1/2^level of each side
     check_pixel_length(ds, path)
     syntax = ds.file_meta.TransferSyntaxUID
-    stored = _decode_jpeg2000_reduced(ds, level) if level else None
+    stored = _read_native_reduced(ds, path, max_size)
     if stored is None:
-        check_dimensions(ds.Rows, ds.Columns, path, full)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                stored = ds.pixel_array
-        except Exception as error:
-            raise RadiographError(path, f"cannot decode pixel data ({syntax.name}): {error}") from None
-    del ds.PixelData  # free the encoded bytes and pydicom's cached array; `stored` holds the pixels
-    ds._pixel_array = None
-    stored = _honour_bits_stored(stored, ds)
-    stored = block_mean(stored, shrink_factors(stored.shape, max_size))
+        stored = _decode_jpeg2000_reduced(ds, level) if level else None
+        if stored is None:
+            check_dimensions(ds.Rows, ds.Columns, path, full)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    stored = ds.pixel_array
+            except Exception as error:
+                raise RadiographError(path, f"cannot decode pixel data ({syntax.name}): {error}") from None
+        del ds.PixelData  # free the encoded bytes and pydicom's cached array; `stored` holds the pixels
+        ds._pixel_array = None
+        stored = _honour_bits_stored(stored, ds)
+        stored = block_mean(stored, shrink_factors(stored.shape, max_size))
     image = _apply_luts(stored, ds)
     check_content(image, path, _lut_values(ds))
     image = to_unit_range(image)
@@ -167,6 +196,31 @@ def read_dicom_image(path, fields, max_size: int | None = None) -> tuple[np.ndar
     if (photometric == "MONOCHROME1") != (str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"):
         np.subtract(1.0, image, out=image)
     return image, {**dicom_meta(ds, fields), "transfer_syntax": syntax.name}
+
+
+def _read_native_reduced(ds, path, max_size: int | None) -> np.ndarray | None:
+    """Uncompressed little-endian 8/16-bit pixel data read from the file a strip of rows at a time and averaged
+    down (pydicom left it on disk: read_header's `defer`), so the full image is never in memory. None for what
+    pydicom decodes itself (compressed, small, other depths)."""
+    raw = _pixel_element(ds)
+    syntax = ds.file_meta.TransferSyntaxUID
+    bits = int(ds.get("BitsAllocated") or 0)
+    if not _on_disk(raw) or syntax.is_compressed or syntax.is_deflated or not syntax.is_little_endian:
+        return None
+    if bits not in (8, 16):
+        return None
+    dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation') or 0) == 1 else 'u'}{bits // 8}")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    with open(path, "rb") as handle:
+
+        def read_rows(start: int, stop: int) -> np.ndarray:
+            handle.seek(raw.value_tell + start * columns * dtype.itemsize)
+            strip = np.fromfile(handle, dtype=dtype, count=(stop - start) * columns).reshape(stop - start, columns)
+            return _honour_bits_stored(strip.astype(dtype.newbyteorder("="), copy=False), ds)
+
+        return block_mean_rows(
+            read_rows, (rows, columns), dtype.newbyteorder("="), shrink_factors((rows, columns), max_size)
+        )
 
 
 def _jpeg2000_level(ds, max_size: int | None) -> int:

@@ -14,8 +14,8 @@ MAX_ASPECT = 10.0  # long side / short side; the longest stitched leg views are 
 # Decoding is refused above this many bytes of decoded pixels, as the decoder holds them (1 byte a pixel for 8-bit
 # grey, 2 for 16-bit, 4 for Pillow's colour and 32-bit modes; after JPEG's and JPEG 2000's reduced decoding). The
 # biggest radiographs (a stitched 43 x 129 cm leg at 100 um: 55 MP, 111 MB at 16 bits) are a fifth of it; a
-# 169 MP 16-bit image (338 MB) still decodes. Each decoder thread holds at most this much plus a few MB
-# (bench/huge_image_memory.py). $RADREGION_MAX_DECODED_MB
+# 169 MP 16-bit image (338 MB) still decodes. A Pillow decode holds at most this much plus ~50 MiB of strips;
+# uncompressed DICOM is read from the file a strip at a time (bench/huge_image_memory.py). $RADREGION_MAX_DECODED_MB
 MAX_DECODED_BYTES = int(float(os.environ.get("RADREGION_MAX_DECODED_MB", 512)) * 2**20)
 
 
