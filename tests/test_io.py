@@ -349,3 +349,32 @@ def test_unreadable_itk_file(tmp_path):
     (tmp_path / "bad.nrrd").write_text("garbage\n")
     with pytest.raises(RadiographError, match="bad.nrrd: unreadable NRRD file"):
         read_radiograph(tmp_path / "bad.nrrd")
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_uncompressed_dicom_read_strip_by_strip_equals_pydicom_decode(tmp_path, monkeypatch, signed):
+    """Large native pixel data is read from the file a strip at a time (never whole in memory): the same image as
+    pydicom's full decode, 12 stored bits with garbage above them included; a short file still says so."""
+    from radregion import dicomread
+    from radregion.dicomwrite import array_to_dicom
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4096, (1500, 1300)).astype(np.int32) - (2048 if signed else 0)
+    values[::7, ::5] = (values[::7, ::5] & 0x0FFF) | 0x7000  # bits above BitsStored: overlay garbage
+    path = array_to_dicom(np.zeros((1500, 1300), np.uint16), tmp_path / "native.dcm", bits_stored=16)
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+    ds.PixelData = values.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path)
+    header = dicomread.read_header(path, pixels=True, defer=True)  # as read_dicom_image parses it
+    assert dict(header.items())[0x7FE00010].value is None, "the pixel data is left in the file"
+    for max_size in (None, 672, 200):
+        streamed = read_radiograph(path, max_size=max_size).image
+        with monkeypatch.context() as patch:
+            patch.setattr(dicomread, "DEFER_BYTES", 1 << 40)  # pydicom reads and decodes the whole pixel data
+            decoded = read_radiograph(path, max_size=max_size).image
+        assert streamed.shape == decoded.shape and np.array_equal(streamed, decoded), max_size
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(RadiographError, match="cut.dcm: truncated file: Pixel Data has 3899000 of 3900000 bytes"):
+        read_radiograph(cut, max_size=672)
