@@ -37,13 +37,19 @@ def draw_all(study) -> None:
     print_tables(results)
 
 
-def label_plot(results: dict, path: Path, majority: float | None = None) -> None:
-    """Top-1 (with 95% CIs) and macro recall against labels per region; `majority`: top-1 of always answering
-    the commonest test region."""
+def label_plot(
+    results: dict,
+    path: Path,
+    majority: float | None = None,
+    labels: dict = LABELS,
+    title: str = "Linear head on frozen features (supervised from scratch: fine-tuned end to end)",
+) -> None:
+    """Top-1 (with 95% CIs) and macro recall against labels per region, one line per `labels` arm (results keyed
+    "arm/K"); `majority`: top-1 of always answering the commonest test region."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for n, (arm, label) in enumerate(LABELS.items()):
+    for n, (arm, label) in enumerate(labels.items()):
         points = [(i + 0.04 * (n - 3), results[f"{arm}/{k}"]) for i, k in enumerate(SHOTS) if f"{arm}/{k}" in results]
         if not points:
             continue
@@ -65,7 +71,7 @@ def label_plot(results: dict, path: Path, majority: float | None = None) -> None
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Linear head on frozen features (supervised from scratch: fine-tuned end to end)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
