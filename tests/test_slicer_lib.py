@@ -36,6 +36,18 @@ def server_token(server):
     return getattr(server, "token", None) or os.environ.get("RADREGION_API_TOKEN") or None
 
 
+def unlabel_all(server):
+    """Remove every final label over REST, so a queue has cases whatever the module's earlier tests confirmed."""
+    import urllib.parse
+    import urllib.request
+
+    for path in sorted((Path(server.studies) / "labels" / "final").glob("*.json")):
+        query = urllib.parse.urlencode({"id": path.stem, "tag": "final"})
+        request = urllib.request.Request(f"{server.url}/datastore/label?{query}", headers=server.auth, method="DELETE")
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            assert answer.status == 200, path.stem
+
+
 def label_on_disk(server, image):
     path = Path(server.studies) / "labels" / "final" / f"{image}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -603,6 +615,8 @@ def test_failed_connect_keeps_the_session_and_the_full_region_list_comes_back(pr
     from PySide6.QtCore import Qt
     from test_slicer_module_import import wait_for_panel
 
+    unlabel_all(proxy.server)
+
     module, app, window, widget = open_widget(monkeypatch, tmp_path)
     ui = widget.ui
     ui.serverUrlEdit.setText(proxy.url)
@@ -665,6 +679,7 @@ def test_panel_stays_responsive_while_the_server_delays_and_prefetches_the_next_
     from PySide6.QtTest import QTest
     from test_slicer_module_import import wait_for_panel
 
+    unlabel_all(proxy.server)
     module, app, window, widget = open_widget(monkeypatch, tmp_path)
     ui = widget.ui
     ui.serverUrlEdit.setText(proxy.url)
