@@ -1,8 +1,9 @@
 """Few-label curves: a linear head on each frozen backbone with 1, 5, 20 and all labelled train images per region.
 
-Every step is a `radregion` command (fit-head, then evaluate on the test CSV), logged in WORK/commands.log; the
-figures go to WORK/few_labels.json, a table on screen and, with --plot, top-1 and macro recall against labels per
-region (bench/study_figures.label_plot). Backbones are given as NAME=BUNDLE.
+Every step is a `radregion` command (fit-head with seed 0, then evaluate on the test CSV) run by bench/study.py's
+`Study` (logged in WORK/commands.log, skipped when its output exists); the figures go to WORK/study.json, a table
+on screen and, with --plot, top-1 and macro recall against labels per region (bench/study_figures.label_plot).
+Backbones are given as NAME=BUNDLE.
 
     .venv/bin/python bench/few_labels.py --backbone "ImageNet Lite0=runs/model-s1/imagenet" \\
         --backbone "ImageNet + SimCLR=runs/ssl/simclr-imagenet" --train runs/model-s1/train.csv \\
@@ -10,11 +11,10 @@ region (bench/study_figures.label_plot). Backbones are given as NAME=BUNDLE.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+from study import Study
 from study_figures import SHOTS, label_plot
 
 from radregion.datasets import read_labels_csv
@@ -26,44 +26,21 @@ def main(argv=None) -> int:
     parser.add_argument("--train", required=True, metavar="CSV")
     parser.add_argument("--test", required=True, metavar="CSV")
     parser.add_argument("--work", required=True, metavar="DIR")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", metavar="PNG")
     args = parser.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    radregion = str(Path(sys.executable).with_name("radregion"))
+    study = Study(SimpleNamespace(work=args.work))  # its command runner, log and results file (WORK/study.json)
+    study.train, study.test = Path(args.train).resolve(), Path(args.test).resolve()
     backbones = dict(b.split("=", 1) for b in args.backbone)
-    results_file = work / "few_labels.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for n, (name, bundle) in enumerate(backbones.items()):
         for k in SHOTS:
-            key = f"arm{n}/{k}"
-            head, evaluation = work / f"arm{n}_k{k}", work / f"arm{n}_k{k}_evaluation"
-            shots = [] if k == "all" else ["--per-class", k]
-            for command in (
-                [radregion, "fit-head", "--model", bundle, "--labels", args.train, *shots, "--seed", str(args.seed)]
-                + ["--output", str(head)],
-                [radregion, "evaluate", "--model", str(head), "--labels", args.test, "--output", str(evaluation)],
-            ):
-                with open(work / "commands.log", "a") as log:
-                    log.write(" ".join(command) + "\n")
-                    log.flush()
-                    if subprocess.run(command, stdout=log, stderr=log).returncode:
-                        raise SystemExit(f"failed: {' '.join(command)} (see {work / 'commands.log'})")
-            figures = json.loads((evaluation / "figures.json").read_text())
-            results[key] = {
-                "backbone": name,
-                "top1": figures["top1"],
-                "macro_recall": figures["macro_recall"],
-                "ci95_top1": figures["ci95"]["top1"],
-                "ood_auroc": (figures.get("out_of_domain") or {}).get("auroc"),
-            }
-            results_file.write_text(json.dumps(results, indent=1))
-            r = results[key]
+            arm, key = f"arm{n}", f"arm{n}/{k}"
+            fitted = study.head(arm, k, backbone=str(Path(bundle).resolve()))
+            evaluated = study.evaluate(f"{arm}_k{k}", [f"heads/{arm}_k{k}"])
+            study.record(key, [fitted, evaluated], study.work / "evaluations" / f"{arm}_k{k}")
+            r = study.results[key]
             lo, hi = r["ci95_top1"]
-            print(
-                f"{name:>24} K={k:>3}: top-1 {r['top1']:.3f} ({lo:.3f}-{hi:.3f}), macro recall {r['macro_recall']:.3f}"
-            )
+            print(f"{name:>24} K={k:>3}: top-1 {r['top1']:.3f} ({lo:.3f}-{hi:.3f}), ", end="")
+            print(f"macro recall {r['macro_recall']:.3f}")
     if args.plot:
         import matplotlib
 
@@ -71,7 +48,7 @@ def main(argv=None) -> int:
         regions = [it.labels[0] for it in read_labels_csv(args.test) if "Others" not in it.labels]
         majority = max(regions.count(r) for r in set(regions)) / len(regions)
         labels = {f"arm{n}": name for n, name in enumerate(backbones)}
-        label_plot(results, Path(args.plot), majority, labels, title="Linear head on frozen features")
+        label_plot(study.results, Path(args.plot), majority, labels, title="Linear head on frozen features")
     return 0
 
 
