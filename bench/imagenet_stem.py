@@ -28,11 +28,13 @@ def main():
         os.environ.get("RADREGION_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
     )
     parser.add_argument("--labels", default=data_root / "unifesp" / "labels.csv")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=160, help="input size (default: the shipped recipe's)")
     args = parser.parse_args()
 
-    items = [it for it in read_labels_csv(args.labels) if "Others" not in it.labels]
-    train, test = patient_split(items, 0.2, 0)
+    # the split of `radregion split` (all images, Others included), then its in-domain images
+    train, test = (
+        [it for it in side if "Others" not in it.labels] for side in patient_split(read_labels_csv(args.labels), 0.2, 0)
+    )
     settings = CleaningSettings(size=args.size)
     train_images = load_clean_images([it.path for it in train], settings)
     test_images = load_clean_images([it.path for it in test], settings)
