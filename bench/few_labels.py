@@ -15,9 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from study import Study
-from study_figures import SHOTS, label_plot
-
-from radregion.datasets import read_labels_csv
+from study_figures import SHOTS, label_plot, majority_top1
 
 
 def main(argv=None) -> int:
@@ -45,10 +43,10 @@ def main(argv=None) -> int:
         import matplotlib
 
         matplotlib.use("Agg")
-        regions = [it.labels[0] for it in read_labels_csv(args.test) if "Others" not in it.labels]
-        majority = max(regions.count(r) for r in set(regions)) / len(regions)
         labels = {f"arm{n}": name for n, name in enumerate(backbones)}
-        label_plot(study.results, Path(args.plot), majority, labels, title="Linear head on frozen features")
+        label_plot(
+            study.results, Path(args.plot), majority_top1(args.test), labels, title="Linear head on frozen features"
+        )
     return 0
 
 

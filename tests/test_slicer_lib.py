@@ -38,14 +38,9 @@ def server_token(server):
 
 def unlabel_all(server):
     """Remove every final label over REST, so a queue has cases whatever the module's earlier tests confirmed."""
-    import urllib.parse
-    import urllib.request
-
+    client = RadRegionClient(server.url, token=server_token(server), timeout=60)
     for path in sorted((Path(server.studies) / "labels" / "final").glob("*.json")):
-        query = urllib.parse.urlencode({"id": path.stem, "tag": "final"})
-        request = urllib.request.Request(f"{server.url}/datastore/label?{query}", headers=server.auth, method="DELETE")
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            assert answer.status == 200, path.stem
+        client.delete_label(path.stem)  # raises RequestRejected unless the server answers 2xx
 
 
 def label_on_disk(server, image):
