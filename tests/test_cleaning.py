@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from radregion.cleaning import CleaningSettings, clean, find_field
+from radregion.cleaning import CleaningSettings, clean, find_field, resize_longest
 from radregion.io import read_radiograph
 
 
@@ -112,3 +112,15 @@ def test_real_chest_keeps_most_of_the_image(real_dicoms):
     image = read_radiograph(chest, max_size=512).image
     top, bottom, left, right = find_field(image)
     assert (bottom - top) * (right - left) > 0.8 * image.size
+
+
+@pytest.mark.parametrize("shape", [(320, 256), (257, 511), (90, 60), (160, 160), (100, 37)])
+def test_resize_equals_monai_resize_longest(shape):
+    from monai.transforms import Resize
+
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    mode = "area" if max(shape) > 160 else "bilinear"
+    expected = np.asarray(Resize(spatial_size=160, size_mode="longest", mode=mode, anti_aliasing=False)(image[None]))[0]
+    resized = resize_longest(image, 160)
+    assert resized.shape == expected.shape and max(resized.shape) == 160
+    assert np.array_equal(resized, expected)

@@ -29,16 +29,33 @@ def test_outlier_exposure_is_cross_entropy_to_the_uniform_distribution():
 
 def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, unifesp, tmp_path):
     from radregion.datasets import read_labels_csv, sample_per_class
-    from radregion.fitting import train_head
+    from radregion.fitting import exposed_outliers, held_back_from_exposure, train_head
 
-    items = sample_per_class(read_labels_csv(unifesp / "labels.csv"), 2, seed=3)
-    assert any("Others" in it.labels for it in items)
+    every = read_labels_csv(unifesp / "labels.csv")
+    items = sample_per_class([it for it in every if "Others" not in it.labels], 2, seed=3)
+    others = list({it.group: it for it in every if "Others" in it.labels}.values())[:6]  # six patients
+    kept = np.array([held_back_from_exposure(it, 3) for it in others])
+    assert kept.any() and not kept.all()
     result = train_head(
-        load_bundle(tiny_bundle), items, tmp_path / "tuned", fine_tune_epochs=1, outlier_exposure=True, folds=2, seed=3
+        load_bundle(tiny_bundle),
+        items + others,
+        tmp_path / "tuned",
+        fine_tune_epochs=1,
+        outlier_exposure=True,
+        folds=2,
+        seed=3,
     )
     head = result.meta["training"]["head"]
     assert head["outlier_exposure"] and head["class_weights"] == "sqrt"
-    assert "optimistic" in result.meta["metrics"]["ood"]["note"]
+    # one patient in three is kept out of outlier exposure, and the OOD score is judged on those alone, here and
+    # by a later fit-head on the fine-tuned backbone
+    assert head["outlier_exposure_hold_back"] == {"every": 3, "seed": 3}
+    assert (exposed_outliers(result.meta["training"], others) == ~kept).all()
+    refit = train_head(result, items + others, tmp_path / "refit", folds=2, seed=0)
+    for bundle in (result, refit):
+        ood = bundle.meta["metrics"]["ood"]
+        assert ood["judged_on"] == kept.sum() and f"judged on the {kept.sum()} of 6" in ood["note"]
+    assert (exposed_outliers(refit.meta["training"], others) == ~kept).all()
     stored = result.training_set()
     n_in = result.meta["metrics"]["n_images"]["in_domain"]
     assert stored.features.shape == (n_in, 512) and stored.targets.max() < len(result.regions)
@@ -51,3 +68,27 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     feats = extract_features(result.backbone(), load_clean_images([it.path for it in in_items], result.settings))
     assert np.allclose(stored.features, feats, atol=0.05 * np.abs(feats).max())
     assert load_bundle(tiny_bundle).training_set() is not None  # the fixture's head keeps its own
+
+
+def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp, tmp_path):
+    from radregion.datasets import read_labels_csv
+    from radregion.fitting import exposed_outliers, held_back_from_exposure
+
+    others = list({it.group: it for it in read_labels_csv(unifesp / "labels.csv") if "Others" in it.labels}.values())
+    others = others[:12]
+    listed, not_listed = others[:8], others[8:]
+    csv = tmp_path / "train.csv"
+    csv.write_text("image,labels,PatientID\n" + "".join(f"{it.path},Others,{it.patient_id}\n" for it in listed))
+    kept = np.array([held_back_from_exposure(it, 5) for it in others])
+    tuned = {"data": str(csv), "head": {"fine_tune_epochs": 2, "outlier_exposure": True}}
+    with_rule = {**tuned, "head": {**tuned["head"], "outlier_exposure_hold_back": {"every": 3, "seed": 5}}}
+    refit = {"data": str(csv), "head": {"fine_tune_epochs": 0}, "backbone": with_rule}
+
+    in_csv = np.array([it in listed for it in others])
+    assert (exposed_outliers(with_rule, others) == (in_csv & ~kept)).all()
+    assert (exposed_outliers(refit, others) == (in_csv & ~kept)).all()  # found through the backbone's stage
+    assert (exposed_outliers(tuned, others) == in_csv).all()  # an older bundle kept none back
+    assert not exposed_outliers({"data": str(csv), "head": {"fine_tune_epochs": 2}}, others).any()  # no exposure
+    gone = {**with_rule, "data": str(tmp_path / "moved.csv")}  # a CSV not here: every image not kept back is seen
+    assert (exposed_outliers(gone, others) == ~kept).all()
+    assert len(not_listed) == 4 and 0 < kept.sum() < len(others)

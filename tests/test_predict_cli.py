@@ -101,6 +101,24 @@ def test_skipping_unused_imports_keeps_predictions(tiny_bundle, real_dicoms, tmp
     assert (tmp_path / "all.csv").read_text() == (tmp_path / "fast.csv").read_text()
 
 
+def test_predicting_with_the_shipped_model_imports_neither_monai_nor_sklearn(real_dicoms, tmp_path):
+    """Their imports cost `radregion predict` seconds of start-up; inference with the shipped EfficientNet-Lite0
+    bundle needs neither (MONAI's ResNets and all fitting do)."""
+    code = (
+        "import sys; from radregion.cli import main; "
+        f"code = main(['predict', {str(real_dicoms[0])!r}, '--output', sys.argv[1]], fresh_process=True); "
+        "print('loaded:', sorted(m for m in ('monai', 'sklearn', 'scipy') if sys.modules.get(m))); sys.exit(code)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RADREGION_MODEL"}
+    env["PYTHONPATH"] = str(REPO / "lib")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "p.csv")], env=env, timeout=300, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded: []" in result.stdout
+    assert _rows((tmp_path / "p.csv").read_text())[0]["region"] == "Chest"
+
+
 def test_missing_default_model_is_a_clear_error(tmp_path, real_dicoms, monkeypatch, capsys):
     monkeypatch.setenv("RADREGION_MODEL", str(tmp_path / "no-model"))
     assert main(["predict", str(real_dicoms[0])]) == 2

@@ -328,18 +328,31 @@ def combined_licence(data_licence: str, backbone_licence: str | None) -> str:
     return f"{known[0]} The backbone it started from: {known[1]}"
 
 
+def training_stages(training):
+    """A bundle's "training" block (see `provenance`), then those of the bundles it was built on, newest first."""
+    stage = training if isinstance(training, dict) else {}
+    while stage:
+        yield stage
+        stage = stage.get("backbone") if isinstance(stage.get("backbone"), dict) else {}
+
+
+def stage_csvs(stage) -> list[str]:
+    """The labels CSVs named in one training stage's "data"."""
+    return re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(stage.get("data")))
+
+
 def label_sources(training, include_head: bool = False) -> list[str]:
     """Labels CSVs whose labels reached a model, read from a bundle's "training" block (see `provenance`) and those
     of the bundles it was built on: fine-tuning (fit-head --fine-tune) and SupCon pretraining train the backbone;
     `include_head` adds the data the last head was fitted on."""
-    stage = training if isinstance(training, dict) else {}
-    if "head" in stage:  # a head fit: its backbone learnt the labels only when fine-tuned
-        used_labels = include_head or bool((stage.get("head") or {}).get("fine_tune_epochs"))
-    else:  # pretraining: SupCon learns from the labels of its CSVs
-        used_labels = stage.get("method") == "supcon"
-    found = re.findall(r"[^\s'\"(),:\[\]]+\.csv", json.dumps(stage.get("data"))) if used_labels else []
-    earlier = label_sources(stage["backbone"]) if stage.get("backbone") else []
-    return list(dict.fromkeys(found + earlier))
+    found = []
+    for n, stage in enumerate(training_stages(training)):
+        if "head" in stage:  # a head fit: its backbone learnt the labels only when fine-tuned
+            used_labels = (include_head and n == 0) or bool((stage.get("head") or {}).get("fine_tune_epochs"))
+        else:  # pretraining: SupCon learns from the labels of its CSVs
+            used_labels = stage.get("method") == "supcon"
+        found += stage_csvs(stage) if used_labels else []
+    return list(dict.fromkeys(found))
 
 
 def labelled_images(bundle, include_head: bool = False) -> tuple[set, list[str], list[str]]:

@@ -3,7 +3,6 @@
 import dataclasses
 import hashlib
 import json
-from functools import lru_cache
 
 import numpy as np
 
@@ -114,7 +113,7 @@ def clean(image: np.ndarray, settings: CleaningSettings = CleaningSettings()) ->
     if settings.crop_borders:
         top, bottom, left, right = find_field(image)
         image = image[top:bottom, left:right]
-    image = _resize_longest(image, settings.size)
+    image = resize_longest(image, settings.size)
     low, high = np.percentile(image, [settings.low_percentile, settings.high_percentile])
     if high - low > 1e-6:
         image = np.clip((image - low) / (high - low), 0.0, 1.0)
@@ -123,18 +122,21 @@ def clean(image: np.ndarray, settings: CleaningSettings = CleaningSettings()) ->
     return _pad_square(image.astype(np.float32, copy=False), settings.size)
 
 
-def _resize_longest(image: np.ndarray, size: int) -> np.ndarray:
+def resize_longest(image: np.ndarray, size: int) -> np.ndarray:
+    """The long side to `size`: area averaging when shrinking, bilinear when enlarging, no anti-aliasing. It is
+    MONAI's `Resize(size, size_mode="longest")` arithmetic on torch's `interpolate`, called directly because
+    `import monai` costs `radregion predict` seconds of start-up; tests/test_cleaning.py holds the two equal."""
     if max(image.shape) == size:
         return image
-    resize = _resizer(size, "area" if max(image.shape) > size else "bilinear")
-    return np.asarray(resize(image[None]))[0]
+    import torch
 
-
-@lru_cache(maxsize=8)
-def _resizer(size: int, mode: str):
-    from monai.transforms import Resize  # heavy import, only needed when resizing
-
-    return Resize(spatial_size=size, size_mode="longest", mode=mode, anti_aliasing=False)
+    scale = size / max(image.shape)
+    shape = tuple(int(round(s * scale)) for s in image.shape)
+    mode = "area" if max(image.shape) > size else "bilinear"
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image))[None, None], shape, mode=mode
+    )
+    return resized[0, 0].numpy()
 
 
 def _pad_square(image: np.ndarray, size: int) -> np.ndarray:

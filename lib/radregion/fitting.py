@@ -3,6 +3,7 @@ cross-validated head and a calibrated out-of-domain detector, saved as a new bun
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from dataclasses import dataclass
 import sys
@@ -16,6 +17,10 @@ from radregion.validation import fold_ids, fold_masks, out_of_fold_predictions
 
 OOD_PERCENTILE = 95.0
 MIN_OUTLIERS = 10  # out-of-domain images each fold's training part needs before the classifier score is tried
+# Outlier exposure keeps the out-of-domain images of one patient in EXPOSURE_HOLD_BACK out of fine-tuning: the OOD
+# score is chosen on those. Judged on images the backbone was pushed away from, every score looks near perfect
+# (out-of-fold AUROC 0.998 against 0.785 on the test split's, docs/results.md).
+EXPOSURE_HOLD_BACK = 3
 
 
 def taxonomy_of(bundle):
@@ -80,6 +85,39 @@ def patient_numbers(items) -> np.ndarray:
     return np.array([numbers.setdefault(it.group, len(numbers)) for it in items], np.int64)
 
 
+def held_back_from_exposure(item, seed: int, every: int = EXPOSURE_HOLD_BACK) -> bool:
+    """Whether outlier exposure with `seed` keeps `item` out of fine-tuning: a patient's images go together, one
+    patient in `every` (a hash of seed and patient, so any later fit-head finds the same ones)."""
+    return hashlib.sha256(f"{seed}\0{item.group}".encode()).digest()[0] % every == 0
+
+
+def exposed_outliers(training, ood_items) -> np.ndarray:
+    """(N,) bool: which of `ood_items` a backbone with this "training" block (see `bundle.provenance`) was
+    fine-tuned on by outlier exposure. An image is taken as seen when it is in an exposure stage's labels CSV and
+    not held back by that stage's rule; when the stage names no CSV that can be read here, every image not held
+    back is taken as seen."""
+    from radregion.bundle import training_stages, stage_csvs
+    from radregion.datasets import read_labels_csv
+
+    exposed = np.zeros(len(ood_items), bool)
+    for stage in training_stages(training):
+        head = stage.get("head") or {}
+        if not (head.get("fine_tune_epochs") and head.get("outlier_exposure")):
+            continue
+        sources, listed, readable = stage_csvs(stage), set(), True
+        for source in sources:
+            try:
+                listed |= {it.path.resolve() for it in read_labels_csv(source, check_files=False)}
+            except RadiographError:
+                readable = False
+        rule = head.get("outlier_exposure_hold_back") or {}
+        for i, item in enumerate(ood_items):
+            in_stage = not (readable and sources) or item.path.resolve() in listed
+            kept_back = bool(rule) and held_back_from_exposure(item, rule["seed"], rule["every"])
+            exposed[i] |= in_stage and not kept_back
+    return exposed
+
+
 def train_head(
     bundle,
     items,
@@ -139,6 +177,12 @@ def train_head(
     settings = bundle.settings
     in_images = load_clean_images([it.path for it in in_items], settings, workers)
     ood_images = load_clean_images([it.path for it in ood_items], settings, workers) if ood_items else None
+    exposed_now, hold_back = np.zeros(len(ood_items), bool), None
+    if fine_tune_epochs and outlier_exposure and ood_items:
+        kept_back = np.array([held_back_from_exposure(it, seed) for it in ood_items])
+        exposed_now = ~kept_back if not kept_back.all() else np.ones(len(ood_items), bool)
+        hold_back = {"every": EXPOSURE_HOLD_BACK, "seed": seed} if kept_back.any() and not kept_back.all() else None
+    unseen = ~(exposed_outliers(bundle.meta.get("training"), ood_items) | exposed_now)
     if fine_tune_epochs:
         from radregion.finetune import fine_tune
 
@@ -147,7 +191,7 @@ def train_head(
             in_images,
             y,
             len(regions),
-            outliers=ood_images if outlier_exposure else None,
+            outliers=ood_images[exposed_now] if exposed_now.any() else None,
             epochs=fine_tune_epochs,
             lr=fine_tune_lr,
             class_weights=class_weights,
@@ -166,7 +210,7 @@ def train_head(
 
     fold_of = fold_ids(in_items, folds, seed)
     oof_pred = out_of_fold_predictions(feats, names, regions, fold_of, class_balanced=class_balanced, C=C)
-    outliers = Outliers(ood_feats, outlier_folds(in_items, fold_of, ood_items, folds, seed))
+    outliers = Outliers(ood_feats, outlier_folds(in_items, fold_of, ood_items, folds, seed), unseen)
     oof_scores = _out_of_fold_ood_scores(feats, y, fold_of, outliers)
     head = fit_head(feats, names, regions, class_balanced, C)
     detector, aurocs = _calibrated_ood(feats, y, oof_scores, outliers)
@@ -188,21 +232,29 @@ def train_head(
             "method": detector.method,
             "auroc_others": aurocs,
             "n_out_of_domain_images": len(ood_items),
+            "judged_on": int(outliers.judged.sum()),
             "in_domain_flagged_fraction": float(np.mean(oof_scores[detector.method] > detector.threshold)),
         },
         "n_images": {"in_domain": len(in_items), "out_of_domain": len(ood_items)},
     }
     if fine_tune_epochs:
         metrics["cross_validated"]["note"] = "optimistic: the fine-tuned backbone saw every fold's images"
-        if outlier_exposure:
-            metrics["ood"]["note"] = "optimistic: the out-of-domain images took part in fine-tuning"
+    if len(ood_items) and not unseen.any():
+        metrics["ood"]["note"] = "optimistic: the backbone was fine-tuned on all these out-of-domain images"
+    elif not unseen.all():
+        metrics["ood"]["note"] = (
+            f"judged on the {int(unseen.sum())} of {len(ood_items)} out-of-domain images that outlier exposure "
+            "kept out of fine-tuning"
+        )
     head_settings = {"C": C, "class_balanced": class_balanced, "seed": seed, "fine_tune_epochs": fine_tune_epochs}
     if fine_tune_epochs:
         head_settings.update(
             fine_tune_lr=fine_tune_lr,
             class_weights=class_weights,
-            outlier_exposure=bool(outlier_exposure and ood_items),
+            outlier_exposure=bool(exposed_now.any()),
         )
+        if hold_back:
+            head_settings["outlier_exposure_hold_back"] = hold_back
     meta_updates = {
         "taxonomy": {
             **bundle.meta.get("taxonomy", {}),
@@ -248,10 +300,19 @@ def train_head(
 
 @dataclass
 class Outliers:
-    """Features of the known out-of-domain images and their folds (-1: in no fold)."""
+    """Features of the known out-of-domain images, their folds (-1: in no fold) and which of them the backbone was
+    not fine-tuned on (outlier exposure; None: none was)."""
 
     features: np.ndarray
     folds: np.ndarray
+    unseen: np.ndarray | None = None
+
+    @property
+    def judged(self) -> np.ndarray:
+        """(M,) bool: the images a score is judged on: the unseen ones when there are any, else all."""
+        if self.unseen is not None and self.unseen.any():
+            return self.unseen
+        return np.ones(len(self.features), bool)
 
     def usable_by_classifier(self, fold_of) -> bool:
         """Every fold's training part holds at least MIN_OUTLIERS of them (else the classifier is not offered)."""
@@ -294,8 +355,9 @@ def _out_of_fold_ood_scores(feats, y, fold_of, outliers: Outliers) -> dict:
 
 def _calibrated_ood(feats, y, oof_scores, outliers: Outliers):
     """Each method fitted on all in-domain features, threshold from its out-of-fold scores; the one with the
-    better AUROC on the out-of-domain images wins (Mahalanobis when there are none). A method that learns from
-    those images is judged on its out-of-fold scores of them. -> (detector, AUROCs)"""
+    better AUROC on the out-of-domain images wins (Mahalanobis when there are none), judged on those the backbone
+    was not fine-tuned on where there are any (`Outliers.judged`). A method that learns from those images is
+    judged on its out-of-fold scores of them. -> (detector, AUROCs)"""
     aurocs, detectors = {}, {}
     for method in (m for m in METHODS if m in oof_scores):
         needs = method in NEEDS_OUTLIERS
@@ -304,9 +366,9 @@ def _calibrated_ood(feats, y, oof_scores, outliers: Outliers):
         detector.params.update({"percentile": OOD_PERCENTILE, "calibration": "patient-grouped out-of-fold in-domain"})
         detectors[method] = detector
         if needs:
-            out = oof_scores[f"{method}:outliers"]
+            out = oof_scores[f"{method}:outliers"][outliers.judged]
             aurocs[method] = auroc(oof_scores[method], out[np.isfinite(out)])
         else:
-            aurocs[method] = auroc(oof_scores[method], detector.score(outliers.features))
+            aurocs[method] = auroc(oof_scores[method], detector.score(outliers.features[outliers.judged]))
     best = max(detectors, key=lambda m: aurocs[m] or 0.0) if len(outliers.features) else "mahalanobis"
     return detectors[best], aurocs

@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 DEFAULT_C = 0.5
 
@@ -75,6 +74,8 @@ def fit_head(
     mean = features.mean(0)
     std = features.std(0) + 1e-6
     z = (features - mean) / std
+    from sklearn.linear_model import LogisticRegression  # fitting only: inference needs no sklearn (start-up)
+
     model = LogisticRegression(C=C, class_weight="balanced" if class_balanced else None, max_iter=max_iter, tol=tol)
     with warnings.catch_warnings():  # few labels per region: sklearn's "regression?" hint is noise here
         warnings.filterwarnings("ignore", message="The number of unique classes")

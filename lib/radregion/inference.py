@@ -95,8 +95,6 @@ def _thread_batches(dataset, batch_size, workers, ahead=2):
 
 def _warm_decoder_imports():
     """Import what decoding and cleaning use before the workers fork, so each does not import it again."""
-    import monai.transforms  # noqa: F401  (cleaning resizes with MONAI; its import costs seconds)
-
     import radregion.cache  # noqa: F401
     import radregion.io  # noqa: F401
 

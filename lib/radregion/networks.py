@@ -4,7 +4,6 @@ small heads of self-supervised training."""
 import copy
 
 import torch
-from monai.networks import nets
 from torch import nn
 
 # ImageNet's RGB normalisation, and the grey level a 1-channel image is normalised with
@@ -14,11 +13,13 @@ GREY_MEAN = sum(IMAGENET_MEAN) / 3
 GREY_STD = sum(IMAGENET_STD) / 3
 
 
-def _resnet(factory):
+def _resnet(name):
     def build(pretrained: bool = False) -> nn.Module:
+        from monai.networks import nets  # imported when needed: `import monai` costs seconds of `predict`'s start
+
         if pretrained:
             raise ValueError("no pretrained weights are installed for the MONAI ResNets; use efficientnet-lite0")
-        return factory(spatial_dims=2, n_input_channels=1, conv1_t_stride=2, feed_forward=False)
+        return getattr(nets, name)(spatial_dims=2, n_input_channels=1, conv1_t_stride=2, feed_forward=False)
 
     return build
 
@@ -95,10 +96,10 @@ def _efficientnet(name):
 
 # name -> (builder(pretrained) of a (N, 1, H, W) -> (N, D) network, D)
 ARCHITECTURES = {
-    "resnet10": (_resnet(nets.resnet10), 512),
-    "resnet18": (_resnet(nets.resnet18), 512),
-    "resnet34": (_resnet(nets.resnet34), 512),
-    "resnet50": (_resnet(nets.resnet50), 2048),
+    "resnet10": (_resnet("resnet10"), 512),
+    "resnet18": (_resnet("resnet18"), 512),
+    "resnet34": (_resnet("resnet34"), 512),
+    "resnet50": (_resnet("resnet50"), 2048),
     "efficientnet-lite0": (_efficientnet("efficientnet-lite0"), 1280),
 }
 PRETRAINED = ("efficientnet-lite0",)  # architectures with installed ImageNet weights

@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
-from sklearn.metrics import roc_auc_score
 
 METHODS = ("mahalanobis", "knn", "msp", "classifier")
 NEEDS_OUTLIERS = ("classifier",)
@@ -78,6 +76,8 @@ def fit_ood(
         means = np.stack([z[labels == c].mean(0) for c in classes])
         centred = z - means[np.searchsorted(classes, labels)]
         arrays["class_means"] = means.astype(np.float32)
+        from sklearn.covariance import LedoitWolf  # fitting only: scoring needs no sklearn (start-up)
+
         arrays["precision"] = LedoitWolf(assume_centered=True).fit(centred).precision_.astype(np.float32)
         return OODDetector(method, arrays)
     if method == "knn":
@@ -110,6 +110,8 @@ def auroc(in_domain_scores, out_of_domain_scores) -> float | None:
     if len(in_domain_scores) == 0 or len(out_of_domain_scores) == 0 or not np.isfinite(scores).all():
         return None
     y = np.r_[np.zeros(len(in_domain_scores)), np.ones(len(out_of_domain_scores))]
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, scores))
 
 

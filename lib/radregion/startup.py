@@ -3,7 +3,9 @@
 Importing MONAI imports every optional integration that is installed (ignite, mlflow, matplotlib, ...; MONAI
 Label brings them): 6.3 s for `import monai` on the 2-core development machine, 2.7 s without them. Inference
 uses none of them, so the `predict` command marks them unavailable before the engine is imported; MONAI's
-`optional_import` then skips them. Never call this in a process that needs them (the server, training, audit).
+`optional_import` then skips them. With an EfficientNet-Lite0 bundle (the shipped model) inference imports neither
+MONAI nor scikit-learn at all: the engine imports them where it builds a MONAI ResNet or fits a head. Never call
+this in a process that needs them (the server, training, audit).
 """
 
 import sys

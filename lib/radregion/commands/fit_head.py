@@ -67,7 +67,8 @@ def register(subparsers):
     parser.add_argument(
         "--outlier-exposure",
         action="store_true",
-        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
+        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction; the images of "
+        "one patient in three are kept back to choose and judge the out-of-domain score on",
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ...")
     parser.add_argument(
@@ -166,6 +167,8 @@ def run(args) -> int:
         f"{'n/a' if auroc is None else f'{auroc:.3f}'} -> {result.path} (version {result.version})",
         file=sys.stderr,
     )
+    if ood.get("note"):
+        print(f"radregion fit-head: OOD AUROC {ood['note']}", file=sys.stderr)
     held = result.meta["training"].get("held_out")
     if held:
         left = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in held["left_out"].items() if n)
