@@ -1,6 +1,8 @@
 """Fine-tuning: region weights, the outlier-exposure loss (against its definition), a real fine-tune on the device
 rule, and the training set a bundle keeps."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -29,13 +31,14 @@ def test_outlier_exposure_is_cross_entropy_to_the_uniform_distribution():
 
 def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, unifesp, tmp_path):
     from radregion.datasets import read_labels_csv, sample_per_class
-    from radregion.fitting import exposed_outliers, held_back_from_exposure, train_head
+    from radregion.fitting import exposed_outliers, exposure_hold_back, held_back_from_exposure, train_head
 
     every = read_labels_csv(unifesp / "labels.csv")
     items = sample_per_class([it for it in every if "Others" not in it.labels], 2, seed=3)
     others = list({it.group: it for it in every if "Others" in it.labels}.values())[:6]  # six patients
-    kept = np.array([held_back_from_exposure(it, 3) for it in others])
-    assert kept.any() and not kept.all()
+    rule = exposure_hold_back(others, 3)
+    kept = np.array([held_back_from_exposure(it, rule) for it in others])
+    assert kept.sum() == 2  # a third of six patients' images
     result = train_head(
         load_bundle(tiny_bundle),
         items + others,
@@ -47,9 +50,9 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     )
     head = result.meta["training"]["head"]
     assert head["outlier_exposure"] and head["class_weights"] == "sqrt"
-    # one patient in three is kept out of outlier exposure, and the OOD score is judged on those alone, here and
-    # by a later fit-head on the fine-tuned backbone
-    assert head["outlier_exposure_hold_back"] == {"every": 3, "seed": 3}
+    # a third of the out-of-domain images is kept out of outlier exposure, and the OOD score is judged on those
+    # alone, here and by a later fit-head on the fine-tuned backbone
+    assert head["outlier_exposure_hold_back"] == rule
     assert (exposed_outliers(result.meta["training"], others) == ~kept).all()
     refit = train_head(result, items + others, tmp_path / "refit", folds=2, seed=0)
     for bundle in (result, refit):
@@ -72,16 +75,22 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
 
 def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp, tmp_path):
     from radregion.datasets import read_labels_csv
-    from radregion.fitting import exposed_outliers, held_back_from_exposure
+    from radregion.fitting import exposed_outliers, exposure_hold_back, held_back_from_exposure
 
-    others = list({it.group: it for it in read_labels_csv(unifesp / "labels.csv") if "Others" in it.labels}.values())
-    others = others[:12]
+    every = [it for it in read_labels_csv(unifesp / "labels.csv") if "Others" in it.labels]
+    for seed in range(4):  # whole patients, about a third of the images, however unevenly patients are imaged
+        rule = exposure_hold_back(every, seed)
+        kept = [it for it in every if held_back_from_exposure(it, rule)]
+        assert abs(len(kept) - len(every) / 3) <= max(Counter(it.group for it in every).values()) / 2
+        assert not {it.group for it in kept} & {it.group for it in every if it not in kept}
+    others = list({it.group: it for it in every}.values())[:12]
     listed, not_listed = others[:8], others[8:]
     csv = tmp_path / "train.csv"
     csv.write_text("image,labels,PatientID\n" + "".join(f"{it.path},Others,{it.patient_id}\n" for it in listed))
-    kept = np.array([held_back_from_exposure(it, 5) for it in others])
+    rule = {"seed": 5, "below": 0.4}
+    kept = np.array([held_back_from_exposure(it, rule) for it in others])
     tuned = {"data": str(csv), "head": {"fine_tune_epochs": 2, "outlier_exposure": True}}
-    with_rule = {**tuned, "head": {**tuned["head"], "outlier_exposure_hold_back": {"every": 3, "seed": 5}}}
+    with_rule = {**tuned, "head": {**tuned["head"], "outlier_exposure_hold_back": rule}}
     refit = {"data": str(csv), "head": {"fine_tune_epochs": 0}, "backbone": with_rule}
 
     in_csv = np.array([it in listed for it in others])

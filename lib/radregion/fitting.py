@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 import sys
 
@@ -17,10 +18,10 @@ from radregion.validation import fold_ids, fold_masks, out_of_fold_predictions
 
 OOD_PERCENTILE = 95.0
 MIN_OUTLIERS = 10  # out-of-domain images each fold's training part needs before the classifier score is tried
-# Outlier exposure keeps the out-of-domain images of one patient in EXPOSURE_HOLD_BACK out of fine-tuning: the OOD
-# score is chosen on those. Judged on images the backbone was pushed away from, every score looks near perfect
+# Outlier exposure keeps about this fraction of the out-of-domain images (whole patients) out of fine-tuning: the OOD
+# score is chosen on those. Judged on images the backbone was pushed away from, a score looks near perfect
 # (out-of-fold AUROC 0.998 against 0.785 on the test split's, docs/results.md).
-EXPOSURE_HOLD_BACK = 3
+EXPOSURE_HOLD_BACK = 1 / 3
 
 
 def taxonomy_of(bundle):
@@ -85,10 +86,29 @@ def patient_numbers(items) -> np.ndarray:
     return np.array([numbers.setdefault(it.group, len(numbers)) for it in items], np.int64)
 
 
-def held_back_from_exposure(item, seed: int, every: int = EXPOSURE_HOLD_BACK) -> bool:
-    """Whether outlier exposure with `seed` keeps `item` out of fine-tuning: a patient's images go together, one
-    patient in `every` (a hash of seed and patient, so any later fit-head finds the same ones)."""
-    return hashlib.sha256(f"{seed}\0{item.group}".encode()).digest()[0] % every == 0
+def patient_draw(group: str, seed: int) -> float:
+    """A number in [0, 1) per patient (`LabelledImage.group`) and seed: a hash, the same in every process."""
+    digest = hashlib.sha256(f"{seed}\0{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def exposure_hold_back(ood_items, seed: int, fraction: float = EXPOSURE_HOLD_BACK) -> dict | None:
+    """The rule that keeps whole patients, about `fraction` of `ood_items`' images, out of outlier exposure: those
+    whose `patient_draw` is below "below" ({"seed", "below"}, recorded in the bundle so a later fit-head finds the
+    same patients). None with fewer than two patients."""
+    counts = Counter(item.group for item in ood_items)
+    if len(counts) < 2:
+        return None
+    order = sorted(counts, key=lambda group: patient_draw(group, seed))
+    taken = np.cumsum([counts[group] for group in order])[:-1]  # images kept back with the first k + 1 patients
+    k = int(np.argmin(np.abs(taken - fraction * len(ood_items))))
+    draws = [patient_draw(group, seed) for group in order[k : k + 2]]
+    return {"seed": int(seed), "below": float(sum(draws) / 2)}
+
+
+def held_back_from_exposure(item, rule: dict | None) -> bool:
+    """Whether an `exposure_hold_back` rule keeps `item` out of outlier exposure."""
+    return bool(rule) and patient_draw(item.group, rule["seed"]) < rule["below"]
 
 
 def exposed_outliers(training, ood_items) -> np.ndarray:
@@ -110,11 +130,10 @@ def exposed_outliers(training, ood_items) -> np.ndarray:
                 listed |= {it.path.resolve() for it in read_labels_csv(source, check_files=False)}
             except RadiographError:
                 readable = False
-        rule = head.get("outlier_exposure_hold_back") or {}
+        rule = head.get("outlier_exposure_hold_back")
         for i, item in enumerate(ood_items):
             in_stage = not (readable and sources) or item.path.resolve() in listed
-            kept_back = bool(rule) and held_back_from_exposure(item, rule["seed"], rule["every"])
-            exposed[i] |= in_stage and not kept_back
+            exposed[i] |= in_stage and not held_back_from_exposure(item, rule)
     return exposed
 
 
@@ -179,9 +198,8 @@ def train_head(
     ood_images = load_clean_images([it.path for it in ood_items], settings, workers) if ood_items else None
     exposed_now, hold_back = np.zeros(len(ood_items), bool), None
     if fine_tune_epochs and outlier_exposure and ood_items:
-        kept_back = np.array([held_back_from_exposure(it, seed) for it in ood_items])
-        exposed_now = ~kept_back if not kept_back.all() else np.ones(len(ood_items), bool)
-        hold_back = {"every": EXPOSURE_HOLD_BACK, "seed": seed} if kept_back.any() and not kept_back.all() else None
+        hold_back = exposure_hold_back(ood_items, seed)
+        exposed_now = np.array([not held_back_from_exposure(it, hold_back) for it in ood_items])
     unseen = ~(exposed_outliers(bundle.meta.get("training"), ood_items) | exposed_now)
     if fine_tune_epochs:
         from radregion.finetune import fine_tune
