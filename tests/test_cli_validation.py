@@ -29,6 +29,16 @@ def _labels_csv(unifesp, path, rows, patient=True):
     return path
 
 
+@pytest.mark.parametrize("fraction", ["1", "-0.1"])
+def test_outlier_hold_back_outside_0_to_1_is_refused_before_any_work(fraction, tiny_bundle, unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Others", "Others"])
+    args = ["fit-head", "--model", str(tiny_bundle), "--labels", str(labels), "--fine-tune", "--outlier-exposure"]
+    code = main(args + ["--outlier-hold-back", fraction, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--outlier-hold-back must be at least 0 and below 1" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["fit-head", "evaluate"])
 def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Kneee", "Hand"])

@@ -83,6 +83,7 @@ def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp,
         kept = [it for it in every if held_back_from_exposure(it, rule)]
         assert abs(len(kept) - len(every) / 3) <= max(Counter(it.group for it in every).values()) / 2
         assert not {it.group for it in kept} & {it.group for it in every if it not in kept}
+    assert exposure_hold_back(every, 0, fraction=0) is None  # --outlier-hold-back 0: every image is exposed
     others = list({it.group: it for it in every}.values())[:12]
     listed, not_listed = others[:8], others[8:]
     csv = tmp_path / "train.csv"

@@ -95,9 +95,11 @@ def patient_draw(group: str, seed: int) -> float:
 def exposure_hold_back(ood_items, seed: int, fraction: float = EXPOSURE_HOLD_BACK) -> dict | None:
     """The rule that keeps whole patients, about `fraction` of `ood_items`' images, out of outlier exposure: those
     whose `patient_draw` is below "below" ({"seed", "below"}, recorded in the bundle so a later fit-head finds the
-    same patients). None with fewer than two patients."""
+    same patients). None with fewer than two patients or a fraction of 0."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the hold-back fraction must be in [0, 1), not {fraction}")
     counts = Counter(item.group for item in ood_items)
-    if len(counts) < 2:
+    if len(counts) < 2 or fraction == 0:
         return None
     order = sorted(counts, key=lambda group: patient_draw(group, seed))
     taken = np.cumsum([counts[group] for group in order])[:-1]  # images kept back with the first k + 1 patients
@@ -151,6 +153,7 @@ def train_head(
     fine_tune_lr=5e-4,
     class_weights="sqrt",
     outlier_exposure=False,
+    outlier_hold_back=EXPOSURE_HOLD_BACK,
     data=None,
     command=None,
     workers=2,
@@ -198,7 +201,7 @@ def train_head(
     ood_images = load_clean_images([it.path for it in ood_items], settings, workers) if ood_items else None
     exposed_now, hold_back = np.zeros(len(ood_items), bool), None
     if fine_tune_epochs and outlier_exposure and ood_items:
-        hold_back = exposure_hold_back(ood_items, seed)
+        hold_back = exposure_hold_back(ood_items, seed, outlier_hold_back)
         exposed_now = np.array([not held_back_from_exposure(it, hold_back) for it in ood_items])
     unseen = ~(exposed_outliers(bundle.meta.get("training"), ood_items) | exposed_now)
     if fine_tune_epochs:

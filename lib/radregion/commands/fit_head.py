@@ -67,8 +67,15 @@ def register(subparsers):
     parser.add_argument(
         "--outlier-exposure",
         action="store_true",
-        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction; the images of "
-        "one patient in three are kept back to choose and judge the out-of-domain score on",
+        help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
+    )
+    parser.add_argument(
+        "--outlier-hold-back",
+        type=float,
+        metavar="F",
+        help="with --outlier-exposure: the fraction of the out-of-domain images (whole patients) kept out of "
+        "fine-tuning, to choose and judge the out-of-domain score on (default 1/3; 0 exposes them all, and the "
+        "score's AUROC is then optimistic)",
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda ...")
     parser.add_argument(
@@ -93,7 +100,10 @@ def register(subparsers):
 def run(args) -> int:
     from radregion.bundle import combined_licence, load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
-    from radregion.fitting import check_held_out, split_in_domain, train_head
+    from radregion.fitting import EXPOSURE_HOLD_BACK, check_held_out, split_in_domain, train_head
+
+    if args.outlier_hold_back is not None and not 0 <= args.outlier_hold_back < 1:
+        raise ValueError(f"--outlier-hold-back must be at least 0 and below 1, not {args.outlier_hold_back}")
     from radregion.head import DEFAULT_C, out_of_domain_regions
     from radregion.taxonomy import load_taxonomy
 
@@ -147,6 +157,7 @@ def run(args) -> int:
         fine_tune_lr=args.lr,
         class_weights=args.class_weights,
         outlier_exposure=args.outlier_exposure,
+        outlier_hold_back=EXPOSURE_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
         device=args.device,
         data=data,
         command=command_line(args),
@@ -229,7 +240,9 @@ def command_line(args) -> str:
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
-    parts += ["--outlier-exposure"] if args.fine_tune and args.outlier_exposure else []
+    if args.fine_tune and args.outlier_exposure:
+        parts += ["--outlier-exposure"]
+        parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
     parts += ["--half"] if args.half else []
     parts += ["--licence", args.licence] if args.licence != "unknown" else []
     parts += ["--no-class-balance"] if args.no_class_balance else []
