@@ -36,7 +36,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     every = read_labels_csv(unifesp / "labels.csv")
     items = sample_per_class([it for it in every if "Others" not in it.labels], 2, seed=3)
     others = list({it.group: it for it in every if "Others" in it.labels}.values())[:6]  # six patients
-    rule = exposure_hold_back(others, 3)
+    rule = exposure_hold_back(others, 3, 1 / 3)
     kept = np.array([held_back_from_exposure(it, rule) for it in others])
     assert kept.sum() == 2  # a third of six patients' images
     result = train_head(
@@ -45,6 +45,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         tmp_path / "tuned",
         fine_tune_epochs=1,
         outlier_exposure=True,
+        outlier_hold_back=1 / 3,
         folds=2,
         seed=3,
     )
@@ -59,6 +60,14 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         ood = bundle.meta["metrics"]["ood"]
         assert ood["judged_on"] == kept.sum() and f"judged on the {kept.sum()} of 6" in ood["note"]
     assert (exposed_outliers(refit.meta["training"], others) == ~kept).all()
+    by_default = train_head(
+        load_bundle(tiny_bundle), items + others, tmp_path / "all", fine_tune_epochs=1, outlier_exposure=True, folds=2
+    )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
+    assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
+    assert (
+        by_default.meta["metrics"]["ood"]["judged_on"] == 6
+        and "optimistic" in by_default.meta["metrics"]["ood"]["note"]
+    )
     stored = result.training_set()
     n_in = result.meta["metrics"]["n_images"]["in_domain"]
     assert stored.features.shape == (n_in, 512) and stored.targets.max() < len(result.regions)
@@ -79,7 +88,7 @@ def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp,
 
     every = [it for it in read_labels_csv(unifesp / "labels.csv") if "Others" in it.labels]
     for seed in range(4):  # whole patients, about a third of the images, however unevenly patients are imaged
-        rule = exposure_hold_back(every, seed)
+        rule = exposure_hold_back(every, seed, 1 / 3)
         kept = [it for it in every if held_back_from_exposure(it, rule)]
         assert abs(len(kept) - len(every) / 3) <= max(Counter(it.group for it in every).values()) / 2
         assert not {it.group for it in kept} & {it.group for it in every if it not in kept}
