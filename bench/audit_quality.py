@@ -22,9 +22,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from radregion.audit import issues
-from radregion.audit.pipeline import audit_regions, combine_ood, label_probabilities
+from radregion.audit.pipeline import audit_regions, label_probabilities
 from radregion.bundle import labelled_images, load_bundle
 from radregion.datasets import read_labels_csv
+from radregion.ensemble import bundles_ood
 from radregion.features import bundle_features
 from radregion.validation import label_set_fold_ids
 
@@ -123,17 +124,13 @@ def main(argv=None) -> int:
     present = sorted({r for labels in clean for r in labels})
 
     start = time.perf_counter()
-    feats, ood_scores, thresholds = [], [], []
+    feats = []
     for bundle in bundles:
         f, ok, errors = bundle_features(bundle, paths)
         if errors:
             print(f"{len(errors)} unreadable images, e.g. {errors[0]}", file=sys.stderr)
         feats.append(f)
-        detector = bundle.ood_detector()
-        if detector is not None:
-            ood_scores.append(detector.score(f))
-            thresholds.append(detector.threshold)
-    _, out_of_domain = combine_ood(ood_scores, thresholds, len(paths))
+    _, out_of_domain = bundles_ood(bundles, feats)
     print(
         f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
         f"{len(set(patients))} patients, {len(present)} regions; features {time.perf_counter() - start:.0f} s; "

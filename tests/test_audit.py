@@ -331,6 +331,7 @@ def test_features_cached_and_ensemble_averaging(tiny_bundle, unifesp, tmp_path):
     from radregion.cache import feature_cache_dir
     from radregion.audit.pipeline import inputs_from_labels_csv, run_audit
     from radregion.bundle import load_bundle
+    from radregion.ensemble import ood_spread
 
     labels = tmp_path / "labels.csv"
     flipped_labels_csv(unifesp, labels, seed=5)
@@ -344,8 +345,9 @@ def test_features_cached_and_ensemble_averaging(tiny_bundle, unifesp, tmp_path):
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read back, not recomputed
     np.testing.assert_allclose(pair.pred_probs, single.pred_probs, atol=1e-6)
     assert (pair.is_issue == single.is_issue).all()
-    threshold = bundle.ood_detector().threshold
-    np.testing.assert_allclose(pair.ood_score, single.ood_score / threshold, rtol=1e-5)  # ensembles: score/threshold
+    threshold, spread = bundle.ood_detector().threshold, ood_spread(bundle)
+    np.testing.assert_allclose(pair.ood_score, (single.ood_score - threshold) / spread, rtol=1e-5)  # ensemble margin
+    assert (pair.out_of_domain == single.out_of_domain).all()
     assert "averaged over 2 models" in pair.probabilities_from
 
 

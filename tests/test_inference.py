@@ -5,6 +5,7 @@ import pytest
 
 from radregion.bundle import load_bundle
 from radregion.datasets import read_labels_csv, sample_per_class
+from radregion.ensemble import ood_spread
 from radregion.features import extract_features, load_clean_images
 from radregion.fitting import train_head
 from radregion.head import fit_head
@@ -105,7 +106,7 @@ def test_ensemble_averages_probabilities(tiny_bundle, unifesp, tmp_path, some_im
     items = [it for it in sample_per_class(read_labels_csv(unifesp / "labels.csv"), 3, seed=7) if it.label != "Others"]
     features = extract_features(bundle.backbone(), load_clean_images([it.path for it in items], bundle.settings))
     head = fit_head(features, [it.labels for it in items], bundle.regions[::-1], C=0.05)  # other region order
-    other = bundle.with_head(tmp_path / "other", head, bundle.ood_detector())
+    other = bundle.with_head(tmp_path / "other", head, bundle.ood_detector(), training_set=bundle.training_set())
     images = load_clean_images(some_images[:6], other.settings)
     single = [Predictor(b).predict_images(images) for b in (tiny_bundle, other.path)]
     ensemble = Predictor([tiny_bundle, other.path])
@@ -113,18 +114,37 @@ def test_ensemble_averages_probabilities(tiny_bundle, unifesp, tmp_path, some_im
     aligned = single[1]["probabilities"][:, [other.regions.index(r) for r in bundle.regions]]
     assert ensemble.regions == bundle.regions
     np.testing.assert_allclose(out["probabilities"], (single[0]["probabilities"] + aligned) / 2, rtol=1e-5)
-    assert ensemble.threshold == 1.0 and ensemble.version.startswith("ens-")
+    assert ensemble.threshold == 0.0 and ensemble.version.startswith("ens-")
     assert out["features"].shape == (6, 1024)
+    # the OOD score: each member's margin over its threshold in units of its scores' spread on its training images
+    detector, spread = bundle.ood_detector(), ood_spread(bundle)
+    assert spread == pytest.approx(np.std(detector.score(bundle.training_set().features)))
+    margin = (single[0]["ood_score"] - detector.threshold) / spread
+    np.testing.assert_allclose(out["ood_score"], margin, rtol=1e-4, atol=1e-5)  # `other`: the same detector, set
+    assert (out["out_of_domain"] == (margin > 0)).all()
 
-    # heads fitted on one image per region calibrate a zero OOD threshold: no ensemble OOD score, no crash
-    uncalibrated = bundle.ood_detector()
-    uncalibrated.threshold = 0.0
-    zero = bundle.with_head(tmp_path / "zero", head, uncalibrated)
-    out = Predictor([tiny_bundle, zero.path]).predict_images(images)
+    # a member without a detector: no ensemble OOD score (NaN, never flagged), no crash
+    bare = bundle.with_head(tmp_path / "bare", head, None)
+    out = Predictor([tiny_bundle, bare.path]).predict_images(images)
     assert np.isnan(out["ood_score"]).all() and not out["out_of_domain"].any()
     from radregion.ood import auroc
 
     assert auroc(out["ood_score"][:3], out["ood_score"][3:]) is None
+
+
+def test_an_ensemble_of_the_shipped_model_flags_what_the_model_flags(unifesp, real_dicoms):
+    """Its `classifier` OOD score is a logit with a negative threshold (-2.77): the ensemble rule must not depend
+    on the threshold's sign (a ratio score / threshold flagged nothing)."""
+    from radregion.bundle import default_model_path
+
+    shipped = load_bundle(default_model_path())
+    assert shipped.ood_detector().threshold < 0
+    others = [it.path for it in read_labels_csv(unifesp / "labels.csv") if it.labels == ("Others",)][:12]
+    paths = others + sorted((unifesp / "images").glob("*.png"))[:12] + list(real_dicoms)
+    alone = list(Predictor(shipped).predict(paths))
+    twice = list(Predictor([shipped, shipped]).predict(paths))
+    assert [p.out_of_domain for p in twice] == [p.out_of_domain for p in alone]
+    assert sum(p.out_of_domain for p in alone) >= 3  # some of the 12 archive `Others` are flagged
 
 
 def test_bundle_without_head_is_refused(tiny_bundle, tmp_path):

@@ -1,7 +1,10 @@
 """Models ready to run: one bundle, or several whose probabilities are averaged (as in the study).
 
-An ensemble's OOD score is the mean over members of score / threshold, so its threshold is 1.0; a single
-bundle reports its own score and threshold unchanged.
+A single bundle reports its own OOD score and threshold unchanged. An ensemble's OOD score is the mean over members
+of (score - threshold) / spread, the spread being the standard deviation of that member's scores on its stored
+training images: each member's margin over its own threshold in units of its own in-domain spread, so the
+ensemble's threshold is 0 (`combine_ood`, also the audit's rule). A ratio score / threshold would fail for the
+`classifier` score, a logit whose threshold is usually negative (-2.77 for the shipped model).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class LoadedModel:
         self.backbone = prepare_backbone(bundle.backbone(), self.device, precision)
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
+        self.ood_spread = ood_spread(bundle)
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(N, 1, S, S) float -> probabilities (N, C), features (N, D), OOD scores (N,) or None."""
@@ -63,17 +67,11 @@ class Ensemble:
         joined = "+".join(m.bundle.version for m in self.models)
         return "ens-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
 
-    def _scored(self, model) -> bool:
-        """A member's OOD score counts when it has a detector and, in an ensemble, a positive threshold to scale
-        by (heads fitted on one image per region calibrate a zero threshold)."""
-        return model.ood is not None and (len(self.models) == 1 or model.ood.threshold > 0)
-
     @property
     def threshold(self) -> float:
         """The OOD threshold of `run`'s scores (inf when a member has no usable OOD detector)."""
-        if not all(self._scored(m) for m in self.models):
-            return float("inf")
-        return self.models[0].ood.threshold if len(self.models) == 1 else 1.0
+        members = [(m.ood.threshold if m.ood is not None else None, m.ood_spread) for m in self.models]
+        return ensemble_threshold(*zip(*members))
 
     def run(self, images_uint8: np.ndarray) -> dict:
         """{"probabilities": (N, C), "features": (N, sum D), "ood_score": (N,), "out_of_domain": (N,) bool}."""
@@ -83,13 +81,55 @@ class Ensemble:
             p, f, s = model.run(batch)
             probs.append(p[:, order])
             feats.append(f)
-            if s is not None and self._scored(model):
-                scores.append(s if len(self.models) == 1 else s / model.ood.threshold)
-        n = len(batch)
-        score = (np.mean(scores, 0) if len(scores) == len(self.models) else np.full(n, np.nan)).astype(np.float32)
+            scores.append(s)
+        thresholds = [m.ood.threshold if m.ood is not None else None for m in self.models]
+        score, out_of_domain = combine_ood(scores, thresholds, [m.ood_spread for m in self.models], len(batch))
         return {
             "probabilities": np.mean(probs, 0).astype(np.float32),
             "features": np.concatenate(feats, 1),
-            "ood_score": score,
-            "out_of_domain": score > self.threshold,
+            "ood_score": score.astype(np.float32),
+            "out_of_domain": out_of_domain,
         }
+
+
+def ood_spread(bundle) -> float | None:
+    """The standard deviation of `bundle`'s OOD scores on its stored training images, the unit an ensemble
+    measures each member's margin in; None without a detector, a stored training set or any spread."""
+    detector, stored = bundle.ood_detector(), bundle.training_set()
+    if detector is None or stored is None or len(stored) < 2:
+        return None
+    spread = float(np.std(detector.score(stored.features)))
+    return spread if np.isfinite(spread) and spread > 0 else None
+
+
+def bundles_ood(bundles, features_per_bundle) -> tuple[np.ndarray, np.ndarray]:
+    """`combine_ood` of `bundles`' own detectors on their features of the same N images ((N, D) each)."""
+    detectors = [b.ood_detector() for b in bundles]
+    return combine_ood(
+        [d.score(f) if d is not None else None for d, f in zip(detectors, features_per_bundle)],
+        [d.threshold if d is not None else None for d in detectors],
+        [ood_spread(b) for b in bundles],
+        len(features_per_bundle[0]),
+    )
+
+
+def ensemble_threshold(thresholds, spreads) -> float:
+    """The threshold of `combine_ood`'s score: a single member's own; 0 for an ensemble; inf when a member has no
+    detector (None threshold) or, in an ensemble, no spread."""
+    if any(t is None for t in thresholds) or (len(thresholds) > 1 and any(s is None for s in spreads)):
+        return float("inf")
+    return float(thresholds[0]) if len(thresholds) == 1 else 0.0
+
+
+def combine_ood(scores, thresholds, spreads, n) -> tuple[np.ndarray, np.ndarray]:
+    """Members' OOD scores (each (N,) or None), thresholds and spreads (`ood_spread`) -> (score (N,), flagged (N,)):
+    one member's score as it is; an ensemble's mean of (score - threshold) / spread. NaN scores, never flagged,
+    when a member has no score (or, in an ensemble, no spread)."""
+    threshold = ensemble_threshold(thresholds, spreads)
+    if any(s is None for s in scores) or not np.isfinite(threshold):
+        return np.full(n, np.nan), np.zeros(n, bool)
+    if len(scores) == 1:
+        score = np.asarray(scores[0], np.float64)
+    else:
+        score = np.mean([(np.asarray(s, np.float64) - t) / d for s, t, d in zip(scores, thresholds, spreads)], 0)
+    return score, score > threshold

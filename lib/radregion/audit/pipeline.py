@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from radregion.audit import issues as label_issues
 from radregion.audit.result import AuditResult
+from radregion.ensemble import bundles_ood
 from radregion.errors import RadiographError
 from radregion.features import bundle_features
 from radregion.validation import can_fit_out_of_fold, label_set_fold_ids, out_of_fold_probabilities
@@ -133,7 +134,7 @@ def run_audit(
 
     use_oof = can_fit_out_of_fold(in_domain)
     fold_ids = label_set_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
-    probs, ood_scores, thresholds = [], [], []
+    probs = []
     for bundle, feats in zip(bundles, features_per_bundle):
         feats = feats[rows]
         if use_oof:
@@ -145,12 +146,8 @@ def run_audit(
                 bundle.path,
                 "has no head and the input has too few labels (fewer than 20, or fewer than two regions) to fit one",
             )
-        detector = bundle.ood_detector()
-        if detector is not None:
-            ood_scores.append(detector.score(feats))
-            thresholds.append(detector.threshold)
     pred_probs = np.mean(probs, axis=0)
-    ood_score, out_of_domain = combine_ood(ood_scores, thresholds, len(rows))
+    ood_score, out_of_domain = bundles_ood(bundles, [f[rows] for f in features_per_bundle])
 
     given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain], pred_probs)
     result = AuditResult(
@@ -196,16 +193,6 @@ def _stored_labels(bundle, regions) -> dict:
     if stored is None or not len(stored):
         return {}
     return {"extra_features": stored.features, "extra_label_sets": [(r,) for r in stored.truths(regions)]}
-
-
-def combine_ood(scores, thresholds, n):
-    """One bundle: its score and threshold; an ensemble: mean of score / threshold, threshold 1 (as ensemble.py)."""
-    if not scores:
-        return np.full(n, np.nan), np.zeros(n, bool)
-    if len(scores) == 1:
-        return scores[0], scores[0] > thresholds[0]
-    score = np.mean([s / max(t, 1e-12) for s, t in zip(scores, thresholds)], axis=0)
-    return score, score > 1.0
 
 
 def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
