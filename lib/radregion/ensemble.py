@@ -67,11 +67,16 @@ class Ensemble:
         joined = "+".join(m.bundle.version for m in self.models)
         return "ens-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
 
+    def _ood_members(self) -> tuple[list, list]:
+        """The members' OOD thresholds (None: no detector) and spreads, as `combine_ood` takes them."""
+        return [m.ood.threshold if m.ood is not None else None for m in self.models], [
+            m.ood_spread for m in self.models
+        ]
+
     @property
     def threshold(self) -> float:
         """The OOD threshold of `run`'s scores (inf when a member has no usable OOD detector)."""
-        members = [(m.ood.threshold if m.ood is not None else None, m.ood_spread) for m in self.models]
-        return ensemble_threshold(*zip(*members))
+        return ensemble_threshold(*self._ood_members())
 
     def run(self, images_uint8: np.ndarray) -> dict:
         """{"probabilities": (N, C), "features": (N, sum D), "ood_score": (N,), "out_of_domain": (N,) bool}."""
@@ -82,8 +87,7 @@ class Ensemble:
             probs.append(p[:, order])
             feats.append(f)
             scores.append(s)
-        thresholds = [m.ood.threshold if m.ood is not None else None for m in self.models]
-        score, out_of_domain = combine_ood(scores, thresholds, [m.ood_spread for m in self.models], len(batch))
+        score, out_of_domain = combine_ood(scores, *self._ood_members(), len(batch))
         return {
             "probabilities": np.mean(probs, 0).astype(np.float32),
             "features": np.concatenate(feats, 1),
