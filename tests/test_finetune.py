@@ -1,5 +1,5 @@
 """Fine-tuning: region weights, the outlier-exposure loss (against its definition), a real fine-tune on the device
-rule, and the training set a bundle keeps."""
+rule, the training set a bundle keeps, and which out-of-domain images outlier exposure saw or kept back."""
 
 from collections import Counter
 
