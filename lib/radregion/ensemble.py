@@ -28,7 +28,6 @@ class LoadedModel:
         self.backbone = prepare_backbone(bundle.backbone(), self.device, precision)
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
-        self.ood_spread = ood_spread(bundle)
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(N, 1, S, S) float -> probabilities (N, C), features (N, D), OOD scores (N,) or None."""
@@ -55,6 +54,7 @@ class Ensemble:
         self.regions = list(first.regions)
         self.settings = first.settings
         self._orders = [[b.regions.index(r) for r in self.regions] for b in bundles]
+        self._spreads = member_spreads(bundles, [m.ood for m in self.models])
 
     @property
     def bundles(self):
@@ -69,9 +69,7 @@ class Ensemble:
 
     def _ood_members(self) -> tuple[list, list]:
         """The members' OOD thresholds (None: no detector) and spreads, as `combine_ood` takes them."""
-        return [m.ood.threshold if m.ood is not None else None for m in self.models], [
-            m.ood_spread for m in self.models
-        ]
+        return [m.ood.threshold if m.ood is not None else None for m in self.models], self._spreads
 
     @property
     def threshold(self) -> float:
@@ -96,10 +94,12 @@ class Ensemble:
         }
 
 
-def ood_spread(bundle) -> float | None:
-    """The standard deviation of `bundle`'s OOD scores on its stored training images, the unit an ensemble
-    measures each member's margin in; None without a detector, a stored training set or any spread."""
-    detector, stored = bundle.ood_detector(), bundle.training_set()
+def ood_spread(bundle, detector=None) -> float | None:
+    """The standard deviation of `bundle`'s OOD scores (of `detector`, by default its own) on its stored training
+    images, the unit an ensemble measures each member's margin in; None without a detector, a stored training set
+    or any spread."""
+    detector = detector if detector is not None else bundle.ood_detector()
+    stored = bundle.training_set()
     if detector is None or stored is None or len(stored) < 2:
         return None
     spread = float(np.std(detector.score(stored.features)))
@@ -112,9 +112,16 @@ def bundles_ood(bundles, features_per_bundle) -> tuple[np.ndarray, np.ndarray]:
     return combine_ood(
         [d.score(f) if d is not None else None for d, f in zip(detectors, features_per_bundle)],
         [d.threshold if d is not None else None for d in detectors],
-        [ood_spread(b) for b in bundles],
+        member_spreads(bundles, detectors),
         len(features_per_bundle[0]),
     )
+
+
+def member_spreads(bundles, detectors) -> list:
+    """`ood_spread` of each member of an ensemble; a single bundle needs none (its score is used as it is)."""
+    if len(bundles) == 1:
+        return [None]
+    return [ood_spread(b, d) for b, d in zip(bundles, detectors)]
 
 
 def ensemble_threshold(thresholds, spreads) -> float:

@@ -101,11 +101,11 @@ def run(args) -> int:
     from radregion.bundle import combined_licence, load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
     from radregion.fitting import DEFAULT_OUTLIER_HOLD_BACK, check_held_out, split_in_domain, train_head
+    from radregion.head import DEFAULT_C, out_of_domain_regions
+    from radregion.taxonomy import load_taxonomy
 
     if args.outlier_hold_back is not None and not 0 <= args.outlier_hold_back < 1:
         raise ValueError(f"--outlier-hold-back must be at least 0 and below 1, not {args.outlier_hold_back}")
-    from radregion.head import DEFAULT_C, out_of_domain_regions
-    from radregion.taxonomy import load_taxonomy
 
     bundle = load_bundle(resolve_model(args.model))
     if args.size is not None:
