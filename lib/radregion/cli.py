@@ -7,7 +7,17 @@ import sys
 from radregion import __version__
 from radregion.errors import RadiographError
 
-COMMANDS = ("inspect", "split", "pretrain", "fit_head", "evaluate", "predict", "audit", "apply_corrections")
+COMMANDS = (
+    "inspect",
+    "split",
+    "pretrain",
+    "fit_head",
+    "evaluate",
+    "predict",
+    "pseudo_label",
+    "audit",
+    "apply_corrections",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

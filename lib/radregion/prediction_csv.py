@@ -44,3 +44,48 @@ def write_predictions(predictions, regions, handle) -> dict:
         if pred.error is not None:
             counts["errors"].append(f"{pred.path}: {pred.error}")
     return counts
+
+
+def read_predictions(csv_path) -> list[dict]:
+    """The rows of a predictions CSV (`write_predictions`): {"path", "region", "confidence" (float, nan when
+    empty), "out_of_domain" (bool or None), "error", "row"}; RadiographError naming the CSV and row for a problem."""
+    from pathlib import Path
+
+    from radregion.errors import RadiographError
+
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise RadiographError(
+                    csv_path, f"not a `radregion predict` CSV: missing column(s) {', '.join(missing)}"
+                )
+            rows = []
+            for number, row in enumerate(reader, start=2):  # row 1 is the header
+                confidence = (row.get("confidence") or "").strip()
+                flag = (row.get("out_of_domain") or "").strip().lower()
+                try:
+                    value = float(confidence) if confidence else math.nan
+                except ValueError:
+                    raise RadiographError(
+                        csv_path, f"row {number}: confidence {confidence!r} is not a number"
+                    ) from None
+                if flag not in ("", "true", "false"):
+                    raise RadiographError(csv_path, f"row {number}: out_of_domain {flag!r} is not true or false")
+                rows.append(
+                    {
+                        "path": (row.get("path") or "").strip(),
+                        "region": (row.get("region") or "").strip(),
+                        "confidence": value,
+                        "out_of_domain": None if not flag else flag == "true",
+                        "error": (row.get("error") or "").strip(),
+                        "row": number,
+                    }
+                )
+    except OSError as error:
+        raise RadiographError(csv_path, f"cannot read predictions CSV ({error.strerror or error})") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise RadiographError(csv_path, f"not a readable CSV ({error})") from None
+    return rows

@@ -1,0 +1,62 @@
+"""Pseudo-labels: a model's (or an ensemble's) confident predictions on unlabelled radiographs, as labels to
+fine-tune a student on beside the labelled images (self-training: Lee, ICML 2013 workshop, "Pseudo-Label: the
+simple and efficient semi-supervised learning method for deep neural networks"; Xie et al., CVPR 2020,
+"Self-training with noisy student improves ImageNet classification": the teacher labels unlabelled images, keeps
+the confident ones, and the student learns from labelled + pseudo-labelled images under augmentation).
+
+An image is pseudo-labelled when it was read, is not flagged out of domain and its confidence reaches
+`min_confidence`; an image that already has a label keeps it. Arrays in, arrays out (`confident`); the rows for a
+labels CSV (`pseudo_label_rows`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MIN_CONFIDENCE = 0.9
+
+
+def confident(confidence, out_of_domain, min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> np.ndarray:
+    """Boolean mask of the predictions to keep: confidence (nan for unread) >= `min_confidence` and not out of
+    domain."""
+    if not 0 < min_confidence <= 1:
+        raise ValueError(f"the minimum confidence must be in (0, 1], not {min_confidence}")
+    confidence = np.asarray(confidence, float)
+    keep = np.nan_to_num(confidence, nan=-1.0) >= min_confidence
+    return keep & ~np.asarray(out_of_domain, bool)
+
+
+def pseudo_label_rows(predictions, min_confidence: float = DEFAULT_MIN_CONFIDENCE, labelled=(), source: str = ""):
+    """Labels-CSV rows (image, labels, PatientID, label_source) for the confident `predictions` (rows of
+    `prediction_csv.read_predictions`, their paths resolved) whose image is not among `labelled` (resolved paths).
+    -> (rows, counts): counts {"predicted", "kept", "already_labelled", "out_of_domain", "unsure", "unread",
+    "per_region": {region: n}}."""
+    predictions = [p for p in predictions]
+    read = np.array([not p["error"] and bool(p["region"]) for p in predictions], bool)
+    flagged = np.array([bool(p["out_of_domain"]) for p in predictions], bool)
+    keep = confident([p["confidence"] if r else np.nan for p, r in zip(predictions, read)], flagged, min_confidence)
+    labelled = {Path(p) for p in labelled}
+    known = np.array([Path(p["path"]) in labelled for p in predictions], bool)
+    rows = [
+        {
+            "image": p["path"],
+            "labels": p["region"],
+            "PatientID": "",
+            "label_source": f"pseudo-label {source} (confidence {p['confidence']:.4f})".replace("  ", " "),
+        }
+        for p, k in zip(predictions, keep & ~known)
+        if k
+    ]
+    counts = {
+        "predicted": int(read.sum()),
+        "kept": len(rows),
+        "already_labelled": int((read & known).sum()),
+        "out_of_domain": int((read & flagged & ~known).sum()),
+        "unsure": int((read & ~flagged & ~keep & ~known).sum()),
+        "unread": int((~read).sum()),
+        "per_region": dict(Counter(row["labels"] for row in rows).most_common()),
+    }
+    return rows, counts
