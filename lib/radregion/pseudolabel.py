@@ -34,7 +34,8 @@ def pseudo_label_rows(predictions, min_confidence: float = DEFAULT_MIN_CONFIDENC
     `prediction_csv.read_predictions`, their paths resolved) whose image is not among `labelled` (resolved paths).
     -> (rows, counts): counts {"predicted", "kept", "already_labelled", "out_of_domain", "unsure", "unread",
     "per_region": {region: n}}."""
-    predictions = [p for p in predictions]
+    predictions = list(predictions)
+    origin = f"pseudo-label {source} " if source else "pseudo-label "
     read = np.array([not p["error"] and bool(p["region"]) for p in predictions], bool)
     flagged = np.array([bool(p["out_of_domain"]) for p in predictions], bool)
     keep = confident([p["confidence"] if r else np.nan for p, r in zip(predictions, read)], flagged, min_confidence)
@@ -45,7 +46,7 @@ def pseudo_label_rows(predictions, min_confidence: float = DEFAULT_MIN_CONFIDENC
             "image": p["path"],
             "labels": p["region"],
             "PatientID": "",
-            "label_source": f"pseudo-label {source} (confidence {p['confidence']:.4f})".replace("  ", " "),
+            "label_source": f"{origin}(confidence {p['confidence']:.4f})",
         }
         for p, k in zip(predictions, keep & ~known)
         if k
