@@ -23,8 +23,16 @@ def test_confident_refuses_a_threshold_outside_0_1(bad):
         confident([0.5], [False], bad)
 
 
-def _prediction(path, region, confidence, ood=False, error=""):
-    return {"path": path, "region": region, "confidence": confidence, "out_of_domain": ood, "error": error, "row": 2}
+def _prediction(path, region, confidence, ood=False, error="", score=math.nan):
+    return {
+        "path": path,
+        "region": region,
+        "confidence": confidence,
+        "ood_score": score,
+        "out_of_domain": ood,
+        "error": error,
+        "row": 2,
+    }
 
 
 def test_rows_skip_labelled_unsure_out_of_domain_and_unread_images():
@@ -48,6 +56,21 @@ def test_rows_skip_labelled_unsure_out_of_domain_and_unread_images():
         "unread": 1,
         "per_region": {"Chest": 2},
     }
+
+
+def test_surest_out_of_domain_images_become_others_when_asked():
+    predictions = [
+        _prediction("/a.png", "Chest", 0.99, score=-1.0),
+        _prediction("/b.png", "Pelvis", 0.50, ood=True, score=3.5),
+        _prediction("/c.png", "Sinus", 0.40, ood=True, score=2.9),
+        _prediction("/d.png", "Pelvis", 0.45, ood=True, score=4.0),
+    ]
+    rows, counts = pseudo_label_rows(predictions, 0.9, labelled=["/d.png"], out_of_domain_above=3.0)
+    assert [(r["image"], r["labels"]) for r in rows] == [("/a.png", "Chest"), ("/b.png", "Others")]
+    assert rows[1]["label_source"] == "pseudo-label (out-of-domain score 3.5000)"
+    assert counts["out_of_domain"] == 1 and counts["per_region"] == {"Chest": 1, "Others": 1}
+    rows, counts = pseudo_label_rows(predictions, 0.9, out_of_domain_label="Other")
+    assert [r["labels"] for r in rows] == ["Chest"] and counts["out_of_domain"] == 3  # not asked: no Others
 
 
 @pytest.fixture(scope="module")
@@ -131,4 +154,6 @@ def test_pseudo_label_errors_name_the_file_and_the_problem(unlabelled_prediction
 
     assert main(["pseudo-label", str(unlabelled_predictions), "--min-confidence", "1.5", "-o", str(out)]) == 2
     assert "minimum confidence must be in (0, 1]" in capsys.readouterr().err
+    assert main(["pseudo-label", str(unlabelled_predictions), "--out-of-domain-above", "nan", "-o", str(out)]) == 2
+    assert "--out-of-domain-above must be a number, not nan" in capsys.readouterr().err
     assert not out.exists()

@@ -47,8 +47,9 @@ def write_predictions(predictions, regions, handle) -> dict:
 
 
 def read_predictions(csv_path) -> list[dict]:
-    """The rows of a predictions CSV (`write_predictions`): {"path", "region", "confidence" (float, nan when
-    empty), "out_of_domain" (bool or None), "error", "row"}; RadiographError naming the CSV and row for a problem."""
+    """The rows of a predictions CSV (`write_predictions`): {"path", "region", "confidence", "ood_score" (floats,
+    nan when empty), "out_of_domain" (bool or None), "error", "row"}; RadiographError naming the CSV and row for a
+    problem."""
     from pathlib import Path
 
     from radregion.errors import RadiographError
@@ -64,21 +65,21 @@ def read_predictions(csv_path) -> list[dict]:
                 )
             rows = []
             for number, row in enumerate(reader, start=2):  # row 1 is the header
-                confidence = (row.get("confidence") or "").strip()
+                values = {}
+                for column in ("confidence", "ood_score"):
+                    text = (row.get(column) or "").strip()
+                    try:
+                        values[column] = float(text) if text else math.nan
+                    except ValueError:
+                        raise RadiographError(csv_path, f"row {number}: {column} {text!r} is not a number") from None
                 flag = (row.get("out_of_domain") or "").strip().lower()
-                try:
-                    value = float(confidence) if confidence else math.nan
-                except ValueError:
-                    raise RadiographError(
-                        csv_path, f"row {number}: confidence {confidence!r} is not a number"
-                    ) from None
                 if flag not in ("", "true", "false"):
                     raise RadiographError(csv_path, f"row {number}: out_of_domain {flag!r} is not true or false")
                 rows.append(
                     {
                         "path": (row.get("path") or "").strip(),
                         "region": (row.get("region") or "").strip(),
-                        "confidence": value,
+                        **values,
                         "out_of_domain": None if not flag else flag == "true",
                         "error": (row.get("error") or "").strip(),
                         "row": number,

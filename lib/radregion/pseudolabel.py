@@ -4,9 +4,11 @@ simple and efficient semi-supervised learning method for deep neural networks"; 
 "Self-training with noisy student improves ImageNet classification": the teacher labels unlabelled images, keeps
 the confident ones, and the student learns from labelled + pseudo-labelled images under augmentation).
 
-An image is pseudo-labelled when it was read, is not flagged out of domain and its confidence reaches
-`min_confidence`; an image that already has a label keeps it. Arrays in, arrays out (`confident`); the rows for a
-labels CSV (`pseudo_label_rows`).
+An image is pseudo-labelled with its region when it was read, is not flagged out of domain and its confidence
+reaches `min_confidence`; optionally, an image flagged out of domain with an out-of-domain score of at least
+`out_of_domain_above` is labelled with the out-of-domain region (`Others`), more images for outlier exposure
+(Hendrycks et al., ICLR 2019). An image that already has a label keeps it. Arrays in, arrays out (`confident`); the
+rows for a labels CSV (`pseudo_label_rows`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,20 @@ def confident(confidence, out_of_domain, min_confidence: float = DEFAULT_MIN_CON
     return keep & ~np.asarray(out_of_domain, bool)
 
 
-def pseudo_label_rows(predictions, min_confidence: float = DEFAULT_MIN_CONFIDENCE, labelled=(), source: str = ""):
+def pseudo_label_rows(
+    predictions,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    labelled=(),
+    source: str = "",
+    out_of_domain_above: float | None = None,
+    out_of_domain_label: str = "Others",
+):
     """Labels-CSV rows (image, labels, PatientID, label_source) for the confident `predictions` (rows of
-    `prediction_csv.read_predictions`, their paths resolved) whose image is not among `labelled` (resolved paths).
-    -> (rows, counts): counts {"predicted", "kept", "already_labelled", "out_of_domain", "unsure", "unread",
-    "per_region": {region: n}}."""
+    `prediction_csv.read_predictions`, their paths resolved) whose image is not among `labelled` (resolved paths),
+    and, with `out_of_domain_above` (in the CSV's `ood_score` units), `out_of_domain_label` rows for the flagged
+    images scored at least that. -> (rows, counts): counts {"predicted", "kept", "already_labelled",
+    "out_of_domain", "unsure", "unread", "per_region": {region: n}}; "out_of_domain" counts the flagged images not
+    labelled."""
     predictions = list(predictions)
     origin = f"pseudo-label {source} " if source else "pseudo-label "
     read = np.array([not p["error"] and bool(p["region"]) for p in predictions], bool)
@@ -41,21 +52,26 @@ def pseudo_label_rows(predictions, min_confidence: float = DEFAULT_MIN_CONFIDENC
     keep = confident([p["confidence"] if r else np.nan for p, r in zip(predictions, read)], flagged, min_confidence)
     labelled = {Path(p) for p in labelled}
     known = np.array([Path(p["path"]) in labelled for p in predictions], bool)
+    score = np.array([p.get("ood_score", np.nan) for p in predictions], float)
+    outside = read & flagged
+    outside &= np.nan_to_num(score, nan=-np.inf) >= (np.inf if out_of_domain_above is None else out_of_domain_above)
     rows = [
         {
             "image": p["path"],
-            "labels": p["region"],
+            "labels": out_of_domain_label if o else p["region"],
             "PatientID": "",
-            "label_source": f"{origin}(confidence {p['confidence']:.4f})",
+            "label_source": f"{origin}(out-of-domain score {p['ood_score']:.4f})"
+            if o
+            else f"{origin}(confidence {p['confidence']:.4f})",
         }
-        for p, k in zip(predictions, keep & ~known)
-        if k
+        for p, k, o in zip(predictions, keep & ~known, outside & ~known)
+        if k or o
     ]
     counts = {
         "predicted": int(read.sum()),
         "kept": len(rows),
         "already_labelled": int((read & known).sum()),
-        "out_of_domain": int((read & flagged & ~known).sum()),
+        "out_of_domain": int((read & flagged & ~outside & ~known).sum()),
         "unsure": int((read & ~flagged & ~keep & ~known).sum()),
         "unread": int((~read).sum()),
         "per_region": dict(Counter(row["labels"] for row in rows).most_common()),

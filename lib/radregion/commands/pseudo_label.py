@@ -3,6 +3,7 @@ radiographs (with the labelled images first, when given), to fine-tune a student
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def register(subparsers):
         help=f"keep predictions at least this confident (default {DEFAULT_MIN_CONFIDENCE})",
     )
     parser.add_argument(
+        "--out-of-domain-above",
+        type=float,
+        metavar="SCORE",
+        help="also label the images flagged out of domain with an ood_score of at least SCORE (the CSV's units: "
+        "an ensemble's is its margin over the threshold in score spreads, 0 = flagged) as --out-of-domain-label, "
+        "for outlier exposure (default: such images get no label)",
+    )
+    parser.add_argument(
+        "--out-of-domain-label",
+        default="Others",
+        metavar="REGION",
+        help="the out-of-domain region's name in the labels (default Others, that of unifesp22)",
+    )
+    parser.add_argument(
         "--labels",
         metavar="CSV",
         help="labelled images to write first (their labels win over a prediction for the same image)",
@@ -42,7 +57,9 @@ def run(args) -> int:
     from radregion.prediction_csv import read_predictions
     from radregion.pseudolabel import confident, pseudo_label_rows
 
-    confident([], [], args.min_confidence)  # refuse a bad threshold before reading anything
+    confident([], [], args.min_confidence)  # refuse bad thresholds before reading anything
+    if args.out_of_domain_above is not None and not math.isfinite(args.out_of_domain_above):
+        raise ValueError(f"--out-of-domain-above must be a number, not {args.out_of_domain_above}")
     predictions = read_predictions(args.predictions)
     for prediction in predictions:
         path = Path(prediction["path"]).resolve() if prediction["path"] else None
@@ -59,6 +76,8 @@ def run(args) -> int:
         args.min_confidence,
         labelled=[str(item.path.resolve()) for item in labelled],
         source=f"from {Path(args.predictions).name}",
+        out_of_domain_above=args.out_of_domain_above,
+        out_of_domain_label=args.out_of_domain_label,
     )
     first = [
         {
