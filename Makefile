@@ -47,9 +47,10 @@ lint: dev
 test: lint
 	$(PY) -m pytest -q tests
 
-# Speed and quality figures (minutes). The study (bench/study*.py) is `make study`: more than an hour on 2 CPU cores.
+# Speed and quality figures (minutes). The study (bench/study*.py) is `make study`: more than an hour on 2 CPU cores;
+# few_labels.py and tta.py measure trained runs (their docstrings give the commands).
 bench: dev
-	for b in $(filter-out bench/study%,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out bench/study% bench/few_labels.py bench/tta.py,$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 study: dev
 	$(PY) bench/study.py
