@@ -53,8 +53,9 @@ def pseudo_label_rows(
     labelled = {Path(p) for p in labelled}
     known = np.array([Path(p["path"]) in labelled for p in predictions], bool)
     score = np.array([p.get("ood_score", np.nan) for p in predictions], float)
-    outside = read & flagged
-    outside &= np.nan_to_num(score, nan=-np.inf) >= (np.inf if out_of_domain_above is None else out_of_domain_above)
+    outside = read & flagged & (out_of_domain_above is not None)
+    if out_of_domain_above is not None:
+        outside &= np.nan_to_num(score, nan=-np.inf) >= out_of_domain_above
     rows = [
         {
             "image": p["path"],
