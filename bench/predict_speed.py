@@ -76,6 +76,24 @@ def rate(fn, n_images, warmup=2, min_seconds=3.0):
             return runs * n_images / elapsed
 
 
+def torch_compilations(net, x) -> dict:
+    """torch's own CPU inference optimisations of `net`, measured beside ONNX Runtime: TorchScript frozen with
+    `optimize_for_inference`, and fx's conv-batch-norm fusion (each under inference mode)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    out = {}
+    with torch.inference_mode():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(copy.deepcopy(net), x)))
+    out["TorchScript freeze + optimize_for_inference"] = torch.inference_mode()(frozen)
+    try:
+        out["fx conv-bn fusion"] = torch.inference_mode()(fuse(copy.deepcopy(net)))
+    except Exception as error:  # fx cannot trace every architecture
+        print(f"fx conv-bn fusion: not traceable ({type(error).__name__})")
+    return out
+
+
 def gemm_gflops(dtype, device, n=2048, seconds=2.0):
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -191,6 +209,8 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     model_only = rate(fast, args.batch_size)
     torch_rate = rate(torch_path, args.batch_size)
+    compiled = torch_compilations(torch_net, x) if device.type == "cpu" else {}
+    compiled_rates = {name: rate(lambda net=net: net(x), args.batch_size) for name, net in compiled.items()}
     naive_rate = rate(naive, args.batch_size)
     from radregion.networks import build_backbone
 
@@ -210,6 +230,8 @@ def main():
     low_name = str(low).replace("torch.", "")
     print(f"model-only (the engine's path: {net.runtime}): {model_only:.1f} img/s")
     print(f"model-only, torch {low_name} + channels_last: {torch_rate:.1f} img/s")
+    for name, value in compiled_rates.items():
+        print(f"model-only, torch {low_name} + channels_last, {name}: {value:.1f} img/s (tried, not used)")
     print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
     print(f"reference: naive eager fp32 MONAI ResNet-18, 224 px, batch 32: {reference_rate:.1f} img/s")
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")

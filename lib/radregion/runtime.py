@@ -1,9 +1,9 @@
 """The backbone that inference runs: ONNX Runtime on a CPU in fp32, torch everywhere else.
 
 PyTorch's eager CPU kernels run EfficientNet-Lite0's depthwise convolutions slowly: on the AVX2-only development CPU
-(2 threads, batch 32, 160 px) torch eager ran 48 img/s in channels_last and TorchScript freezing or fx conv-bn
-fusion did not help (41-48), while ONNX Runtime ran the same network at 189 img/s (`bench/predict_speed.py` prints
-both). So where the device rule (`radregion.device`) computes in fp32 on the CPU and enough images come to pay
+(2 threads, batch 32, 160 px) torch channels_last ran 35-46 img/s, TorchScript freezing and fx conv-bn fusion no
+better (40 and 43), ONNX Runtime the same network at 168-190 img/s (`bench/predict_speed.py` prints them all).
+So where the device rule (`radregion.device`) computes in fp32 on the CPU and enough images come to pay
 for it, the backbone is exported to ONNX (1-2 s; a bundle's export is kept in the engine's cache, named by its
 version, and the bundle's safetensors stay the weights' source) and run by ONNX Runtime; a probe batch checks that
 both give the same features before it is used. Where bf16 or a GPU computes, or an export fails, torch runs it (the
