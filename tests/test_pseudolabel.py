@@ -52,6 +52,7 @@ def test_rows_skip_labelled_unsure_out_of_domain_and_unread_images():
         "kept": 2,
         "already_labelled": 1,
         "out_of_domain": 1,
+        "near_out_of_domain": 0,
         "unsure": 1,
         "unread": 1,
         "per_region": {"Chest": 2},
@@ -71,6 +72,20 @@ def test_surest_out_of_domain_images_become_others_when_asked():
     assert counts["out_of_domain"] == 1 and counts["per_region"] == {"Chest": 1, "Others": 1}
     rows, counts = pseudo_label_rows(predictions, 0.9, out_of_domain_label="Other")
     assert [r["labels"] for r in rows] == ["Chest"] and counts["out_of_domain"] == 3  # not asked: no Others
+
+
+def test_a_margin_under_the_threshold_keeps_near_out_of_domain_images_unlabelled():
+    predictions = [
+        _prediction("/a.png", "Chest", 0.99, score=-2.5),
+        _prediction("/b.png", "Abdomen", 0.99, score=-0.4),  # not flagged, but close to the threshold (0)
+        _prediction("/c.png", "Knee", 0.95, score=math.nan),  # no score: not known to be clear of it
+        _prediction("/d.png", "Hand", 0.50, score=-3.0),
+    ]
+    rows, counts = pseudo_label_rows(predictions, 0.9, in_domain_below=-1.0)
+    assert [(r["image"], r["labels"]) for r in rows] == [("/a.png", "Chest")]
+    assert counts["near_out_of_domain"] == 2 and counts["unsure"] == 1 and counts["kept"] == 1
+    rows, counts = pseudo_label_rows(predictions, 0.9)
+    assert len(rows) == 3 and counts["near_out_of_domain"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +137,15 @@ def test_pseudo_label_command_writes_labels_then_confident_predictions(
     err = capsys.readouterr().err
     assert f"{len(expected)} of 12 predicted images pseudo-labelled" in err and "1 unread" in err
 
+    scores = {str(Path(r["path"]).resolve()): float(r["ood_score"]) for r in predicted if r["region"]}
+    margin = sorted(scores[path] for path in expected)[len(expected) // 2]  # the half clearest of the threshold
+    args = ["pseudo-label", str(unlabelled_predictions), "--min-confidence", str(threshold), "-o", str(out)]
+    assert main(args + ["--in-domain-below", str(margin)]) == 0
+    clear = {path: region for path, region in expected.items() if scores[path] < margin}
+    assert 0 < len(clear) < len(expected)
+    assert {str(it.path): it.label for it in read_labels_csv(out)} == clear
+    assert f"{len(expected) - len(clear)} near out of domain" in capsys.readouterr().err
+
 
 def _write_csv(path, columns, rows):
     with path.open("w", newline="") as handle:
@@ -156,4 +180,6 @@ def test_pseudo_label_errors_name_the_file_and_the_problem(unlabelled_prediction
     assert "minimum confidence must be in (0, 1]" in capsys.readouterr().err
     assert main(["pseudo-label", str(unlabelled_predictions), "--out-of-domain-above", "nan", "-o", str(out)]) == 2
     assert "--out-of-domain-above must be a number, not nan" in capsys.readouterr().err
+    assert main(["pseudo-label", str(unlabelled_predictions), "--in-domain-below", "inf", "-o", str(out)]) == 2
+    assert "--in-domain-below must be a number, not inf" in capsys.readouterr().err
     assert not out.exists()

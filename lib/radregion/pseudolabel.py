@@ -5,10 +5,11 @@ simple and efficient semi-supervised learning method for deep neural networks"; 
 the confident ones, and the student learns from labelled + pseudo-labelled images under augmentation).
 
 An image is pseudo-labelled with its region when it was read, is not flagged out of domain and its confidence
-reaches `min_confidence`; optionally, an image flagged out of domain with an out-of-domain score of at least
-`out_of_domain_above` is labelled with the out-of-domain region (`Others`), more images for outlier exposure
-(Hendrycks et al., ICLR 2019). An image that already has a label keeps it. Arrays in, arrays out (`confident`); the
-rows for a labels CSV (`pseudo_label_rows`).
+reaches `min_confidence` (optionally also: its out-of-domain score stays below `in_domain_below`, a margin under
+the threshold against out-of-domain images that pass as a region); optionally, an image flagged out of domain with
+an out-of-domain score of at least `out_of_domain_above` is labelled with the out-of-domain region (`Others`),
+more images for outlier exposure (Hendrycks et al., ICLR 2019). An image that already has a label keeps it. Arrays
+in, arrays out (`confident`); the rows for a labels CSV (`pseudo_label_rows`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def pseudo_label_rows(
     source: str = "",
     out_of_domain_above: float | None = None,
     out_of_domain_label: str = "Others",
+    in_domain_below: float | None = None,
 ):
     """Labels-CSV rows (image, labels, PatientID, label_source) for the confident `predictions` (rows of
     `prediction_csv.read_predictions`, their paths resolved) whose image is not among `labelled` (resolved paths),
     and, with `out_of_domain_above` (in the CSV's `ood_score` units), `out_of_domain_label` rows for the flagged
-    images scored at least that. -> (rows, counts): counts {"predicted", "kept", "already_labelled",
-    "out_of_domain", "unsure", "unread", "per_region": {region: n}}; "out_of_domain" counts the flagged images not
-    labelled."""
+    images scored at least that; with `in_domain_below`, a region only where the score is below it. -> (rows,
+    counts): counts {"predicted", "kept", "already_labelled", "out_of_domain", "near_out_of_domain", "unsure",
+    "unread", "per_region": {region: n}}; "out_of_domain" counts the flagged images not labelled,
+    "near_out_of_domain" the confident ones `in_domain_below` left out."""
     predictions = list(predictions)
     origin = f"pseudo-label {source} " if source else "pseudo-label "
     read = np.array([not p["error"] and bool(p["region"]) for p in predictions], bool)
@@ -53,6 +56,10 @@ def pseudo_label_rows(
     labelled = {Path(p) for p in labelled}
     known = np.array([Path(p["path"]) in labelled for p in predictions], bool)
     score = np.array([p.get("ood_score", np.nan) for p in predictions], float)
+    near = np.zeros(len(predictions), bool)
+    if in_domain_below is not None:
+        near = keep & ~(np.nan_to_num(score, nan=np.inf) < in_domain_below)
+        keep &= ~near
     outside = read & flagged & (out_of_domain_above is not None)
     if out_of_domain_above is not None:
         outside &= np.nan_to_num(score, nan=-np.inf) >= out_of_domain_above
@@ -73,7 +80,8 @@ def pseudo_label_rows(
         "kept": len(rows),
         "already_labelled": int((read & known).sum()),
         "out_of_domain": int((read & flagged & ~outside & ~known).sum()),
-        "unsure": int((read & ~flagged & ~keep & ~known).sum()),
+        "near_out_of_domain": int((near & ~known).sum()),
+        "unsure": int((read & ~flagged & ~keep & ~near & ~known).sum()),
         "unread": int((~read).sum()),
         "per_region": dict(Counter(row["labels"] for row in rows).most_common()),
     }

@@ -37,6 +37,14 @@ def register(subparsers):
         "for outlier exposure (default: such images get no label)",
     )
     parser.add_argument(
+        "--in-domain-below",
+        type=float,
+        metavar="SCORE",
+        help="label a region only where the ood_score is below SCORE (the CSV's units; e.g. -1: one score spread "
+        "under an ensemble's threshold), a margin against out-of-domain images that pass as a region "
+        "(default: every image not flagged)",
+    )
+    parser.add_argument(
         "--out-of-domain-label",
         default="Others",
         metavar="REGION",
@@ -58,8 +66,10 @@ def run(args) -> int:
     from radregion.pseudolabel import confident, pseudo_label_rows
 
     confident([], [], args.min_confidence)  # refuse bad thresholds before reading anything
-    if args.out_of_domain_above is not None and not math.isfinite(args.out_of_domain_above):
-        raise ValueError(f"--out-of-domain-above must be a number, not {args.out_of_domain_above}")
+    margins = (("--out-of-domain-above", args.out_of_domain_above), ("--in-domain-below", args.in_domain_below))
+    for flag, value in margins:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a number, not {value}")
     predictions = read_predictions(args.predictions)
     for prediction in predictions:
         path = Path(prediction["path"]).resolve() if prediction["path"] else None
@@ -78,6 +88,7 @@ def run(args) -> int:
         source=f"from {Path(args.predictions).name}",
         out_of_domain_above=args.out_of_domain_above,
         out_of_domain_label=args.out_of_domain_label,
+        in_domain_below=args.in_domain_below,
     )
     first = [
         {
@@ -97,6 +108,7 @@ def run(args) -> int:
     print(
         f"radregion pseudo-label: {counts['kept']} of {counts['predicted']} predicted images pseudo-labelled "
         f"(confidence >= {args.min_confidence}; {counts['unsure']} less sure, {counts['out_of_domain']} out of domain, "
+        f"{counts['near_out_of_domain']} near out of domain, "
         f"{counts['already_labelled']} already labelled, {counts['unread']} unread): {regions}"
         + (f"; with the {len(first)} labelled images of {args.labels}" if first else "")
         + f" -> {args.output}",
