@@ -2,8 +2,9 @@
 bundle's frozen-backbone features are kept (`features.bundle_features`: the audit computes them once per model) and
 where its backbone exported to ONNX is kept (`runtime.OnnxBackbone`: exported once per model version).
 
-One key rule for both: the sha256 of the file's bytes (a renamed or touched file is a hit, a changed one a miss),
-under a folder named by what else decides the result (the cleaning settings; for features also the model version).
+One key rule for images and features: the sha256 of the file's bytes (a renamed or touched file is a hit, a changed
+one a miss), under a folder named by what else decides the result (the cleaning settings; for features also the
+model version); an export is named by the model version, its input size and the exporter's and runtime's versions.
 """
 
 import hashlib

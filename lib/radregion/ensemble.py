@@ -14,23 +14,19 @@ import hashlib
 import numpy as np
 import torch
 
-from radregion.cache import onnx_entry
 from radregion.device import resolve_device
 from radregion.features import forward_features, images_to_tensor
-from radregion.runtime import InferenceBackbone
+from radregion.runtime import bundle_backbone
 
 
 class LoadedModel:
-    """One bundle with its backbone ready for inference on the device (`runtime.InferenceBackbone`)."""
+    """One bundle with its backbone ready for inference on the device (`runtime.bundle_backbone`)."""
 
     def __init__(self, bundle, device="auto", precision="auto"):
         self.bundle = bundle
         self.device = resolve_device(device)
         self.precision = precision
-        size = bundle.settings.size
-        self.backbone = InferenceBackbone(
-            bundle.backbone(), self.device, precision, size=size, graph_file=onnx_entry(bundle.version, size)
-        )
+        self.backbone = bundle_backbone(bundle, self.device, precision)
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from radregion.device import autocast, memory_format, resolve_device
-from radregion.runtime import InferenceBackbone
+from radregion.runtime import InferenceBackbone, bundle_backbone
 
 
 def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
@@ -68,7 +68,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     from tqdm import tqdm
 
     from radregion.atomic import atomic_write
-    from radregion.cache import feature_entry, load_clean, onnx_entry
+    from radregion.cache import feature_entry, load_clean
     from radregion.errors import RadiographError
 
     paths = [Path(p) for p in paths]
@@ -97,10 +97,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
     device = resolve_device()
-    backbone = None
-    if todo:
-        size = bundle.settings.size
-        backbone = InferenceBackbone(bundle.backbone(), device, size=size, graph_file=onnx_entry(bundle.version, size))
+    backbone = bundle_backbone(bundle, device) if todo else None
+    if backbone is not None:
         backbone.expect(len(todo))
     bar = tqdm(
         total=len(todo),

@@ -150,9 +150,9 @@ class InferenceBackbone:
     def expect(self, images: int) -> None:
         """A run of `images` images starts: export now if it is long enough to pay for the export."""
         if images >= ONNX_AFTER_IMAGES:
-            self._export()
+            self._switch()
 
-    def _export(self) -> None:
+    def _switch(self) -> None:
         with self._lock:
             if not self._wanted or self.onnx is not None:
                 return
@@ -166,5 +166,14 @@ class InferenceBackbone:
         if self.onnx is None and self._wanted:
             self._run_so_far += len(batch)
             if self._run_so_far >= ONNX_AFTER_IMAGES:
-                self._export()
+                self._switch()
         return (self.onnx or self.module)(batch)
+
+
+def bundle_backbone(bundle, device: torch.device, precision: str = "auto") -> InferenceBackbone:
+    """`bundle`'s backbone as an `InferenceBackbone` for its cleaned size, its export kept under its version."""
+    from radregion.cache import onnx_entry
+
+    size = bundle.settings.size
+    graph_file = onnx_entry(bundle.version, size)
+    return InferenceBackbone(bundle.backbone(), device, precision, size=size, graph_file=graph_file)
