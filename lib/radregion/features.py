@@ -97,8 +97,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
     device = resolve_device()
-    backbone = bundle_backbone(bundle, device) if todo else None
-    if backbone is not None:
+    if todo:
+        backbone = bundle_backbone(bundle, device)
         backbone.expect(len(todo))
     bar = tqdm(
         total=len(todo),

@@ -43,7 +43,7 @@ class OnnxBackbone:
     it is not; either way the runtime's features of a probe batch must match torch's, else the backbone is exported
     again. Without it the export stays in memory."""
 
-    def __init__(self, backbone: torch.nn.Module, size: int, graph_file=None, threads: int | None = None):
+    def __init__(self, backbone: torch.nn.Module, size: int, graph_file=None):
         backbone = backbone.eval().float().to("cpu")
         probe = _probe_batch(size)
         with torch.no_grad():
@@ -51,13 +51,13 @@ class OnnxBackbone:
         graph = _read_graph(graph_file)
         if graph is not None:
             try:
-                self.session = _session(graph, threads)
+                self.session = _session(graph)
                 if _difference(self._run(probe.numpy()), expected) <= PROBE_TOLERANCE:
                     return
             except Exception:  # a damaged file (onnxruntime raises its own exception types): exported again below
                 pass
         graph = _export(backbone, probe)
-        self.session = _session(graph, threads)
+        self.session = _session(graph)
         difference = _difference(self._run(probe.numpy()), expected)
         if not difference <= PROBE_TOLERANCE:
             raise RuntimeError(f"ONNX Runtime features differ from torch's by {difference:.2g}")
@@ -102,11 +102,11 @@ def _export(backbone: torch.nn.Module, probe: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _session(graph: bytes, threads: int | None):
+def _session(graph: bytes):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads()  # set_cpu_threads' share of the cores
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
     # idle threads sleep rather than spin: decoding workers and a server's other threads share the cores
