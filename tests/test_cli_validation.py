@@ -39,6 +39,19 @@ def test_outlier_hold_back_outside_0_to_1_is_refused_before_any_work(fraction, t
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [(["--mixup", "0"], "--mixup must be above 0"), (["--ema", "1"], "--ema must be between 0 and 1")],
+)
+def test_mixup_and_moving_average_out_of_range_are_refused(option, message, tiny_bundle, unifesp, tmp_path, capsys):
+    labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"])
+    args = ["fit-head", "--model", str(tiny_bundle), "--labels", str(labels), "--fine-tune", *option]
+    code = main(args + ["--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["fit-head", "evaluate"])
 def test_unknown_region_in_labels_names_the_row_and_the_known_regions(command, tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest", "Kneee", "Hand"])

@@ -111,3 +111,32 @@ def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp,
     gone = {**with_rule, "data": str(tmp_path / "moved.csv")}  # a CSV not here: every image not kept back is seen
     assert (exposed_outliers(gone, others) == ~kept).all()
     assert len(not_listed) == 4 and 0 < kept.sum() < len(others)
+
+
+def test_moving_average_and_mixup_change_only_what_they_should(tiny_bundle, unifesp):
+    from radregion.datasets import read_labels_csv, sample_per_class
+    from radregion.features import load_clean_images
+    from radregion.finetune import fine_tune
+
+    bundle = load_bundle(tiny_bundle)
+    items = sample_per_class([it for it in read_labels_csv(unifesp / "labels.csv") if "Others" not in it.labels], 3)
+    regions = sorted({it.labels[0] for it in items})
+    images = load_clean_images([it.path for it in items], bundle.settings)
+    targets = [regions.index(it.labels[0]) for it in items]
+
+    def tuned(**options):
+        backbone = fine_tune(bundle, images, targets, len(regions), epochs=1, batch_size=16, seed=2, **options)
+        return torch.cat([p.detach().flatten() for p in backbone.state_dict().values() if p.is_floating_point()])
+
+    start = torch.cat([p.flatten() for p in bundle.backbone().state_dict().values() if p.is_floating_point()])
+    last = tuned()
+    assert torch.equal(tuned(), last)  # deterministic for a seed
+    # a vanishing decay averages nothing: the last weights; a long one stays between the start and the last weights
+    assert torch.allclose(tuned(ema=1e-9), last, atol=1e-6)
+    slow = tuned(ema=0.999)
+    assert not torch.allclose(slow, last, atol=1e-6)
+    assert (slow - start).norm() < (last - start).norm()
+    assert not torch.allclose(tuned(mixup=0.4), last, atol=1e-6)  # mixed images and targets train differently
+    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}):
+        with pytest.raises(ValueError, match="decay|alpha"):
+            fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

@@ -5,7 +5,10 @@ region weights (fully balanced weights collapsed an ImageNet start: Chest recall
 schedule (linear warm-up, cosine decay), the fine-tuning augmentation of `radregion.augment`, on the device and in
 the precision of `radregion.device`. Optional outlier exposure (Hendrycks et al., ICLR 2019, "Deep anomaly detection
 with outlier exposure", eq. 1): images of out-of-domain regions are pushed towards the uniform distribution over
-the regions, so the features set them apart.
+the regions, so the features set them apart. Optional mixup (Zhang et al., ICLR 2018, "mixup: Beyond empirical risk
+minimization", eq. 1; MONAI's `MixUp`) of the in-domain images and their targets, and an exponential moving average
+of the backbone's weights (Polyak & Juditsky 1992; the decay warmed up as min(d, (1 + t) / (10 + t)), as in
+TensorFlow's ExponentialMovingAverage with num_updates), returned in place of the last weights.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 from radregion import device as device_rule
-from radregion.networks import parameter_groups
+from radregion.networks import momentum_copy, parameter_groups, update_momentum
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
 OUTLIER_WEIGHT = 0.5  # lambda of the outlier-exposure term
@@ -52,19 +55,26 @@ def fine_tune(
     weight_decay: float = 0.01,
     class_weights: str = "sqrt",
     label_smoothing: float = 0.1,
+    mixup: float | None = None,
+    ema: float | None = None,
     seed: int = 0,
     device="auto",
     precision: str = "auto",
     progress: bool = False,
 ) -> torch.nn.Module:
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
-    [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure. Returns the backbone (CPU,
-    eval mode)."""
+    [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of
+    mixup (None: off); `ema`: the decay of a moving average of the weights to return (None: the last weights).
+    Returns the backbone (CPU, eval mode)."""
     from radregion.augment import fine_tune_view
     from radregion.features import images_to_tensor
 
     if epochs < 1:
         raise ValueError("fine-tuning needs at least one epoch")
+    if mixup is not None and not mixup > 0:
+        raise ValueError(f"mixup's alpha must be above 0, not {mixup}")
+    if ema is not None and not 0 < ema < 1:
+        raise ValueError(f"the moving average's decay must be between 0 and 1, not {ema}")
     torch.manual_seed(seed)
     device = device_rule.resolve_device(device)
     layout = device_rule.memory_format(device, precision)
@@ -84,9 +94,15 @@ def fine_tune(
         optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos"
     )
     scaler = device_rule.grad_scaler(device, precision)
+    average = momentum_copy(backbone) if ema is not None else None
+    mixer = None
+    if mixup is not None:
+        from monai.transforms import MixUp
+
+        mixer = MixUp(batch_size, mixup).set_random_state(seed)
     generator = torch.Generator().manual_seed(seed)
     outlier_batch = max(1, batch_size // 4)
-    bar = None
+    bar, updates = None, 0
     if progress:
         from tqdm import tqdm
 
@@ -95,13 +111,18 @@ def fine_tune(
         for batch in torch.randperm(len(y), generator=generator).split(batch_size):
             views = [augment(img) for img in x_all[batch]]
             n_in = len(views)
+            target = y[batch]
+            if mixer is not None and n_in == batch_size:  # a short last batch is not mixed
+                one_hot = torch.nn.functional.one_hot(target, n_regions).float()[:, :, None, None]  # MixUp's 2-D shape
+                mixed, target = mixer(torch.stack(views), one_hot)
+                views, target = list(mixed), target.flatten(1)
             if x_out is not None:
                 pick = torch.randint(len(x_out), (outlier_batch,), generator=generator)
                 views += [augment(img) for img in x_out[pick]]
             x = torch.stack(views).to(device, non_blocking=True).contiguous(memory_format=layout)
             with device_rule.autocast(device, precision):
                 logits = linear(backbone(x)).float()
-            loss = loss_fn(logits[:n_in], y[batch].to(device))
+            loss = loss_fn(logits[:n_in], target.to(device))
             if x_out is not None:
                 loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
             optimiser.zero_grad(set_to_none=True)
@@ -109,6 +130,9 @@ def fine_tune(
             scaler.step(optimiser)
             scaler.update()
             schedule.step()
+            updates += 1
+            if average is not None:
+                update_momentum(backbone, average, min(ema, (1 + updates) / (10 + updates)))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise ValueError(f"fine-tune: the loss became {loss_value} in epoch {epoch + 1}; try a lower --lr")
@@ -117,4 +141,7 @@ def fine_tune(
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.3f}", refresh=False)
     if bar is not None:
         bar.close()
-    return backbone.eval().cpu().to(memory_format=torch.contiguous_format)
+    result = average if average is not None else backbone
+    for parameter in result.parameters():
+        parameter.requires_grad_(True)
+    return result.eval().cpu().to(memory_format=torch.contiguous_format)

@@ -154,6 +154,8 @@ def train_head(
     fine_tune_epochs=0,
     fine_tune_lr=5e-4,
     class_weights="sqrt",
+    mixup=None,
+    ema=None,
     outlier_exposure=False,
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
     data=None,
@@ -218,6 +220,8 @@ def train_head(
             epochs=fine_tune_epochs,
             lr=fine_tune_lr,
             class_weights=class_weights,
+            mixup=mixup,
+            ema=ema,
             seed=seed,
             device=device,
             progress=progress,
@@ -276,6 +280,7 @@ def train_head(
             class_weights=class_weights,
             outlier_exposure=bool(exposed_now.any()),
         )
+        head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema)) if v is not None})
         if hold_back:
             head_settings["outlier_exposure_hold_back"] = hold_back
     meta_updates = {

@@ -65,6 +65,20 @@ def register(subparsers):
         help="--fine-tune's loss weight per region: sqrt (default) or fully balanced inverse frequency, or none",
     )
     parser.add_argument(
+        "--mixup",
+        type=float,
+        metavar="ALPHA",
+        help="--fine-tune mixes pairs of in-domain images and their labels with weights from Beta(ALPHA, ALPHA) "
+        "(mixup; e.g. 0.2; default off)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="--fine-tune keeps a moving average of the backbone's weights with this decay (e.g. 0.99) and uses it "
+        "instead of the last weights (default off)",
+    )
+    parser.add_argument(
         "--outlier-exposure",
         action="store_true",
         help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
@@ -106,6 +120,10 @@ def run(args) -> int:
 
     if args.outlier_hold_back is not None and not 0 <= args.outlier_hold_back < 1:
         raise ValueError(f"--outlier-hold-back must be at least 0 and below 1, not {args.outlier_hold_back}")
+    if args.mixup is not None and not args.mixup > 0:
+        raise ValueError(f"--mixup must be above 0, not {args.mixup}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must be between 0 and 1, not {args.ema}")
 
     bundle = load_bundle(resolve_model(args.model))
     if args.size is not None:
@@ -156,6 +174,8 @@ def run(args) -> int:
         fine_tune_epochs=args.epochs if args.fine_tune else 0,
         fine_tune_lr=args.lr,
         class_weights=args.class_weights,
+        mixup=args.mixup,
+        ema=args.ema,
         outlier_exposure=args.outlier_exposure,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
         device=args.device,
@@ -240,6 +260,9 @@ def command_line(args) -> str:
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
+    for option in ("mixup", "ema"):
+        value = getattr(args, option)
+        parts += [f"--{option}", str(value)] if args.fine_tune and value is not None else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
