@@ -61,9 +61,16 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         assert ood["judged_on"] == kept.sum() and f"judged on the {kept.sum()} of 6" in ood["note"]
     assert (exposed_outliers(refit.meta["training"], others) == ~kept).all()
     by_default = train_head(
-        load_bundle(tiny_bundle), items + others, tmp_path / "all", fine_tune_epochs=1, outlier_exposure=True, folds=2
+        load_bundle(tiny_bundle),
+        items + others,
+        tmp_path / "all",
+        fine_tune_epochs=1,
+        outlier_exposure=True,
+        ema=0.9,
+        folds=2,
     )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
+    assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
     assert (
         by_default.meta["metrics"]["ood"]["judged_on"] == 6
         and "optimistic" in by_default.meta["metrics"]["ood"]["note"]
