@@ -115,7 +115,7 @@ def _check(name: str) -> None:
 
 def build_backbone(name: str = "resnet18", pretrained: bool = False) -> nn.Module:
     """The backbone `name`, mapping (N, 1, H, W) to pooled features (N, feature_dim(name)); `pretrained`: ImageNet
-    weights (efficientnet-lite0, efficientnet-lite1), else random initialisation."""
+    weights (the architectures in `PRETRAINED`), else random initialisation."""
     _check(name)
     builder, _ = ARCHITECTURES[name]
     return builder(pretrained)

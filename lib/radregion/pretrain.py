@@ -139,7 +139,7 @@ def setup(
     images: folders and/or labels CSVs (SupCon uses their labels; unlabelled images are their own class).
     batch_size is per process (the global batch is batch_size x world size); lr defaults to
     1e-3 x sqrt(global batch / 256) (square-root scaling, as suits Adam). `init="imagenet"` starts from the
-    architecture's installed ImageNet weights (efficientnet-lite0, -lite1), else from a random initialisation;
+    architecture's installed ImageNet weights (`networks.PRETRAINED`), else from a random initialisation;
     `epochs=0` has no epoch: `finish` writes that starting backbone (the start of a supervised fine-tune).
     `licence`: the terms of the images' source, recorded in the bundle.
     """
