@@ -41,7 +41,11 @@ def test_outlier_hold_back_outside_0_to_1_is_refused_before_any_work(fraction, t
 
 @pytest.mark.parametrize(
     "option, message",
-    [(["--mixup", "0"], "--mixup must be above 0"), (["--ema", "1"], "--ema must be between 0 and 1")],
+    [
+        (["--mixup", "0"], "--mixup must be above 0"),
+        (["--ema", "1"], "--ema must be between 0 and 1"),
+        (["--augment-workers", "-1"], "--augment-workers must be 0 or more"),
+    ],
 )
 def test_mixup_and_moving_average_out_of_range_are_refused(option, message, tiny_bundle, unifesp, tmp_path, capsys):
     labels = _labels_csv(unifesp, tmp_path / "labels.csv", ["Knee", "Chest"])

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from radregion.device import autocast_dtype, cpu_has_native_bf16, grad_scaler, memory_format, resolve_device
+from radregion.device import (
+    augment_workers,
+    autocast_dtype,
+    cpu_has_native_bf16,
+    grad_scaler,
+    memory_format,
+    resolve_device,
+)
 
 CPU = torch.device("cpu")
 
@@ -26,3 +33,11 @@ def test_device_resolution_and_layout():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert memory_format(CPU) == torch.channels_last
     assert not grad_scaler(CPU).is_enabled()
+
+
+def test_augmentation_workers_only_where_a_gpu_trains():
+    import os
+
+    assert augment_workers(CPU) == 0  # a CPU's cores train the network
+    on_gpu = augment_workers(torch.device("cuda"))  # the rule needs no GPU to be asked about one
+    assert on_gpu == min(8, os.cpu_count() - 1) and 0 <= on_gpu < os.cpu_count()  # one core left to train

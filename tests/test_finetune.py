@@ -67,10 +67,13 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         fine_tune_epochs=1,
         outlier_exposure=True,
         ema=0.9,
+        augment_workers=2,
         folds=2,
     )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
+    assert by_default.meta["training"]["head"]["augment_workers"] == 2
+    assert "augment_workers" not in result.meta["training"]["head"]  # in-process on a CPU: nothing to record
     assert (
         by_default.meta["metrics"]["ood"]["judged_on"] == 6
         and "optimistic" in by_default.meta["metrics"]["ood"]["note"]
@@ -144,6 +147,12 @@ def test_moving_average_and_mixup_change_only_what_they_should(tiny_bundle, unif
     assert not torch.allclose(slow, last, atol=1e-6)
     assert (slow - start).norm() < (last - start).norm()
     assert not torch.allclose(tuned(mixup=0.4), last, atol=1e-6)  # mixed images and targets train differently
-    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}):
-        with pytest.raises(ValueError, match="decay|alpha"):
+    # augmentation in worker processes: the same run again for the same seed and number of workers, and the
+    # workers' augmentation is not the in-process one (each worker reseeds its copy)
+    in_workers = tuned(augment_workers=2)
+    assert torch.equal(tuned(augment_workers=2), in_workers)
+    assert not torch.allclose(in_workers, last, atol=1e-6)
+    assert torch.equal(tuned(augment_workers=0), last)  # 0 is the CPU's default: in this process
+    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"augment_workers": -1}):
+        with pytest.raises(ValueError, match="decay|alpha|workers"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

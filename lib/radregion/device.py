@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -72,8 +73,13 @@ def prepare_backbone(backbone: torch.nn.Module, device: torch.device, precision:
     return backbone.eval().to(device).to(memory_format=memory_format(device, precision))
 
 
+def augment_workers(device: torch.device) -> int:
+    """Processes that augment fine-tuning batches beside the training process: none on a CPU, whose cores train
+    the network; on a GPU every core but one, at most 8. Measured on one H200 with 16 cores (`make model`'s
+    fine-tune, 160 px, 8 epochs): 51 s with the augmentation in the training process, 31 s with 8 workers."""
+    return 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def set_cpu_threads(processes: int = 1) -> None:
     """On the CPU, one torch thread per core shared by `processes` training processes."""
-    import os
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))

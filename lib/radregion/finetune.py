@@ -60,12 +60,15 @@ def fine_tune(
     seed: int = 0,
     device="auto",
     precision: str = "auto",
+    augment_workers: int | None = None,
     progress: bool = False,
 ) -> torch.nn.Module:
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
     [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of
-    mixup (None: off); `ema`: the decay of a moving average of the weights to return (None: the last weights).
-    Returns the backbone (CPU, eval mode)."""
+    mixup (None: off); `ema`: the decay of a moving average of the weights to return (None: the last weights);
+    `augment_workers`: processes that augment the batches ahead of the training step (None: the device rule's
+    `augment_workers`; 0: in this process). The batches (images, outliers, order) depend only on `seed`; their
+    augmentation on `seed` and the number of workers. Returns the backbone (CPU, eval mode)."""
     from radregion.augment import fine_tune_view
     from radregion.features import images_to_tensor
 
@@ -75,8 +78,12 @@ def fine_tune(
         raise ValueError(f"mixup's alpha must be above 0, not {mixup}")
     if ema is not None and not 0 < ema < 1:
         raise ValueError(f"the moving average's decay must be between 0 and 1, not {ema}")
+    if augment_workers is not None and augment_workers < 0:
+        raise ValueError(f"augmentation workers must be 0 or more, not {augment_workers}")
     torch.manual_seed(seed)
     device = device_rule.resolve_device(device)
+    if augment_workers is None:
+        augment_workers = device_rule.augment_workers(device)
     layout = device_rule.memory_format(device, precision)
     backbone = bundle.backbone().to(device).to(memory_format=layout).train()
     linear = torch.nn.Linear(bundle.meta["architecture"]["feature_dim"], n_regions).to(device)
@@ -102,46 +109,80 @@ def fine_tune(
         mixer = MixUp(batch_size, mixup).set_random_state(seed)
     generator = torch.Generator().manual_seed(seed)
     outlier_batch = max(1, batch_size // 4)
+    plan = []  # (epoch, in-domain indices, outlier indices) of each step
+    for epoch in range(epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(batch_size):
+            pick = torch.randint(len(x_out), (outlier_batch,), generator=generator) if x_out is not None else None
+            plan.append((epoch, batch, pick))
+    batches = _AugmentedBatches(plan, x_all, x_out, augment, seed)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=augment_workers,
+        worker_init_fn=_AugmentedBatches.seed_worker,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if augment_workers else None,
+        generator=torch.Generator().manual_seed(seed),  # leaves the global RNG (drop-connect) as it was
+    )
     bar, updates = None, 0
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for epoch in range(epochs):
-        for batch in torch.randperm(len(y), generator=generator).split(batch_size):
-            views = [augment(img) for img in x_all[batch]]
-            n_in = len(views)
-            target = y[batch]
-            if mixer is not None and n_in == batch_size:  # a short last batch is not mixed
-                one_hot = torch.nn.functional.one_hot(target, n_regions).float()[:, :, None, None]  # MixUp's 2-D shape
-                mixed, target = mixer(torch.stack(views), one_hot)
-                views, target = list(mixed), target.flatten(1)
-            if x_out is not None:
-                pick = torch.randint(len(x_out), (outlier_batch,), generator=generator)
-                views += [augment(img) for img in x_out[pick]]
-            x = torch.stack(views).to(device, non_blocking=True).contiguous(memory_format=layout)
-            with device_rule.autocast(device, precision):
-                logits = linear(backbone(x)).float()
-            loss = loss_fn(logits[:n_in], target.to(device))
-            if x_out is not None:
-                loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            schedule.step()
-            updates += 1
-            if average is not None:
-                update_momentum(backbone, average, min(ema, (1 + updates) / (10 + updates)))
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise ValueError(f"fine-tune: the loss became {loss_value} in epoch {epoch + 1}; try a lower --lr")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.3f}", refresh=False)
+    for (epoch, batch, _), (inside, outside) in zip(plan, loader, strict=True):
+        n_in = len(inside)
+        target = y[batch]
+        if mixer is not None and n_in == batch_size:  # a short last batch is not mixed
+            one_hot = torch.nn.functional.one_hot(target, n_regions).float()[:, :, None, None]  # MixUp's 2-D shape
+            inside, target = mixer(inside, one_hot)
+            target = target.flatten(1)
+        x = inside if outside is None else torch.cat([inside, outside])
+        x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
+        with device_rule.autocast(device, precision):
+            logits = linear(backbone(x)).float()
+        loss = loss_fn(logits[:n_in], target.to(device))
+        if x_out is not None:
+            loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        schedule.step()
+        updates += 1
+        if average is not None:
+            update_momentum(backbone, average, min(ema, (1 + updates) / (10 + updates)))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise ValueError(f"fine-tune: the loss became {loss_value} in epoch {epoch + 1}; try a lower --lr")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.3f}", refresh=False)
     if bar is not None:
         bar.close()
     result = average if average is not None else backbone
     for parameter in result.parameters():
         parameter.requires_grad_(True)
     return result.eval().cpu().to(memory_format=torch.contiguous_format)
+
+
+class _AugmentedBatches(torch.utils.data.Dataset):
+    """Step i of a fine-tuning plan: its in-domain images and its outliers, augmented, as two (B, 1, S, S) tensors
+    (the outliers None without outlier exposure). In worker processes each worker reseeds its copy of the
+    augmentation from the run's seed and its id, so a run is the same for the same seed and number of workers."""
+
+    def __init__(self, plan, x_all, x_out, augment, seed: int):
+        self.plan, self.x_all, self.x_out, self.augment, self.seed = plan, x_all, x_out, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int):
+        _, batch, pick = self.plan[step]
+        inside = torch.stack([self.augment(img) for img in self.x_all[batch]])
+        outside = None if pick is None else torch.stack([self.augment(img) for img in self.x_out[pick]])
+        return inside, outside
+
+    @staticmethod
+    def seed_worker(worker_id: int) -> None:
+        batches = torch.utils.data.get_worker_info().dataset
+        batches.augment.set_random_state(batches.seed * 1000 + worker_id + 1)

@@ -156,6 +156,7 @@ def train_head(
     class_weights="sqrt",
     mixup=None,
     ema=None,
+    augment_workers=None,
     outlier_exposure=False,
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
     data=None,
@@ -209,7 +210,12 @@ def train_head(
         exposed_now = np.array([not held_back_from_exposure(it, hold_back) for it in ood_items])
     unseen = ~(exposed_outliers(bundle.meta.get("training"), ood_items) | exposed_now)
     if fine_tune_epochs:
+        from radregion.device import augment_workers as device_augment_workers
+        from radregion.device import resolve_device
         from radregion.finetune import fine_tune
+
+        if augment_workers is None:
+            augment_workers = device_augment_workers(resolve_device(device))
 
         backbone = fine_tune(
             bundle,
@@ -222,6 +228,7 @@ def train_head(
             class_weights=class_weights,
             mixup=mixup,
             ema=ema,
+            augment_workers=augment_workers,
             seed=seed,
             device=device,
             progress=progress,
@@ -281,6 +288,8 @@ def train_head(
             outlier_exposure=bool(exposed_now.any()),
         )
         head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema)) if v is not None})
+        if augment_workers:  # the augmentation's random streams depend on it
+            head_settings["augment_workers"] = augment_workers
         if hold_back:
             head_settings["outlier_exposure_hold_back"] = hold_back
     meta_updates = {

@@ -101,6 +101,13 @@ def register(subparsers):
     parser.add_argument("--half", action="store_true", help="store the backbone in fp16 (half the size)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument(
+        "--augment-workers",
+        type=int,
+        metavar="N",
+        help="with --fine-tune: processes that augment the batches ahead of the training step (default: none on a "
+        "CPU, on a GPU every core but one, at most 8); the augmentation depends on the seed and this number",
+    )
+    parser.add_argument(
         "--licence",
         default="unknown",
         metavar="TEXT",
@@ -124,6 +131,8 @@ def run(args) -> int:
         raise ValueError(f"--mixup must be above 0, not {args.mixup}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema must be between 0 and 1, not {args.ema}")
+    if args.augment_workers is not None and args.augment_workers < 0:
+        raise ValueError(f"--augment-workers must be 0 or more, not {args.augment_workers}")
 
     bundle = load_bundle(resolve_model(args.model))
     if args.size is not None:
@@ -176,6 +185,7 @@ def run(args) -> int:
         class_weights=args.class_weights,
         mixup=args.mixup,
         ema=args.ema,
+        augment_workers=args.augment_workers,
         outlier_exposure=args.outlier_exposure,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
         device=args.device,
@@ -260,9 +270,9 @@ def command_line(args) -> str:
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
-    for option in ("mixup", "ema"):
+    for option in ("mixup", "ema", "augment_workers"):
         value = getattr(args, option)
-        parts += [f"--{option}", str(value)] if args.fine_tune and value is not None else []
+        parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
