@@ -5,12 +5,13 @@
 # process per two cores), ensembles of the seeds, and a summary; outputs packed into $OUT (at most 8 files).
 #   bash bench/gpu/payload.sh             (here, first: builds .payload/)
 #   bash bench/gpu/run.sh                 (on the GPU machine, from the repo root with .payload/ beside it)
-#   QUICK=1 PY=.venv/bin/python bash bench/gpu/run.sh     (a CPU dry run of the plumbing: 64 px, 1 epoch)
+#   QUICK=1 PY=.venv/bin/python bash bench/gpu/run.sh     (a CPU dry run of the plumbing: 64 px, 1 epoch;
+#                                                         tests/test_gpu_run.py runs it on a small D=payload)
 #   BENCH=0 CONFIGS="r160e8s2:160:8:2 ..." ENSEMBLES="name:r160e8s2,..." KEEP="" bash bench/gpu/run.sh   (other runs)
 set -u
 T0=$(date +%s)
 REPO=$(cd "$(dirname "$0")/../.." && pwd); cd $REPO
-export D=$REPO/.payload W=/tmp/radregion-gpu-run PY=${PY:-python3} PYTHONUNBUFFERED=1
+export D=${D:-$REPO/.payload} W=${W:-/tmp/radregion-gpu-run} PY=${PY:-python3} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/radregion-gpu-out}; mkdir -p $OUT
 rm -rf $W; mkdir -p $W
 exec > >(tee -a $OUT/log.txt) 2>&1
