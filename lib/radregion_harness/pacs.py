@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from radregion_harness.server import free_port
+from radregion_harness.server import free_ports
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -30,8 +30,7 @@ class OrthancServer:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.storage = self.root / "storage"
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.http_port, self.dicom_port = free_ports(2)
         self.log_path = self.root / "orthanc.log"
         self.config_path = self.root / "orthanc.json"
         self.process = None

@@ -9,6 +9,7 @@ so a client started from it, such as the Slicer module's RadRegionLib, finds it 
 (`Authorization: Bearer ...`), or `server.auth`.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -29,10 +30,18 @@ API_TOKEN = os.environ.setdefault("RADREGION_API_TOKEN", secrets.token_urlsafe(2
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen (one at a time, the
+    system can hand out the same port twice: an Orthanc once got its DICOM port as its HTTP port and stopped)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class RadRegionServer:
