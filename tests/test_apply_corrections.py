@@ -56,6 +56,34 @@ def test_corrections_update_a_labels_csv_and_keep_its_columns(unifesp, tmp_path,
     assert read_csv(labels)[0]["labels"] == rows[0]["labels"]  # the input CSV is not touched
 
 
+def test_drop_leaves_the_listed_images_out_and_keeps_the_rest(unifesp, tmp_path, capsys):
+    rows = read_csv(unifesp / "labels.csv")[:6]
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(dict(row, image=str(unifesp / row["image"])) for row in rows[:5])
+    corrections = tmp_path / "corrections.csv"
+    corrections.write_text(
+        "image,labels\n"
+        f"{unifesp / rows[1]['image']},Knee\n"
+        f"{unifesp / rows[3]['image']},Chest\n"
+        f"{unifesp / rows[5]['image']},Chest\n"  # not in the labels CSV: not added
+    )
+    output = tmp_path / "kept.csv"
+    args = ["apply-corrections", "--corrections", str(corrections), "--labels", str(labels), "--output", str(output)]
+    assert main(args + ["--drop"]) == 0
+    assert "3 images, 2 dropped (1 listed images not in" in capsys.readouterr().out
+    written = read_csv(output)
+    assert [r["labels"] for r in written] == [rows[i]["labels"] for i in (0, 2, 4)]  # kept rows unchanged
+    assert [r["StudyInstanceUID"] for r in written] == [rows[i]["StudyInstanceUID"] for i in (0, 2, 4)]
+    assert [it.path for it in read_labels_csv(output)] == [(unifesp / rows[i]["image"]).resolve() for i in (0, 2, 4)]
+
+    output.unlink()
+    assert main(args[:3] + ["--output", str(output), "--drop"]) == 2  # nothing to drop from
+    assert "--drop needs --labels" in capsys.readouterr().err and not output.exists()
+
+
 def test_dicom_copies_get_body_part_and_originals_stay_unchanged(real_dicoms, tmp_path, capsys):
     before = {path: sha256(path) for path in real_dicoms}
     corrections = tmp_path / "corrections.csv"

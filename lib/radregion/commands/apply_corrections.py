@@ -1,5 +1,6 @@
 """`radregion apply-corrections`: the audit's accepted suggestions into a labels CSV and, optionally, into
-relabelled DICOM copies (BodyPartExamined set, new SOPInstanceUID; the originals are never modified)."""
+relabelled DICOM copies (BodyPartExamined set, new SOPInstanceUID; the originals are never modified); or, with
+`--drop`, the listed images left out of the labels CSV."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def register(subparsers):
     )
     parser.add_argument("--output", required=True, metavar="CSV", help="the corrected labels CSV")
     parser.add_argument("--dicom-out", metavar="DIR", help="write relabelled copies of corrected DICOM files here")
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="leave the listed images out of --labels instead of relabelling them (confident learning's pruning: "
+        "train on the rest without reviewing each suggestion)",
+    )
     parser.add_argument("--taxonomy", default="unifesp22", help="taxonomy of the region names (default unifesp22)")
     return parser
 
@@ -32,6 +39,8 @@ def run(args) -> int:
     from radregion.datasets import read_labels_csv, write_labels_csv
     from radregion.taxonomy import load_taxonomy
 
+    if args.drop and (not args.labels or args.dicom_out):
+        raise RadiographError(args.corrections, "--drop needs --labels and no --dicom-out (nothing is relabelled)")
     taxonomy = load_taxonomy(args.taxonomy)
     fixes = read_labels_csv(args.corrections, taxonomy=taxonomy, check_files=bool(args.dicom_out), allow_empty=True)
     if not fixes:
@@ -41,16 +50,25 @@ def run(args) -> int:
         )
         return 0
     pending = {fix.path.resolve(): fix for fix in fixes}
-    changed = 0
+    changed = dropped = 0
     rows = []
     if args.labels:
         items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy, check_files=False)
         for item, row in zip(items, raw_rows(args.labels)):
             fix = pending.pop(item.path.resolve(), None)
+            if fix is not None and args.drop:
+                dropped += 1
+                continue
             if fix is not None:
                 changed += set(fix.labels) != set(item.labels)
                 row["labels"] = fix.labels
             rows.append(dict(row, image=item.path.resolve()))  # written relative to the output CSV's folder
+    if args.drop:
+        write_labels_csv(rows, args.output)
+        print(
+            f"{args.output}: {len(rows)} images, {dropped} dropped ({len(pending)} listed images not in {args.labels})"
+        )
+        return 0
     added = list(pending.values())
     rows += [{"image": fix.path.resolve(), "labels": fix.labels, "PatientID": fix.patient_id} for fix in added]
     write_labels_csv(rows, args.output)
