@@ -390,13 +390,98 @@ def test_out_of_fold_heads_also_learn_from_the_models_training_set(tiny_bundle, 
     feats = result.features
     with_stored = label_probabilities(bundle, feats, in_domain, result.regions, folds)
     np.testing.assert_allclose(result.pred_probs, with_stored, atol=1e-6)
+    others = ~in_training_set_rows(stored, feats)  # the stored rows of audited images never judge them
     expected = out_of_fold_probabilities(
         feats,
         in_domain,
         result.regions,
         folds,
-        extra_features=stored.features,
-        extra_label_sets=[(r,) for r in stored.truths(result.regions)],
+        extra_features=stored.features[others],
+        extra_label_sets=[(r,) for r, keep in zip(stored.truths(result.regions), others) if keep],
     )
     np.testing.assert_allclose(with_stored, expected, atol=1e-6)
     assert not np.allclose(with_stored, out_of_fold_probabilities(feats, in_domain, result.regions, folds), atol=1e-3)
+
+
+def in_training_set_rows(stored, audited_features):
+    """Which stored rows are audited images: brute force, the same-image rule of the audit (1% relative distance)."""
+    bank = np.asarray(stored.features, np.float32)[:, None, :]
+    distance = np.linalg.norm(bank - np.asarray(audited_features, np.float32)[None], axis=2)
+    return (distance / np.linalg.norm(bank, axis=2)).min(1) < 1e-2
+
+
+def test_images_the_head_was_trained_on_are_named_and_never_judge_themselves(tiny_bundle, unifesp, tmp_path, capsys):
+    """Auditing the model's own training labels: those images' stored rows leave the out-of-fold heads (else each
+    image's own label judges it), and the audit says how many there are, in the terminal and in the report."""
+    from fixtures.bundle import TINY_PER_CLASS
+
+    from radregion.bundle import load_bundle
+    from radregion.datasets import read_labels_csv, sample_per_class
+
+    bundle = load_bundle(tiny_bundle)
+    trained = [
+        it
+        for it in sample_per_class(read_labels_csv(unifesp / "labels.csv"), TINY_PER_CLASS, seed=0)
+        if it.labels[0] in REGIONS
+    ]
+    assert len(trained) == TINY_PER_CLASS * len(REGIONS)
+    labels = tmp_path / "labels.csv"
+    flipped_labels_csv(unifesp, labels, seed=5)
+    with open(labels, newline="") as handle:
+        rows = [
+            r for r in csv.DictReader(handle) if Path(r["image"]).resolve() not in {t.path.resolve() for t in trained}
+        ]
+    rows += [{"image": str(t.path), "labels": t.labels[0], "PatientID": t.patient_id} for t in trained]
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "labels", "PatientID"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    out = tmp_path / "audit"
+    assert (
+        main(["audit", "--model", str(tiny_bundle), "--labels", str(labels), "--output", str(out), "--no-gradcam"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {len(trained)} of the {len(rows)} audited images are in the training set of the model's head" in err
+    )
+    assert "cross-fitted" in err and "training set of the model&#x27;s head" in (out / "index.html").read_text()
+
+    from radregion.audit.pipeline import in_training_set, inputs_from_labels_csv, run_audit
+    from radregion.validation import out_of_fold_probabilities
+
+    result = run_audit([bundle], inputs_from_labels_csv(labels, taxonomy=bundle.taxonomy()), progress=False)
+    expected = np.array([Path(p).resolve() in {t.path.resolve() for t in trained} for p in result.paths])
+    assert (result.trained_on == expected).all() and expected.sum() == len(trained)
+    assert (in_training_set(bundle, result.features) == expected).all()
+    stored = bundle.training_set()
+    keep = ~in_training_set_rows(stored, result.features)
+    assert keep.sum() == len(stored) - len(trained)
+    in_domain = [tuple(r for r in labels if r in result.regions) for labels in result.given]
+    folds = label_set_fold_ids(in_domain, result.patient_ids, result.paths)
+    truths = stored.truths(result.regions)
+
+    def probabilities(rows):
+        extra = [(truths[j],) for j in np.flatnonzero(rows)]
+        return out_of_fold_probabilities(
+            result.features,
+            in_domain,
+            result.regions,
+            folds,
+            extra_features=stored.features[rows],
+            extra_label_sets=extra,
+        )
+
+    np.testing.assert_allclose(result.pred_probs, probabilities(keep), atol=1e-6)
+    assert not np.allclose(result.pred_probs, probabilities(np.ones(len(stored), bool)), atol=1e-3)  # the leak
+
+    unrelated = tmp_path / "unrelated.csv"  # none of the head's images: no warning
+    with open(unrelated, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "labels", "PatientID"])
+        writer.writeheader()
+        writer.writerows(rows[: -len(trained)])
+    assert (
+        main(["audit", "--model", str(tiny_bundle), "--labels", str(unrelated), "--output", str(out), "--no-gradcam"])
+        == 0
+    )
+    assert "warning" not in capsys.readouterr().err

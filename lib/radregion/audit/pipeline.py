@@ -133,6 +133,7 @@ def run_audit(
     in_domain = [tuple(r for r in labels if r in regions) for labels in given]
 
     use_oof = can_fit_out_of_fold(in_domain)
+    stored_too = bool(_stored_labels(first, regions, features_per_bundle[0][rows]))
     fold_ids = label_set_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
     probs = []
     for bundle, feats in zip(bundles, features_per_bundle):
@@ -148,6 +149,9 @@ def run_audit(
             )
     pred_probs = np.mean(probs, axis=0)
     ood_score, out_of_domain = bundles_ood(bundles, [f[rows] for f in features_per_bundle])
+    trained_on = np.zeros(len(rows), bool)
+    for bundle, feats in zip(bundles, features_per_bundle):
+        trained_on |= in_training_set(bundle, feats[rows])
 
     given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain], pred_probs)
     result = AuditResult(
@@ -169,30 +173,69 @@ def run_audit(
         source=inputs.source,
         probabilities_from=(
             f"{len(np.unique(fold_ids[fold_ids >= 0]))}-fold out-of-fold linear heads, grouped by patient"
-            + (", each also fitted on the model's own training set" if _stored_labels(first, regions) else "")
+            + (", each also fitted on the model's own training set" if stored_too else "")
             if use_oof
             else "the model's own head (too few labels to fit out-of-fold heads)"
         )
         + (f", averaged over {len(bundles)} models" if len(bundles) > 1 else ""),
+        trained_on=trained_on,
     )
     return result
 
 
 def label_probabilities(bundle, features, label_sets, regions, fold_ids, progress=False) -> np.ndarray:
     """(N, R) out-of-fold probabilities of the audited images: each image's from a linear head fitted on the
-    archive's other folds and, when the bundle stores it, the model's own labelled training set."""
+    archive's other folds and, when the bundle stores it, the model's own labelled training set less the audited
+    images themselves (`in_training_set`), so that no image's own label judges it."""
     return out_of_fold_probabilities(
-        features, label_sets, regions, fold_ids, progress=progress, **_stored_labels(bundle, regions)
+        features, label_sets, regions, fold_ids, progress=progress, **_stored_labels(bundle, regions, features)
     )
 
 
-def _stored_labels(bundle, regions) -> dict:
-    """The bundle's own labelled training features as extra rows for the out-of-fold heads (never predicted
-    themselves): curated labels that every fold's head learns from besides the audited archive's other folds."""
-    stored = bundle.training_set() if bundle.has_head and list(bundle.regions) == list(regions) else None
+def in_training_set(bundle, features) -> np.ndarray:
+    """(N,) bool: which audited images (by their features) are in the training set the bundle's head was fitted on.
+    Their labels reached the model: it rarely doubts them."""
+    return _same_images(bundle, features)[0]
+
+
+SAME_IMAGE = 1e-2  # relative L2 distance under which two feature vectors are one image (fp16 storage: ~1e-3)
+
+
+def _same_images(bundle, features) -> tuple[np.ndarray, np.ndarray, object]:
+    """(audited rows that are a stored training image, stored rows that are an audited image, the stored set).
+    Same image: within `SAME_IMAGE` relative distance (the stored features are fp16 copies of the same backbone's;
+    two different radiographs lie far further apart). In chunks: an archive of 100,000 images costs 16 MB at a time."""
+    stored = bundle.training_set() if bundle.has_head else None
+    features = np.asarray(features, np.float32)
+    audited = np.zeros(len(features), bool)
     if stored is None or not len(stored):
+        return audited, np.zeros(0, bool), stored
+    bank = np.asarray(stored.features, np.float32)
+    bank_sq = (bank**2).sum(1)
+    matched = np.zeros(len(bank), bool)
+    for start in range(0, len(features), 4096):
+        q = features[start : start + 4096]
+        q_sq = (q**2).sum(1)
+        close = np.maximum(q_sq[:, None] + bank_sq[None, :] - 2 * q @ bank.T, 0) < SAME_IMAGE**2 * q_sq[:, None]
+        audited[start : start + len(q)] = close.any(1)
+        matched |= close.any(0)
+    return audited, matched, stored
+
+
+def _stored_labels(bundle, regions, audited_features) -> dict:
+    """The bundle's own labelled training features as extra rows for the out-of-fold heads (never predicted
+    themselves): curated labels that every fold's head learns from besides the audited archive's other folds,
+    without the rows of images that are being audited (those would judge themselves)."""
+    if not bundle.has_head or list(bundle.regions) != list(regions):
         return {}
-    return {"extra_features": stored.features, "extra_label_sets": [(r,) for r in stored.truths(regions)]}
+    _, matched, stored = _same_images(bundle, audited_features)
+    if stored is None or matched.all():
+        return {}
+    names = stored.truths(regions)
+    return {
+        "extra_features": np.asarray(stored.features, np.float32)[~matched],
+        "extra_label_sets": [(names[j],) for j in np.flatnonzero(~matched)],
+    }
 
 
 def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
@@ -211,7 +254,7 @@ def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
     feats = result.features[:, :dim] if features is None else features
     names = [result.regions[k] for k in result.given_index[labelled]]
     if can_fit_out_of_fold([(n,) for n in names]):
-        stored = _stored_labels(bundle, result.regions)
+        stored = _stored_labels(bundle, result.regions, feats)
         x = np.concatenate([feats[labelled], stored.get("extra_features", feats[:0])])
         names += [labels[0] for labels in stored.get("extra_label_sets", ())]
         head = fit_head(x, names, [r for r in result.regions if r in set(names)])

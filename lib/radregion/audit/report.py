@@ -247,6 +247,7 @@ def render_report(result, images: dict, cams: dict, tsne_xy=None, max_rows: int 
         "method_note": esc(
             f"Probabilities: {result.probabilities_from}. Suspected errors: {method}{shown}. "
             "Out-of-domain images are listed apart and never counted as label errors."
+            + (f" Warning: {result.training_note()}" if result.training_note() else "")
         ),
         "issue_rows": _issue_rows(result, issues, thumbs, cam_uris),
         "unlabelled": _gallery(

@@ -28,6 +28,7 @@ class AuditResult:
     errors: list = field(default_factory=list)  # RadiographError per unreadable file
     source: str = ""
     min_confidence: float = 0.5  # to accept a suggestion for an image without a label
+    trained_on: np.ndarray | None = None  # (N,) bool: in the training set of a model's head (`in_training_set`)
 
     @property
     def suggested_index(self) -> np.ndarray:
@@ -81,4 +82,18 @@ class AuditResult:
             "out_of_domain": int(self.out_of_domain.sum()),
             "suggestions": int((self.accepted() & unlabelled).sum()),
             "unreadable": len(self.errors),
+            "trained_on": int(self.trained_on.sum()) if self.trained_on is not None else 0,
         }
+
+    def training_note(self) -> str:
+        """The warning when audited images are ones the model was trained on ("" when none is)."""
+        n = self.counts()["trained_on"]
+        if not n:
+            return ""
+        flagged = int((self.is_issue & self.trained_on).sum())
+        return (
+            f"{n} of the {len(self.images)} audited images are in the training set of the model's head "
+            f"({flagged} of them suspected): their labels reached the model, which rarely doubts them, so few "
+            "suspects among them do not mean clean labels. Audit them with a model trained without them, e.g. "
+            "cross-fitted on two halves (docs/audit.md)."
+        )
