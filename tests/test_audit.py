@@ -448,6 +448,7 @@ def test_images_the_head_was_trained_on_are_named_and_never_judge_themselves(tin
     assert "cross-fitted" in err and "training set of the model&#x27;s head" in (out / "index.html").read_text()
 
     from radregion.audit.pipeline import in_training_set, inputs_from_labels_csv, run_audit
+    from radregion.bundle import image_ids
     from radregion.validation import out_of_fold_probabilities
 
     result = run_audit([bundle], inputs_from_labels_csv(labels, taxonomy=bundle.taxonomy()), progress=False)
@@ -457,6 +458,8 @@ def test_images_the_head_was_trained_on_are_named_and_never_judge_themselves(tin
     stored = bundle.training_set()
     keep = ~in_training_set_rows(stored, result.features)
     assert keep.sum() == len(stored) - len(trained)
+    assert set(image_ids([t.path for t in trained])) <= set(stored.images.tolist())  # which image each row is
+    assert (in_training_set(bundle, result.features, result.paths) == expected).all()
     in_domain = [tuple(r for r in labels if r in result.regions) for labels in result.given]
     folds = label_set_fold_ids(in_domain, result.patient_ids, result.paths)
     truths = stored.truths(result.regions)
@@ -485,3 +488,44 @@ def test_images_the_head_was_trained_on_are_named_and_never_judge_themselves(tin
         == 0
     )
     assert "warning" not in capsys.readouterr().err
+
+
+def test_training_images_are_known_by_content_when_the_stored_features_differ(tiny_bundle, unifesp, tmp_path):
+    """A head fitted on another device (GPU bf16) stores features further from this machine's than the 1% rule: the
+    stored file-content ids still find the images; a bundle without them (written before) falls back to features."""
+    from radregion.audit.pipeline import in_training_set
+    from radregion.bundle import TrainingSet, load_bundle
+    from radregion.features import bundle_features
+
+    bundle = load_bundle(tiny_bundle)
+    stored = bundle.training_set()
+    rng = np.random.default_rng(0)
+    features = np.asarray(stored.features, np.float32)
+    shifted = features * (1 + 0.1 * rng.standard_normal(features.shape)).astype(np.float32)  # ~10% apart
+    paths = [it.path for it in read_labels_csv_paths(unifesp) if image_id_in(it.path, stored.images)]
+    assert len(paths) == len(stored)
+    audited, _, _ = bundle_features(bundle, paths, progress=False)
+
+    def rebuilt(images):
+        return bundle.with_head(
+            tmp_path / f"b{images is None}",
+            bundle.head(),
+            bundle.ood_detector(),
+            training_set=TrainingSet(shifted, stored.targets, stored.groups, images),
+        )
+
+    assert in_training_set(rebuilt(stored.images), audited, paths).all()
+    assert not in_training_set(rebuilt(None), audited, paths).any()  # features alone: 10% is not the same image
+    assert in_training_set(bundle, audited).all()  # this machine's own features: found without the ids
+
+
+def read_labels_csv_paths(unifesp):
+    from radregion.datasets import read_labels_csv
+
+    return read_labels_csv(unifesp / "labels.csv", check_files=False)
+
+
+def image_id_in(path, ids):
+    from radregion.bundle import image_ids
+
+    return image_ids([path])[0] in set(ids.tolist())

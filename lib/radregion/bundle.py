@@ -72,11 +72,14 @@ _KEEP = object()
 @dataclass
 class TrainingSet:
     """Labelled features of one backbone: (N, D) float32, region index (N,) in the bundle's regions, patient group
-    (N,) as integers. A bundle stores the set its head was fitted on, and may store a held-out set."""
+    (N,) as integers, and which image each row is (`image_ids`: the first 8 bytes of the file's sha256 as int64;
+    None in bundles written before they were stored). A bundle stores the set its head was fitted on, and may store a
+    held-out set."""
 
     features: np.ndarray
     targets: np.ndarray
     groups: np.ndarray
+    images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -90,7 +93,19 @@ class TrainingSet:
             f"{prefix}.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
             f"{prefix}.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
             f"{prefix}.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64)),
+            **({} if self.images is None else {f"{prefix}.images": torch.from_numpy(image_ids_array(self.images))}),
         }
+
+
+def image_ids(paths) -> np.ndarray:
+    """(N,) int64: which image each file is, by content (`TrainingSet.images`), whatever its path or the device."""
+    from radregion.cache import file_sha256
+
+    return image_ids_array([int.from_bytes(bytes.fromhex(file_sha256(p)[:16]), "big", signed=True) for p in paths])
+
+
+def image_ids_array(values) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(values, np.int64).reshape(-1))
 
 
 class Bundle:
@@ -195,10 +210,12 @@ class Bundle:
     def _stored_set(self, prefix: str) -> TrainingSet | None:
         if f"{prefix}.features" not in self._tensors:
             return None
+        images = self._tensors.get(f"{prefix}.images")
         return TrainingSet(
             self._array(f"{prefix}.features"),
             self._tensors[f"{prefix}.targets"].numpy(),
             self._tensors[f"{prefix}.groups"].numpy(),
+            None if images is None else images.numpy(),
         )
 
     def training_set(self) -> TrainingSet | None:
@@ -290,7 +307,9 @@ def load_bundle(path) -> Bundle:
         if all(part is None for part in parts):
             continue
         targets = parts[1]
+        images = tensors.get(f"{prefix}.images")
         fits = all(part is not None for part in parts) and len({len(part) for part in parts}) == 1
+        fits = fits and (images is None or len(images) == len(targets))
         if not fits or (len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(bundle.regions)):
             raise RadiographError(weights_file, f"the {name} set does not fit the head (rows or region indices)")
     return bundle

@@ -179,7 +179,7 @@ def train_head(
     patient with `items`); the features of those of the head's regions, from the same (fine-tuned) backbone, are
     stored as the bundle's held-out set (`Bundle.held_out()`), what the server's retraining must not be worse on.
     """
-    from radregion.bundle import TrainingSet, provenance
+    from radregion.bundle import TrainingSet, image_ids, provenance
     from radregion.evaluate import summarise
     from radregion.features import extract_features, load_clean_images
 
@@ -310,12 +310,15 @@ def train_head(
         ),
         "metrics": metrics,
     }
-    training_set = TrainingSet(feats, y, patient_numbers(in_items))
+    training_set = TrainingSet(feats, y, patient_numbers(in_items), image_ids([it.path for it in in_items]))
     held_set = None
     if held_out is not None:
         held_images = load_clean_images([it.path for it in held_items], settings, workers)
         held_set = TrainingSet(
-            extract_features(backbone, held_images, device=device), held_y, patient_numbers(held_items)
+            extract_features(backbone, held_images, device=device),
+            held_y,
+            patient_numbers(held_items),
+            image_ids([it.path for it in held_items]),
         )
         meta_updates["training"]["held_out"] = {
             "data": held_out_data,

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from radregion.audit import issues as label_issues
 from radregion.audit.result import AuditResult
+from radregion.bundle import image_ids
 from radregion.ensemble import bundles_ood
 from radregion.errors import RadiographError
 from radregion.features import bundle_features
@@ -133,13 +134,13 @@ def run_audit(
     in_domain = [tuple(r for r in labels if r in regions) for labels in given]
 
     use_oof = can_fit_out_of_fold(in_domain)
-    stored_too = bool(_stored_labels(first, regions, features_per_bundle[0][rows]))
+    stored_too = bool(_stored_labels(first, regions, features_per_bundle[0][rows], paths))
     fold_ids = label_set_fold_ids(in_domain, patients, paths, k=folds, seed=seed) if use_oof else None
     probs = []
     for bundle, feats in zip(bundles, features_per_bundle):
         feats = feats[rows]
         if use_oof:
-            probs.append(label_probabilities(bundle, feats, in_domain, regions, fold_ids, progress=progress))
+            probs.append(label_probabilities(bundle, feats, in_domain, regions, fold_ids, progress, paths))
         elif bundle.has_head:
             probs.append(bundle.head().probabilities(feats).astype(np.float64))
         else:
@@ -151,7 +152,7 @@ def run_audit(
     ood_score, out_of_domain = bundles_ood(bundles, [f[rows] for f in features_per_bundle])
     trained_on = np.zeros(len(rows), bool)
     for bundle, feats in zip(bundles, features_per_bundle):
-        trained_on |= in_training_set(bundle, feats[rows])
+        trained_on |= in_training_set(bundle, feats[rows], paths)
 
     given_index = label_issues.primary_labels([[regions.index(r) for r in labels] for labels in in_domain], pred_probs)
     result = AuditResult(
@@ -183,33 +184,37 @@ def run_audit(
     return result
 
 
-def label_probabilities(bundle, features, label_sets, regions, fold_ids, progress=False) -> np.ndarray:
-    """(N, R) out-of-fold probabilities of the audited images: each image's from a linear head fitted on the
-    archive's other folds and, when the bundle stores it, the model's own labelled training set less the audited
-    images themselves (`in_training_set`), so that no image's own label judges it."""
-    return out_of_fold_probabilities(
-        features, label_sets, regions, fold_ids, progress=progress, **_stored_labels(bundle, regions, features)
-    )
+def label_probabilities(bundle, features, label_sets, regions, fold_ids, progress=False, paths=None) -> np.ndarray:
+    """(N, R) out-of-fold probabilities of the audited images (`paths`: their files, when known): each image's from
+    a linear head fitted on the archive's other folds and, when the bundle stores it, the model's own labelled
+    training set less the audited images themselves (`in_training_set`), so that no image's own label judges it."""
+    extra = _stored_labels(bundle, regions, features, paths)
+    return out_of_fold_probabilities(features, label_sets, regions, fold_ids, progress=progress, **extra)
 
 
-def in_training_set(bundle, features) -> np.ndarray:
-    """(N,) bool: which audited images (by their features) are in the training set the bundle's head was fitted on.
-    Their labels reached the model: it rarely doubts them."""
-    return _same_images(bundle, features)[0]
+def in_training_set(bundle, features, paths=None) -> np.ndarray:
+    """(N,) bool: which audited images (their files `paths`, their features) are in the training set the bundle's
+    head was fitted on. Their labels reached the model: it rarely doubts them."""
+    return _same_images(bundle, features, paths)[0]
 
 
 SAME_IMAGE = 1e-2  # relative L2 distance under which two feature vectors are one image (fp16 storage: ~1e-3)
 
 
-def _same_images(bundle, features) -> tuple[np.ndarray, np.ndarray, object]:
+def _same_images(bundle, features, paths=None) -> tuple[np.ndarray, np.ndarray, object]:
     """(audited rows that are a stored training image, stored rows that are an audited image, the stored set).
-    Same image: within `SAME_IMAGE` relative distance (the stored features are fp16 copies of the same backbone's;
-    two different radiographs lie far further apart). In chunks: an archive of 100,000 images costs 16 MB at a time."""
+    Same image: the same file content (`TrainingSet.images`, exact on any device) where the bundle stores it and the
+    files are known; else features within `SAME_IMAGE` relative distance (the stored features are fp16 copies of the
+    same backbone's; two different radiographs lie far further apart; a head fitted on another device's numerics is
+    not recognised). In chunks: an archive of 100,000 images costs 16 MB at a time."""
     stored = bundle.training_set() if bundle.has_head else None
     features = np.asarray(features, np.float32)
     audited = np.zeros(len(features), bool)
     if stored is None or not len(stored):
         return audited, np.zeros(0, bool), stored
+    if stored.images is not None and paths is not None:
+        ids = image_ids(paths)
+        return np.isin(ids, stored.images), np.isin(stored.images, ids), stored
     bank = np.asarray(stored.features, np.float32)
     bank_sq = (bank**2).sum(1)
     matched = np.zeros(len(bank), bool)
@@ -222,13 +227,13 @@ def _same_images(bundle, features) -> tuple[np.ndarray, np.ndarray, object]:
     return audited, matched, stored
 
 
-def _stored_labels(bundle, regions, audited_features) -> dict:
+def _stored_labels(bundle, regions, audited_features, audited_paths=None) -> dict:
     """The bundle's own labelled training features as extra rows for the out-of-fold heads (never predicted
     themselves): curated labels that every fold's head learns from besides the audited archive's other folds,
     without the rows of images that are being audited (those would judge themselves)."""
     if not bundle.has_head or list(bundle.regions) != list(regions):
         return {}
-    _, matched, stored = _same_images(bundle, audited_features)
+    _, matched, stored = _same_images(bundle, audited_features, audited_paths)
     if stored is None or matched.all():
         return {}
     names = stored.truths(regions)
@@ -254,7 +259,7 @@ def gradcam_maps(bundle, result, images, indices, features=None) -> dict:
     feats = result.features[:, :dim] if features is None else features
     names = [result.regions[k] for k in result.given_index[labelled]]
     if can_fit_out_of_fold([(n,) for n in names]):
-        stored = _stored_labels(bundle, result.regions, feats)
+        stored = _stored_labels(bundle, result.regions, feats, result.paths)
         x = np.concatenate([feats[labelled], stored.get("extra_features", feats[:0])])
         names += [labels[0] for labels in stored.get("extra_label_sets", ())]
         head = fit_head(x, names, [r for r in result.regions if r in set(names)])
