@@ -93,7 +93,7 @@ class TrainingSet:
             f"{prefix}.features": torch.from_numpy(np.ascontiguousarray(self.features, np.float32)).half(),
             f"{prefix}.targets": torch.from_numpy(np.ascontiguousarray(self.targets, np.int64)),
             f"{prefix}.groups": torch.from_numpy(np.ascontiguousarray(self.groups, np.int64)),
-            **({} if self.images is None else {f"{prefix}.images": torch.from_numpy(image_ids_array(self.images))}),
+            **({} if self.images is None else {f"{prefix}.images": torch.from_numpy(np.array(self.images, np.int64))}),
         }
 
 
@@ -101,11 +101,7 @@ def image_ids(paths) -> np.ndarray:
     """(N,) int64: which image each file is, by content (`TrainingSet.images`), whatever its path or the device."""
     from radregion.cache import file_sha256
 
-    return image_ids_array([int.from_bytes(bytes.fromhex(file_sha256(p)[:16]), "big", signed=True) for p in paths])
-
-
-def image_ids_array(values) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(values, np.int64).reshape(-1))
+    return np.array([int.from_bytes(bytes.fromhex(file_sha256(p)[:16]), "big", signed=True) for p in paths], np.int64)
 
 
 class Bundle:
