@@ -67,12 +67,14 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         fine_tune_epochs=1,
         outlier_exposure=True,
         ema=0.9,
+        probe_first=True,
         augment_workers=2,
         folds=2,
     )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
+    assert by_default.meta["training"]["head"]["probe_first"] and "probe_first" not in result.meta["training"]["head"]
     assert "augment_workers" not in result.meta["training"]["head"]  # in-process on a CPU: nothing to record
     assert (
         by_default.meta["metrics"]["ood"]["judged_on"] == 6
@@ -123,7 +125,7 @@ def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp,
     assert len(not_listed) == 4 and 0 < kept.sum() < len(others)
 
 
-def test_moving_average_and_mixup_change_only_what_they_should(tiny_bundle, unifesp):
+def test_moving_average_mixup_and_probe_first_change_only_what_they_should(tiny_bundle, unifesp):
     from radregion.datasets import read_labels_csv, sample_per_class
     from radregion.features import load_clean_images
     from radregion.finetune import fine_tune
@@ -153,6 +155,18 @@ def test_moving_average_and_mixup_change_only_what_they_should(tiny_bundle, unif
     assert torch.equal(tuned(augment_workers=2), in_workers)
     assert not torch.allclose(in_workers, last, atol=1e-6)
     assert torch.equal(tuned(augment_workers=0), last)  # 0 is the CPU's default: in this process
-    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"augment_workers": -1}):
-        with pytest.raises(ValueError, match="decay|alpha|workers"):
+    # linear probing first (LP-FT): the head on the frozen features, moved onto the raw features, gives the same
+    # logits, and fine-tuning from it trains the backbone differently from a random linear layer
+    from radregion.features import extract_features
+    from radregion.head import fit_head
+
+    frozen = extract_features(bundle.backbone(), images)
+    probe = fit_head(frozen, [regions[t] for t in targets], regions)
+    weight, bias = probe.on_raw_features()
+    assert np.allclose(frozen @ weight.T + bias, probe.logits(frozen), rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(tuned(start_head=probe), last, atol=1e-6)
+    two = [i for i, t in enumerate(targets) if t < 2]
+    too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
+    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"augment_workers": -1}, {"start_head": too_few}):
+        with pytest.raises(ValueError, match="decay|alpha|workers|starting head"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

@@ -57,6 +57,7 @@ def fine_tune(
     label_smoothing: float = 0.1,
     mixup: float | None = None,
     ema: float | None = None,
+    start_head=None,
     seed: int = 0,
     device="auto",
     precision: str = "auto",
@@ -66,6 +67,9 @@ def fine_tune(
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
     [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of
     mixup (None: off); `ema`: the decay of a moving average of the weights to return (None: the last weights);
+    `start_head`: a `LinearHead` fitted on the bundle's frozen features, its regions in the targets' order, that
+    the fine-tuning's linear layer starts from (linear probing then fine-tuning, LP-FT: Kumar et al., ICLR 2022,
+    "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"; None: random weights);
     `augment_workers`: processes that augment the batches ahead of the training step (None: the device rule's
     `augment_workers`; 0: in this process). The batches (images, outliers, order) depend only on `seed`; their
     augmentation on `seed` and the number of workers. Returns the backbone (CPU, eval mode)."""
@@ -78,6 +82,8 @@ def fine_tune(
         raise ValueError(f"mixup's alpha must be above 0, not {mixup}")
     if ema is not None and not 0 < ema < 1:
         raise ValueError(f"the moving average's decay must be between 0 and 1, not {ema}")
+    if start_head is not None and len(start_head.regions) != n_regions:
+        raise ValueError(f"the starting head has {len(start_head.regions)} regions, the targets {n_regions}")
     if augment_workers is not None and augment_workers < 0:
         raise ValueError(f"augmentation workers must be 0 or more, not {augment_workers}")
     torch.manual_seed(seed)
@@ -86,7 +92,13 @@ def fine_tune(
         augment_workers = device_rule.augment_workers(device)
     layout = device_rule.memory_format(device, precision)
     backbone = bundle.backbone().to(device).to(memory_format=layout).train()
-    linear = torch.nn.Linear(bundle.meta["architecture"]["feature_dim"], n_regions).to(device)
+    linear = torch.nn.Linear(bundle.meta["architecture"]["feature_dim"], n_regions)
+    if start_head is not None:
+        weight, bias = start_head.on_raw_features()
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight))
+            linear.bias.copy_(torch.from_numpy(bias))
+    linear = linear.to(device)
     y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     x_all = images_to_tensor(images)
     x_out = images_to_tensor(outliers) if outliers is not None and len(outliers) else None

@@ -156,6 +156,7 @@ def train_head(
     class_weights="sqrt",
     mixup=None,
     ema=None,
+    probe_first=False,
     augment_workers=None,
     outlier_exposure=False,
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
@@ -173,8 +174,10 @@ def train_head(
     Images whose labels are all out-of-domain (`exclude_regions` plus the taxonomy's out-of-domain regions)
     never go in the head; they measure the OOD AUROC (and, with `outlier_exposure`, take part in fine-tuning).
     Patient-grouped out-of-fold predictions give the cross-validated metrics and the OOD threshold (its
-    `OOD_PERCENTILE` on held-out in-domain images). The features the head was fitted on are stored in the
-    bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None: as the input bundle).
+    `OOD_PERCENTILE` on held-out in-domain images). `probe_first`: fine-tuning starts its linear layer from a
+    head fitted on the frozen backbone's features (LP-FT) instead of random weights. The features the head was
+    fitted on are stored in the bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None:
+    as the input bundle).
     `held_out`: labelled images of other patients (RadiographError naming `held_out_data` when one shares a
     patient with `items`); the features of those of the head's regions, from the same (fine-tuned) backbone, are
     stored as the bundle's held-out set (`Bundle.held_out()`), what the server's retraining must not be worse on.
@@ -216,7 +219,10 @@ def train_head(
 
         if augment_workers is None:
             augment_workers = device_augment_workers(resolve_device(device))
-
+        probe = None
+        if probe_first:
+            frozen = extract_features(bundle.backbone(), in_images, device=device)
+            probe = fit_head(frozen, names, regions, class_balanced, C)
         backbone = fine_tune(
             bundle,
             in_images,
@@ -228,6 +234,7 @@ def train_head(
             class_weights=class_weights,
             mixup=mixup,
             ema=ema,
+            start_head=probe,
             augment_workers=augment_workers,
             seed=seed,
             device=device,
@@ -288,6 +295,8 @@ def train_head(
             outlier_exposure=bool(exposed_now.any()),
         )
         head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema)) if v is not None})
+        if probe_first:
+            head_settings["probe_first"] = True
         if augment_workers:  # the augmentation's random streams depend on it
             head_settings["augment_workers"] = augment_workers
         if hold_back:

@@ -31,6 +31,11 @@ class LinearHead:
     def predict(self, features) -> list[str]:
         return [self.regions[i] for i in self.probabilities(features).argmax(1)]
 
+    def on_raw_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (C, D), bias (C,)) acting on the features as they are, not standardised: the same logits."""
+        weight = self.weight / self.feature_std
+        return weight, self.bias - weight @ self.feature_mean
+
     def tensors(self) -> dict:
         return {
             "head.weight": self.weight,

@@ -79,6 +79,12 @@ def register(subparsers):
         "instead of the last weights (default off)",
     )
     parser.add_argument(
+        "--probe-first",
+        action="store_true",
+        help="--fine-tune starts its linear layer from a logistic head fitted on the frozen backbone's features "
+        "instead of random weights (linear probing then fine-tuning, LP-FT; default off)",
+    )
+    parser.add_argument(
         "--outlier-exposure",
         action="store_true",
         help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
@@ -185,6 +191,7 @@ def run(args) -> int:
         class_weights=args.class_weights,
         mixup=args.mixup,
         ema=args.ema,
+        probe_first=args.probe_first,
         augment_workers=args.augment_workers,
         outlier_exposure=args.outlier_exposure,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
@@ -273,6 +280,7 @@ def command_line(args) -> str:
     for option in ("mixup", "ema", "augment_workers"):
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
+    parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
