@@ -68,13 +68,15 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         outlier_exposure=True,
         ema=0.9,
         probe_first=True,
+        all_labels=True,
         augment_workers=2,
         folds=2,
     )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
-    assert by_default.meta["training"]["head"]["probe_first"] and "probe_first" not in result.meta["training"]["head"]
+    for setting in ("probe_first", "all_labels"):
+        assert by_default.meta["training"]["head"][setting] and setting not in result.meta["training"]["head"]
     assert "augment_workers" not in result.meta["training"]["head"]  # in-process on a CPU: nothing to record
     assert (
         by_default.meta["metrics"]["ood"]["judged_on"] == 6
@@ -125,7 +127,7 @@ def test_exposed_outliers_follow_each_exposure_stage_and_its_labels_csv(unifesp,
     assert len(not_listed) == 4 and 0 < kept.sum() < len(others)
 
 
-def test_moving_average_mixup_and_probe_first_change_only_what_they_should(tiny_bundle, unifesp):
+def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_they_should(tiny_bundle, unifesp):
     from radregion.datasets import read_labels_csv, sample_per_class
     from radregion.features import load_clean_images
     from radregion.finetune import fine_tune
@@ -136,9 +138,12 @@ def test_moving_average_mixup_and_probe_first_change_only_what_they_should(tiny_
     images = load_clean_images([it.path for it in items], bundle.settings)
     targets = [regions.index(it.labels[0]) for it in items]
 
-    def tuned(**options):
+    def tuned_on(targets, **options):
         backbone = fine_tune(bundle, images, targets, len(regions), epochs=1, batch_size=16, seed=2, **options)
         return torch.cat([p.detach().flatten() for p in backbone.state_dict().values() if p.is_floating_point()])
+
+    def tuned(**options):
+        return tuned_on(targets, **options)
 
     start = torch.cat([p.flatten() for p in bundle.backbone().state_dict().values() if p.is_floating_point()])
     last = tuned()
@@ -165,6 +170,15 @@ def test_moving_average_mixup_and_probe_first_change_only_what_they_should(tiny_
     weight, bias = probe.on_raw_features()
     assert np.allclose(frozen @ weight.T + bias, probe.logits(frozen), rtol=1e-4, atol=1e-3)
     assert not torch.allclose(tuned(start_head=probe), last, atol=1e-6)
+    # target distributions: one-hot rows train as the region indices do; an image shared by two regions differently
+    one_hot = np.eye(len(regions), dtype=np.float32)[targets]
+    assert torch.allclose(tuned_on(one_hot), last, atol=1e-5)
+    shared = one_hot.copy()
+    shared[0] = 0
+    shared[0, [targets[0], (targets[0] + 1) % len(regions)]] = 0.5
+    assert not torch.allclose(tuned_on(shared), last, atol=1e-5)
+    with pytest.raises(ValueError, match="distributions"):
+        tuned_on(one_hot * 2)
     two = [i for i, t in enumerate(targets) if t < 2]
     too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
     for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"augment_workers": -1}, {"start_head": too_few}):

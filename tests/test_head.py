@@ -34,6 +34,18 @@ def test_head_learns_real_features(real_features):
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
 
 
+def test_all_labels_train_each_region_of_an_image(real_features):
+    features, labels = real_features
+    shared = [i for i, lab in enumerate(labels) if len(lab) > 1]
+    assert shared  # the sample holds images of several regions (e.g. Hand|Wrist)
+    rows = [i for i, lab in enumerate(labels) for _ in lab]
+    expanded = fit_head(features[rows], [name for lab in labels for name in lab])
+    each = fit_head(features, labels, all_labels=True)
+    np.testing.assert_allclose(each.logits(features), expanded.logits(features), rtol=1e-5, atol=1e-4)
+    first = fit_head(features, labels)
+    assert not np.allclose(each.logits(features[shared]), first.logits(features[shared]), atol=1e-2)
+
+
 def test_fit_head_input_errors(real_features):
     features, labels = real_features
     with pytest.raises(ValueError, match="at least two regions"):

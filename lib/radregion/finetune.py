@@ -27,12 +27,14 @@ OUTLIER_WEIGHT = 0.5  # lambda of the outlier-exposure term
 
 
 def region_weights(targets: torch.Tensor, n_regions: int, how: str = "sqrt") -> torch.Tensor | None:
-    """Loss weight per region: (N / (C n_c))^p with p = 1/2 ("sqrt"), 1 ("balanced"); None for "none"."""
+    """Loss weight per region: (N / (C n_c))^p with p = 1/2 ("sqrt"), 1 ("balanced"); None for "none". `targets`:
+    region indices, or (N, C) target distributions (n_c: their column sums)."""
     if how not in CLASS_WEIGHTS:
         raise ValueError(f"class weights must be one of {', '.join(CLASS_WEIGHTS)}, not {how!r}")
     if how == "none":
         return None
-    counts = torch.bincount(targets, minlength=n_regions).clamp(min=1).float()
+    counts = targets.sum(0) if targets.dim() == 2 else torch.bincount(targets, minlength=n_regions).float()
+    counts = counts.clamp(min=1)
     weights = counts.sum() / (n_regions * counts)
     return weights.sqrt() if how == "sqrt" else weights
 
@@ -65,8 +67,9 @@ def fine_tune(
     progress: bool = False,
 ) -> torch.nn.Module:
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
-    [0, n_regions); `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of
-    mixup (None: off); `ema`: the decay of a moving average of the weights to return (None: the last weights);
+    [0, n_regions), or (N, n_regions) target distributions (rows summing to 1: an image of several regions);
+    `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of mixup (None: off);
+    `ema`: the decay of a moving average of the weights to return (None: the last weights);
     `start_head`: a `LinearHead` fitted on the bundle's frozen features, its regions in the targets' order, that
     the fine-tuning's linear layer starts from (linear probing then fine-tuning, LP-FT: Kumar et al., ICLR 2022,
     "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"; None: random weights);
@@ -99,7 +102,10 @@ def fine_tune(
             linear.weight.copy_(torch.from_numpy(weight))
             linear.bias.copy_(torch.from_numpy(bias))
     linear = linear.to(device)
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    soft = np.ndim(targets) == 2
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.float32 if soft else torch.long)
+    if soft and (y.shape[1] != n_regions or not torch.allclose(y.sum(1), torch.ones(len(y)), atol=1e-4)):
+        raise ValueError(f"target distributions must be rows of {n_regions} values summing to 1")
     x_all = images_to_tensor(images)
     x_out = images_to_tensor(outliers) if outliers is not None and len(outliers) else None
     augment = fine_tune_view(bundle.settings.size).set_random_state(seed)
@@ -145,8 +151,8 @@ def fine_tune(
         n_in = len(inside)
         target = y[batch]
         if mixer is not None and n_in == batch_size:  # a short last batch is not mixed
-            one_hot = torch.nn.functional.one_hot(target, n_regions).float()[:, :, None, None]  # MixUp's 2-D shape
-            inside, target = mixer(inside, one_hot)
+            one_hot = target if soft else torch.nn.functional.one_hot(target, n_regions).float()
+            inside, target = mixer(inside, one_hot[:, :, None, None])  # MixUp's 2-D shape
             target = target.flatten(1)
         x = inside if outside is None else torch.cat([inside, outside])
         x = x.to(device, non_blocking=True).contiguous(memory_format=layout)

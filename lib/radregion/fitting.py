@@ -157,6 +157,7 @@ def train_head(
     mixup=None,
     ema=None,
     probe_first=False,
+    all_labels=False,
     augment_workers=None,
     outlier_exposure=False,
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
@@ -175,7 +176,9 @@ def train_head(
     never go in the head; they measure the OOD AUROC (and, with `outlier_exposure`, take part in fine-tuning).
     Patient-grouped out-of-fold predictions give the cross-validated metrics and the OOD threshold (its
     `OOD_PERCENTILE` on held-out in-domain images). `probe_first`: fine-tuning starts its linear layer from a
-    head fitted on the frozen backbone's features (LP-FT) instead of random weights. The features the head was
+    head fitted on the frozen backbone's features (LP-FT) instead of random weights. `all_labels`: an image with
+    k of the head's regions (e.g. `Hand|Wrist`) trains each of them, fine-tuning towards 1/k on each and the head
+    on one row per region, instead of its first label alone. The features the head was
     fitted on are stored in the bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None:
     as the input bundle).
     `held_out`: labelled images of other patients (RadiographError naming `held_out_data` when one shares a
@@ -196,6 +199,12 @@ def train_head(
     regions = [r for r in order if r in present] + sorted(present - set(order))
     names = first_labels(in_labels)
     y = np.array([regions.index(n) for n in names])
+    head_labels = [tuple(lab for lab in labs if lab in regions) for labs in in_labels] if all_labels else names
+    targets = y
+    if all_labels:  # a distribution over each image's regions
+        targets = np.zeros((len(y), len(regions)), np.float32)
+        for i, labs in enumerate(head_labels):
+            targets[i, [regions.index(lab) for lab in labs]] = 1 / len(labs)
     if held_out is not None:
         check_held_out(items, held_out, held_out_data or "the held-out images")
         held_items, held_y, held_left_out = held_out_items(held_out, ood_regions, regions)
@@ -222,11 +231,11 @@ def train_head(
         probe = None
         if probe_first:
             frozen = extract_features(bundle.backbone(), in_images, device=device)
-            probe = fit_head(frozen, names, regions, class_balanced, C)
+            probe = fit_head(frozen, head_labels, regions, class_balanced, C, all_labels=all_labels)
         backbone = fine_tune(
             bundle,
             in_images,
-            y,
+            targets,
             len(regions),
             outliers=ood_images[exposed_now] if exposed_now.any() else None,
             epochs=fine_tune_epochs,
@@ -250,10 +259,10 @@ def train_head(
     )
 
     fold_of = fold_ids(in_items, folds, seed)
-    oof_pred = out_of_fold_predictions(feats, names, regions, fold_of, class_balanced=class_balanced, C=C)
+    oof_pred = out_of_fold_predictions(feats, head_labels, regions, fold_of, class_balanced=class_balanced, C=C)
     outliers = Outliers(ood_feats, outlier_folds(in_items, fold_of, ood_items, folds, seed), unseen)
     oof_scores = _out_of_fold_ood_scores(feats, y, fold_of, outliers)
-    head = fit_head(feats, names, regions, class_balanced, C)
+    head = fit_head(feats, head_labels, regions, class_balanced, C, all_labels=all_labels)
     detector, aurocs = _calibrated_ood(feats, y, oof_scores, outliers)
 
     known = [i for i, p in enumerate(oof_pred) if p is not None]
@@ -301,6 +310,8 @@ def train_head(
             head_settings["augment_workers"] = augment_workers
         if hold_back:
             head_settings["outlier_exposure_hold_back"] = hold_back
+    if all_labels:
+        head_settings["all_labels"] = True
     meta_updates = {
         "taxonomy": {
             **bundle.meta.get("taxonomy", {}),

@@ -58,13 +58,19 @@ def fit_head(
     C: float = DEFAULT_C,
     max_iter: int = 1000,
     tol: float = 1e-3,
+    all_labels: bool = False,
 ) -> LinearHead:
     """Multinomial logistic regression (lbfgs) on standardised features.
 
     `labels`: one region name (or tuple of names, first used) per row. `regions`: the head's classes in order
-    (default: those present, sorted); each must have at least one example.
+    (default: those present, sorted); each must have at least one example. `all_labels`: a tuple trains each of
+    its names, one row per name, as the out-of-fold heads of `radregion.validation` do.
     """
     features = np.asarray(features, np.float32)
+    if all_labels:
+        label_sets = [(lab,) if isinstance(lab, str) else tuple(lab) for lab in labels]
+        rows = [i for i, names in enumerate(label_sets) for _ in names]
+        features, labels = features[rows], [name for names in label_sets for name in names]
     names = first_labels(labels)
     regions = list(regions) if regions is not None else sorted(set(names))
     missing = sorted(set(regions) - set(names))

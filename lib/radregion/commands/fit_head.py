@@ -79,6 +79,12 @@ def register(subparsers):
         "instead of the last weights (default off)",
     )
     parser.add_argument(
+        "--all-labels",
+        action="store_true",
+        help="an image of several regions (e.g. Hand|Wrist) trains each of them: fine-tuning towards an equal share "
+        "of each, the head on one row per region (default: its first label alone)",
+    )
+    parser.add_argument(
         "--probe-first",
         action="store_true",
         help="--fine-tune starts its linear layer from a logistic head fitted on the frozen backbone's features "
@@ -192,6 +198,7 @@ def run(args) -> int:
         mixup=args.mixup,
         ema=args.ema,
         probe_first=args.probe_first,
+        all_labels=args.all_labels,
         augment_workers=args.augment_workers,
         outlier_exposure=args.outlier_exposure,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
@@ -281,6 +288,7 @@ def command_line(args) -> str:
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
+    parts += ["--all-labels"] if args.all_labels else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
