@@ -64,7 +64,7 @@ def fit_head(
 
     `labels`: one region name (or tuple of names, first used) per row. `regions`: the head's classes in order
     (default: those present, sorted); each must have at least one example. `all_labels`: a tuple trains each of
-    its names, one row per name, as the out-of-fold heads of `radregion.validation` do.
+    its names, one row per name (the out-of-fold heads of `radregion.validation` fit so).
     """
     features = np.asarray(features, np.float32)
     if all_labels:

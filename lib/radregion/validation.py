@@ -88,8 +88,7 @@ def out_of_fold_probabilities(
         if extra_features is None
         else np.asarray(extra_features, np.float32)
     )
-    extra_rows = [j for j, labels in enumerate(extra_label_sets) for _ in labels]
-    extra_names = [name for labels in extra_label_sets for name in labels]
+    extra_label_sets = list(extra_label_sets)
     probs = np.zeros((len(features), len(regions)), np.float64)
     labelled = np.array([bool(labels) for labels in label_sets]) & (folds >= 0)
     unlabelled = np.flatnonzero(~labelled)
@@ -100,19 +99,19 @@ def out_of_fold_probabilities(
 
         splits = tqdm(splits, desc="out-of-fold heads", unit="fold", file=sys.stderr)
     for _, train, test in splits:
-        rows = [i for i in np.flatnonzero(train) for _ in label_sets[i]]
-        names = [name for i in np.flatnonzero(train) for name in label_sets[i]] + extra_names
-        present = [r for r in regions if r in set(names)]
+        fitted = [label_sets[i] for i in np.flatnonzero(train)] + extra_label_sets
+        present = [r for r in regions if r in {name for labels in fitted for name in labels}]
         if len(present) < 2:
             if skip_small_folds:
                 continue
             raise ValueError("too few labelled regions outside one fold to fit out-of-fold heads")
-        head = fit_head(
-            np.concatenate([features[rows], extra_features[extra_rows]]),
-            names,
+        head = fit_head(  # an image of several regions trains each of them
+            np.concatenate([features[train], extra_features]),
+            fitted,
             present,
             class_balanced=class_balanced,
             C=DEFAULT_C if C is None else C,
+            all_labels=True,
         )
         columns = [regions.index(r) for r in present]
         probs[np.ix_(np.flatnonzero(test), columns)] = head.probabilities(features[test])

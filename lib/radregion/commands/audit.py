@@ -65,8 +65,8 @@ def run(args) -> int:
     files = write_outputs(result, args.output, bundles[0], max_rows=args.max_report_rows, gradcam=not args.no_gradcam)
     for error in result.errors:
         print(f"radregion audit: skipped {error}", file=sys.stderr)
-    if result.training_note():
-        print(f"radregion audit: warning: {result.training_note()}", file=sys.stderr)
+    if note := result.training_note():
+        print(f"radregion audit: warning: {note}", file=sys.stderr)
     counts = result.counts()
     print(
         f"{counts['images']} images: {counts['issues']} suspected label errors, {counts['out_of_domain']} "
