@@ -82,6 +82,48 @@ def held_out_items(items, ood_regions, regions):
     return kept, np.array(targets, np.int64), left_out
 
 
+def _with_teacher(teacher, in_items, ood_items, held_out, regions, tune, outlier_exposure, settings, workers):
+    """Fine-tuning's (images, targets, outliers) `tune` with `teacher`'s answers added (`train_head`), and counts
+    of what it added."""
+    from radregion.distill import distilled_targets, teacher_distributions
+    from radregion.features import load_clean_images
+
+    images, targets, outliers = tune
+    try:
+        answers = teacher_distributions(teacher.probabilities, teacher.regions, regions)
+    except ValueError as error:
+        raise RadiographError(teacher.source, str(error)) from None
+    row_of = {path: i for i, path in enumerate(teacher.paths)}
+    held = sorted({it.path.resolve() for it in held_out or ()} & set(row_of))
+    if held:
+        raise RadiographError(
+            teacher.source,
+            f"answers for {len(held)} held-out image(s) (e.g. {held[0]}): fine-tuning on them would train on the "
+            "images the model is measured on; predict the training and unlabelled images only",
+        )
+    labels = targets if np.ndim(targets) == 2 else np.eye(len(regions), dtype=np.float32)[targets]
+    answered = np.full(labels.shape, np.nan, np.float32)
+    rows = [row_of.get(it.path.resolve()) for it in in_items]
+    for i, row in enumerate(rows):
+        if row is not None:
+            answered[i] = answers[row]
+    labelled = {it.path.resolve() for it in (*in_items, *ood_items)}
+    new = np.array([path not in labelled for path in teacher.paths], bool)
+    extra = np.flatnonzero(new & ~teacher.out_of_domain)
+    extra_out = np.flatnonzero(new & teacher.out_of_domain) if outlier_exposure else np.zeros(0, int)
+    loaded = load_clean_images([teacher.paths[i] for i in (*extra, *extra_out)], settings, workers)
+    images = np.concatenate([images, loaded[: len(extra)]])
+    targets = np.concatenate([distilled_targets(labels, answered, teacher.weight), answers[extra]])
+    if len(extra_out):
+        outliers = loaded[len(extra) :] if outliers is None else np.concatenate([outliers, loaded[len(extra) :]])
+    taught = {
+        "labelled_images": sum(row is not None for row in rows),
+        "unlabelled_images": len(extra),
+        "unlabelled_outliers": len(extra_out),
+    }
+    return images, targets, outliers, taught
+
+
 def patient_numbers(items) -> np.ndarray:
     """A patient group number (0, 1, ...) per item, in order of first appearance."""
     numbers = {}
@@ -158,6 +200,7 @@ def train_head(
     ema=None,
     probe_first=False,
     all_labels=False,
+    teacher=None,
     augment_workers=None,
     outlier_exposure=False,
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
@@ -178,7 +221,10 @@ def train_head(
     `OOD_PERCENTILE` on held-out in-domain images). `probe_first`: fine-tuning starts its linear layer from a
     head fitted on the frozen backbone's features (LP-FT) instead of random weights. `all_labels`: an image with
     k of the head's regions (e.g. `Hand|Wrist`) trains each of them, fine-tuning towards 1/k on each and the head
-    on one row per region, instead of its first label alone. The features the head was
+    on one row per region, instead of its first label alone. `teacher`: a `distill.Teacher` whose answers fine-tuning
+    distils (mixed into the labelled images' targets; its other in-domain images trained towards its answers alone,
+    those it flags out of domain exposed as outliers with `outlier_exposure`); refused when it answered for a
+    held-out image. The features the head was
     fitted on are stored in the bundle (`Bundle.training_set`). `half_backbone` stores the backbone in fp16 (None:
     as the input bundle).
     `held_out`: labelled images of other patients (RadiographError naming `held_out_data` when one shares a
@@ -205,6 +251,8 @@ def train_head(
         targets = np.zeros((len(y), len(regions)), np.float32)
         for i, labs in enumerate(head_labels):
             targets[i, [regions.index(lab) for lab in labs]] = 1 / len(labs)
+    if teacher is not None and not fine_tune_epochs:
+        raise ValueError("a teacher's answers are distilled by fine-tuning: add fine-tuning epochs (--fine-tune)")
     if held_out is not None:
         check_held_out(items, held_out, held_out_data or "the held-out images")
         held_items, held_y, held_left_out = held_out_items(held_out, ood_regions, regions)
@@ -228,16 +276,21 @@ def train_head(
 
         if augment_workers is None:
             augment_workers = device_augment_workers(resolve_device(device))
+        tune = (in_images, targets, ood_images[exposed_now] if exposed_now.any() else None)
+        if teacher is not None:
+            *tune, taught = _with_teacher(
+                teacher, in_items, ood_items, held_out, regions, tune, outlier_exposure, settings, workers
+            )
         probe = None
         if probe_first:
             frozen = extract_features(bundle.backbone(), in_images, device=device)
             probe = fit_head(frozen, head_labels, regions, class_balanced, C, all_labels=all_labels)
         backbone = fine_tune(
             bundle,
-            in_images,
-            targets,
+            tune[0],
+            tune[1],
             len(regions),
-            outliers=ood_images[exposed_now] if exposed_now.any() else None,
+            outliers=tune[2],
             epochs=fine_tune_epochs,
             lr=fine_tune_lr,
             class_weights=class_weights,
@@ -306,6 +359,8 @@ def train_head(
         head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema)) if v is not None})
         if probe_first:
             head_settings["probe_first"] = True
+        if teacher is not None:
+            head_settings["teacher"] = {**teacher.settings(), **taught}
         if augment_workers:  # the augmentation's random streams depend on it
             head_settings["augment_workers"] = augment_workers
         if hold_back:

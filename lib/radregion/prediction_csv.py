@@ -46,10 +46,12 @@ def write_predictions(predictions, regions, handle) -> dict:
     return counts
 
 
-def read_predictions(csv_path) -> list[dict]:
+def read_predictions(csv_path, resolve_paths: bool = False) -> list[dict]:
     """The rows of a predictions CSV (`write_predictions`): {"path", "region", "confidence", "ood_score" (floats,
-    nan when empty), "out_of_domain" (bool or None), "error", "row"}; RadiographError naming the CSV and row for a
-    problem."""
+    nan when empty), "out_of_domain" (bool or None), "error", "row", "probabilities" ({region: float} of the
+    region columns, empty for an unread file)}; RadiographError naming the CSV and row for a problem.
+    `resolve_paths`: each path made absolute as `radregion predict` wrote it (relative to the current folder),
+    and a read file that is no longer there is an error."""
     from pathlib import Path
 
     from radregion.errors import RadiographError
@@ -63,15 +65,21 @@ def read_predictions(csv_path) -> list[dict]:
                 raise RadiographError(
                     csv_path, f"not a `radregion predict` CSV: missing column(s) {', '.join(missing)}"
                 )
+            region_columns = [c for c in reader.fieldnames if c not in COLUMNS]
             rows = []
             for number, row in enumerate(reader, start=2):  # row 1 is the header
-                values = {}
-                for column in ("confidence", "ood_score"):
+                values, probabilities = {}, {}
+                for column in ("confidence", "ood_score", *region_columns):
                     text = (row.get(column) or "").strip()
                     try:
-                        values[column] = float(text) if text else math.nan
+                        value = float(text) if text else math.nan
                     except ValueError:
                         raise RadiographError(csv_path, f"row {number}: {column} {text!r} is not a number") from None
+                    if column in region_columns:
+                        if text:
+                            probabilities[column] = value
+                    else:
+                        values[column] = value
                 flag = (row.get("out_of_domain") or "").strip().lower()
                 if flag not in ("", "true", "false"):
                     raise RadiographError(csv_path, f"row {number}: out_of_domain {flag!r} is not true or false")
@@ -83,8 +91,18 @@ def read_predictions(csv_path) -> list[dict]:
                         "out_of_domain": None if not flag else flag == "true",
                         "error": (row.get("error") or "").strip(),
                         "row": number,
+                        "probabilities": probabilities,
                     }
                 )
+                path = rows[-1]["path"]
+                if resolve_paths and path:
+                    rows[-1]["path"] = str(Path(path).resolve())
+                    if not rows[-1]["error"] and not Path(path).is_file():
+                        raise RadiographError(
+                            csv_path,
+                            f"row {number}: image not found: {Path(path).resolve()} (paths are read relative to "
+                            "the current folder, as `radregion predict` wrote them)",
+                        )
     except OSError as error:
         raise RadiographError(csv_path, f"cannot read predictions CSV ({error.strerror or error})") from None
     except (UnicodeDecodeError, csv.Error) as error:

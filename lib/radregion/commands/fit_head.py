@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(subparsers):
+    from radregion.distill import DEFAULT_TEACHER_WEIGHT
+
     parser = subparsers.add_parser(
         "fit-head",
         help="fit a linear head (and the out-of-domain detector) on labelled images",
@@ -91,6 +93,22 @@ def register(subparsers):
         "instead of random weights (linear probing then fine-tuning, LP-FT; default off)",
     )
     parser.add_argument(
+        "--teacher",
+        metavar="PREDICTIONS",
+        help="--fine-tune distils a teacher's answers: the CSV `radregion predict` wrote for the training images "
+        "and unlabelled ones (one model, or an ensemble with --model repeated). A labelled image trains towards "
+        "its label and the teacher's probabilities mixed by --teacher-weight, an unlabelled one towards the "
+        "teacher's alone (flagged out-of-domain ones are outliers with --outlier-exposure); none of the "
+        "--held-out images may be in it (default off)",
+    )
+    parser.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=DEFAULT_TEACHER_WEIGHT,
+        metavar="W",
+        help=f"the teacher's share of a labelled image's target (default {DEFAULT_TEACHER_WEIGHT})",
+    )
+    parser.add_argument(
         "--outlier-exposure",
         action="store_true",
         help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
@@ -133,6 +151,7 @@ def register(subparsers):
 def run(args) -> int:
     from radregion.bundle import combined_licence, load_bundle, resolve_model
     from radregion.datasets import read_labels_csv, sample_fraction, sample_per_class
+    from radregion.distill import Teacher
     from radregion.fitting import DEFAULT_OUTLIER_HOLD_BACK, check_held_out, split_in_domain, train_head
     from radregion.head import DEFAULT_C, out_of_domain_regions
     from radregion.taxonomy import load_taxonomy
@@ -145,6 +164,9 @@ def run(args) -> int:
         raise ValueError(f"--ema must be between 0 and 1, not {args.ema}")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise ValueError(f"--augment-workers must be 0 or more, not {args.augment_workers}")
+    if args.teacher and not args.fine_tune:
+        raise ValueError("--teacher's answers are distilled by fine-tuning: add --fine-tune")
+    teacher = Teacher.from_predictions(args.teacher, args.teacher_weight) if args.teacher else None
 
     bundle = load_bundle(resolve_model(args.model))
     if args.size is not None:
@@ -199,6 +221,7 @@ def run(args) -> int:
         ema=args.ema,
         probe_first=args.probe_first,
         all_labels=args.all_labels,
+        teacher=teacher,
         augment_workers=args.augment_workers,
         outlier_exposure=args.outlier_exposure,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
@@ -289,6 +312,7 @@ def command_line(args) -> str:
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
     parts += ["--all-labels"] if args.all_labels else []
+    parts += ["--teacher", args.teacher, "--teacher-weight", str(args.teacher_weight)] if args.teacher else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []

@@ -70,16 +70,7 @@ def run(args) -> int:
     for flag, value in margins:
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a number, not {value}")
-    predictions = read_predictions(args.predictions)
-    for prediction in predictions:
-        path = Path(prediction["path"]).resolve() if prediction["path"] else None
-        if path is not None and not prediction["error"] and not path.is_file():
-            raise RadiographError(
-                args.predictions,
-                f"row {prediction['row']}: image not found: {path} (paths are read relative to "
-                "the current folder, as `radregion predict` wrote them)",
-            )
-        prediction["path"] = str(path) if path is not None else ""
+    predictions = read_predictions(args.predictions, resolve_paths=True)
     labelled = read_labels_csv(args.labels) if args.labels else []
     rows, counts = pseudo_label_rows(
         predictions,
