@@ -65,6 +65,21 @@ def test_small_requests_run_in_torch_until_enough_images_came(shipped, images):
     assert torch.allclose(first, second, atol=1e-3)
 
 
+def test_a_kept_export_runs_from_the_first_small_request(shipped, images, tmp_path):
+    graph_file = tmp_path / "model.onnx"
+    batch = images_to_tensor(images[:1])
+    fresh = InferenceBackbone(shipped.backbone(), CPU, size=shipped.settings.size, graph_file=graph_file)
+    expected = fresh(batch)  # one image, nothing kept: not worth an export
+    assert fresh.runtime == "torch" and not graph_file.exists()
+    OnnxBackbone(shipped.backbone(), shipped.settings.size, graph_file)  # an earlier run kept the export
+    restarted = InferenceBackbone(shipped.backbone(), CPU, size=shipped.settings.size, graph_file=graph_file)
+    restarted.expect(1)
+    assert restarted.runtime == "onnxruntime"
+    served = InferenceBackbone(shipped.backbone(), CPU, size=shipped.settings.size, graph_file=graph_file)
+    first = served(batch)  # a server's first request, announced by nothing
+    assert served.runtime == "onnxruntime" and torch.allclose(first, expected, atol=1e-3)
+
+
 def test_the_export_is_kept_and_checked_before_use(shipped, images, tmp_path):
     graph_file = tmp_path / "onnx" / "model.onnx"
     expected = torch_features(shipped, images[:8])

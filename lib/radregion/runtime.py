@@ -128,8 +128,9 @@ class InferenceBackbone:
     """A backbone ready for inference on `size` px images under the rule: torch (eval mode, on the device, the
     rule's layout) until the work makes an export worth it, then, where `uses_onnxruntime`, an `OnnxBackbone`
     (`graph_file`: where its export is kept). Worth it: a run of at least `ONNX_AFTER_IMAGES` images announced
-    with `expect`, or that many images run so far (a server's many small requests). Calls take and return torch
-    tensors; thread-safe."""
+    with `expect`, or that many images run so far (a server's many small requests), or any run once the export is
+    kept (then it is only read and checked: a restarted server's first request already runs in ONNX Runtime).
+    Calls take and return torch tensors; thread-safe."""
 
     def __init__(
         self, backbone: torch.nn.Module, device: torch.device, precision: str = "auto", size: int = 0, graph_file=None
@@ -149,8 +150,12 @@ class InferenceBackbone:
 
     def expect(self, images: int) -> None:
         """A run of `images` images starts: export now if it is long enough to pay for the export."""
-        if images >= ONNX_AFTER_IMAGES:
+        if images >= ONNX_AFTER_IMAGES or self._kept():
             self._switch()
+
+    def _kept(self) -> bool:
+        """Whether an export of this backbone may already be kept (`OnnxBackbone` checks it before use)."""
+        return self._wanted and self.graph_file is not None and Path(self.graph_file).is_file()
 
     def _switch(self) -> None:
         with self._lock:
@@ -165,7 +170,7 @@ class InferenceBackbone:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.onnx is None and self._wanted:
             self._run_so_far += len(batch)
-            if self._run_so_far >= ONNX_AFTER_IMAGES:
+            if self._run_so_far >= ONNX_AFTER_IMAGES or self._kept():
                 self._switch()
         return (self.onnx or self.module)(batch)
 
