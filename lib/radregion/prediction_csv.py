@@ -94,14 +94,14 @@ def read_predictions(csv_path, resolve_paths: bool = False) -> list[dict]:
                         "probabilities": probabilities,
                     }
                 )
-                path = rows[-1]["path"]
-                if resolve_paths and path:
-                    rows[-1]["path"] = str(Path(path).resolve())
-                    if not rows[-1]["error"] and not Path(path).is_file():
+                if resolve_paths and rows[-1]["path"]:
+                    path = Path(rows[-1]["path"]).resolve()
+                    rows[-1]["path"] = str(path)
+                    if not rows[-1]["error"] and not path.is_file():
                         raise RadiographError(
                             csv_path,
-                            f"row {number}: image not found: {Path(path).resolve()} (paths are read relative to "
-                            "the current folder, as `radregion predict` wrote them)",
+                            f"row {number}: image not found: {path} (paths are read relative to the current "
+                            "folder, as `radregion predict` wrote them)",
                         )
     except OSError as error:
         raise RadiographError(csv_path, f"cannot read predictions CSV ({error.strerror or error})") from None
