@@ -103,11 +103,12 @@ def _with_teacher(teacher, in_items, ood_items, held_out, regions, tune, outlier
         )
     labels = targets if np.ndim(targets) == 2 else np.eye(len(regions), dtype=np.float32)[targets]
     answered = np.full(labels.shape, np.nan, np.float32)
-    rows = [row_of.get(it.path.resolve()) for it in in_items]
+    in_paths = [it.path.resolve() for it in in_items]
+    rows = [row_of.get(path) for path in in_paths]
     for i, row in enumerate(rows):
         if row is not None:
             answered[i] = answers[row]
-    labelled = {it.path.resolve() for it in (*in_items, *ood_items)}
+    labelled = {*in_paths, *(it.path.resolve() for it in ood_items)}
     new = np.array([path not in labelled for path in teacher.paths], bool)
     extra = np.flatnonzero(new & ~teacher.out_of_domain)
     extra_out = np.flatnonzero(new & teacher.out_of_domain) if outlier_exposure else np.zeros(0, int)
