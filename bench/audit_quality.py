@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from radregion.audit import issues
 from radregion.audit.pipeline import audit_regions, label_probabilities
-from radregion.bundle import labelled_images, load_bundle
+from radregion.bundle import load_bundle, trained_on
 from radregion.datasets import read_labels_csv
 from radregion.ensemble import bundles_ood
 from radregion.features import bundle_features
@@ -113,11 +113,20 @@ def main(argv=None) -> int:
     taxonomy = bundles[0].taxonomy()
     regions, _ = audit_regions(bundles[0], taxonomy)
     items = [it for it in read_labels_csv(args.labels, taxonomy=taxonomy) if any(r in regions for r in it.labels)]
-    seen = set().union(*(labelled_images(b)[0] for b in bundles))
-    if seen:
-        kept = [it for it in items if it.path.resolve() not in seen]
-        print(f"left out {len(items) - len(kept)} images the model was trained on (held-out images only)")
-        items = kept
+    seen = np.zeros(len(items), bool)
+    for bundle in bundles:
+        trained, _, unreadable = trained_on(bundle, [it.path for it in items])
+        stored = bundle.training_set()
+        if unreadable and (stored is None or stored.images is None):
+            sys.exit(
+                f"{bundle.path}: its backbone was trained with the labels of {', '.join(unreadable)}, which cannot "
+                "be read here, and its head stores no image ids: recreate that CSV (`radregion split` with the "
+                "seed its training block names) so that the images it saw are left out"
+            )
+        seen |= trained
+    if seen.any():
+        print(f"left out {int(seen.sum())} images the model was trained on (held-out images only)")
+        items = [it for it, s in zip(items, seen) if not s]
     clean = [tuple(r for r in it.labels if r in regions) for it in items]
     patients = [it.patient_id for it in items]
     paths = [it.path for it in items]

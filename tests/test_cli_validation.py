@@ -7,9 +7,11 @@ do" is exit 0 with a message.
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from radregion.bundle import load_bundle
@@ -257,10 +259,14 @@ def test_fit_head_says_when_the_backbone_saw_the_labels(tiny_bundle_copy, unifes
 
     _set_training(tiny_bundle_copy, training={"method": "supcon", "data": [str(tmp_path / "gone.csv")]})
     assert main(args + ["--output", str(tmp_path / "supcon")]) == 0
-    assert (
-        f"note: the backbone was trained with the labels of {tmp_path / 'gone.csv'}, which cannot be read "
-        "here" in capsys.readouterr().err
+    # the CSV of another machine: the images of the training set stored with the head are known by content
+    known = re.search(
+        f"note: the backbone was trained with the labels of {re.escape(str(tmp_path / 'gone.csv'))}, which cannot "
+        r"be read here; (\d+) of these 21 in-domain images trained it or are in the training set stored with its "
+        r"head \(by content\)",
+        capsys.readouterr().err,
     )
+    assert known and int(known.group(1)) > 0
 
 
 def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp, tmp_path, capsys):
@@ -290,8 +296,8 @@ def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp,
         == 0
     )
     assert (
-        f"was trained with labels from {seen}, which list 1 of these 2 images: the figures are in-sample"
-        in capsys.readouterr().err
+        f"was trained with the labels of 1 of these 2 images (listed in {seen} or in the training set stored "
+        "with its head): the figures are in-sample" in capsys.readouterr().err
     )
     fresh = tmp_path / "fresh.csv"
     fresh.write_text(f"image,labels,PatientID\n{sorted((unifesp / 'images').glob('*.png'))[-1]},Chest,p9\n")
@@ -312,6 +318,27 @@ def test_evaluate_warns_when_the_model_saw_the_images(tiny_bundle_copy, unifesp,
         == 0
     )
     assert "in-sample" not in capsys.readouterr().err
+
+
+def test_evaluate_knows_the_heads_training_images_by_content(tiny_bundle_copy, unifesp, tmp_path, capsys):
+    """A bundle made on another machine, whose training CSV is not here: the images of the training set stored with
+    its head are still known, by their content."""
+    from radregion.bundle import image_ids, load_bundle
+
+    gone = tmp_path / "gone.csv"
+    _set_training(tiny_bundle_copy, training={"data": f"{gone} (all, seed 0)", "head": {"fine_tune_epochs": 0}})
+    images = sorted((unifesp / "images").glob("*.png"))
+    stored = np.isin(image_ids(images), load_bundle(tiny_bundle_copy).training_set().images)
+    assert stored.any() and not stored.all()
+    trained, fresh = images[int(np.argmax(stored))], images[int(np.argmin(stored))]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image,labels,PatientID\n{trained},Knee,p0\n{fresh},Chest,p9\n")
+    args = ["evaluate", "--model", str(tiny_bundle_copy), "--labels", str(labels), "--bootstrap", "0"]
+    assert main(args + ["--output", str(tmp_path / "eval")]) == 0
+    assert (
+        f"was trained with the labels of 1 of these 2 images (listed in {gone} or in the training set stored with "
+        "its head)" in capsys.readouterr().err
+    )
 
 
 def test_licence_is_what_the_command_is_told(unifesp, tmp_path, tiny_bundle_copy, capsys):

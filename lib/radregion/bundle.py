@@ -384,6 +384,23 @@ def labelled_images(bundle, include_head: bool = False) -> tuple[set, list[str],
     return seen, sources, unreadable
 
 
+def trained_on(bundle, paths, include_head: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+    """Which of the files `paths` had their labels reach `bundle`: ((N,) bool, the labels CSVs of its training, those
+    among them that cannot be read here; see `labelled_images`). A file counts when one of those CSVs lists it, or
+    when its content is an image of the training set stored with the bundle's head (`TrainingSet.images`, the same on
+    any machine) and either `include_head` is set or a CSV cannot be read here: a bundle made on another machine,
+    whose backbone the recipes of this repository fine-tune on the images its head is then fitted on. Missing files
+    count as not trained on."""
+    seen, sources, unreadable = labelled_images(bundle, include_head)
+    paths = [Path(p) for p in paths]
+    mask = np.array([p.resolve() in seen for p in paths], bool)
+    stored = bundle.training_set() if bundle.has_head and (include_head or unreadable) else None
+    if stored is not None and stored.images is not None:
+        present = np.array([p.is_file() for p in paths], bool)
+        mask[present] |= np.isin(image_ids([p for p, ok in zip(paths, present) if ok]), stored.images)
+    return mask, sources, unreadable
+
+
 def save_bundle(
     path,
     backbone_state: dict,

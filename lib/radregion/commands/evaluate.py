@@ -47,7 +47,7 @@ def run(args) -> int:
     import numpy as np
 
     from radregion.atomic import atomic_write
-    from radregion.bundle import labelled_images, load_bundle, resolve_model
+    from radregion.bundle import load_bundle, resolve_model, trained_on
     from radregion.cli import print_problems
     from radregion.datasets import read_labels_csv
     from radregion.evaluate import evaluate_predictions, plot_confusion, write_json
@@ -63,13 +63,13 @@ def run(args) -> int:
     items = read_labels_csv(args.labels, args.images_root, taxonomy=taxonomy, check_files=False)
     predictor = Predictor(bundles if len(bundles) > 1 else bundles[0], workers=args.workers, precision=args.precision)
     for bundle in bundles:
-        seen, sources, _ = labelled_images(bundle, include_head=True)
-        overlap = sum(item.path.resolve() in seen for item in items)
-        if overlap:
+        seen, sources, _ = trained_on(bundle, [it.path for it in items], include_head=True)
+        if seen.any():
+            listed = f"listed in {', '.join(sources)} or " if sources else ""
             print(
-                f"radregion evaluate: warning: {bundle.path} was trained with labels from {', '.join(sources)}, "
-                f"which list {overlap} of these {len(items)} images: the figures are in-sample for them (evaluate "
-                "on a held-out split)",
+                f"radregion evaluate: warning: {bundle.path} was trained with the labels of {int(seen.sum())} of "
+                f"these {len(items)} images ({listed}in the training set stored with its head): the figures are "
+                "in-sample for them (evaluate on a held-out split)",
                 file=sys.stderr,
             )
     predictions = list(predictor.predict([it.path for it in items], batch_size=args.batch_size, progress=True))

@@ -264,17 +264,22 @@ def run(args) -> int:
 def backbone_saw(bundle, items) -> str | None:
     """Words on the labels the backbone was trained with (fine-tuning, SupCon) where they may include `items`:
     then the cross-validated figures are optimistic, since only the head is held out. None when it saw none."""
-    from radregion.bundle import labelled_images
+    from radregion.bundle import trained_on
 
-    seen, sources, unreadable = labelled_images(bundle)
-    if not sources:
-        return None
-    overlap = sum(item.path.resolve() in seen for item in items)
-    if overlap:
+    seen, sources, unreadable = trained_on(bundle, [item.path for item in items])
+    advice = "measure the model with `radregion evaluate` on images it has not seen"
+    if seen.any() and not unreadable:
         return (
-            f"the backbone was trained with labels from {', '.join(sources)}, which list {overlap} of these "
-            f"{len(items)} in-domain images: the cross-validated figures above are optimistic (only the head "
-            "was held out); measure the model with `radregion evaluate` on images it has not seen"
+            f"the backbone was trained with labels from {', '.join(sources)}, which list {int(seen.sum())} of "
+            f"these {len(items)} in-domain images: the cross-validated figures above are optimistic (only the head "
+            f"was held out); {advice}"
+        )
+    if seen.any():
+        return (
+            f"the backbone was trained with the labels of {', '.join(unreadable)}, which cannot be read here; "
+            f"{int(seen.sum())} of these {len(items)} in-domain images trained it or are in the training set stored "
+            f"with its head (by content): the cross-validated figures above are optimistic if it was fine-tuned on "
+            f"them; {advice}"
         )
     if unreadable:
         return (
