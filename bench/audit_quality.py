@@ -9,7 +9,9 @@ ranking's top N when N is the true number of flips (what a perfect count estimat
     .venv/bin/python bench/audit_quality.py [--model BUNDLE ...] [--labels CSV] [--rates 0.05 0.1 0.2]
 Default model: apps/radregion/model (the shipped model); without one, a random-weight resnet10 at 64 px
 (BatchNorm statistics of 200 labelled images): a floor for the method, not the product's figures. Images whose true
-labels reached the model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance) are left out.
+labels reached the model's backbone (fine-tuning, SupCon pretraining: read from bundle.json provenance; where those
+CSVs are not on this machine, the images of the training set stored with its head, by content or features) are left
+out.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from radregion.audit import issues
-from radregion.audit.pipeline import audit_regions, label_probabilities
+from radregion.audit.pipeline import audit_regions, in_training_set, label_probabilities
 from radregion.bundle import load_bundle, trained_on
 from radregion.datasets import read_labels_csv
 from radregion.ensemble import bundles_ood
@@ -113,32 +115,25 @@ def main(argv=None) -> int:
     taxonomy = bundles[0].taxonomy()
     regions, _ = audit_regions(bundles[0], taxonomy)
     items = [it for it in read_labels_csv(args.labels, taxonomy=taxonomy) if any(r in regions for r in it.labels)]
-    seen = np.zeros(len(items), bool)
-    for bundle in bundles:
-        trained, _, unreadable = trained_on(bundle, [it.path for it in items])
-        stored = bundle.training_set()
-        if unreadable and (stored is None or stored.images is None):
-            sys.exit(
-                f"{bundle.path}: its backbone was trained with the labels of {', '.join(unreadable)}, which cannot "
-                "be read here, and its head stores no image ids: recreate that CSV (`radregion split` with the "
-                "seed its training block names) so that the images it saw are left out"
-            )
-        seen |= trained
-    if seen.any():
-        print(f"left out {int(seen.sum())} images the model was trained on (held-out images only)")
-        items = [it for it, s in zip(items, seen) if not s]
-    clean = [tuple(r for r in it.labels if r in regions) for it in items]
-    patients = [it.patient_id for it in items]
     paths = [it.path for it in items]
-    present = sorted({r for labels in clean for r in labels})
-
     start = time.perf_counter()
-    feats = []
+    feats, seen = [], np.zeros(len(items), bool)
     for bundle in bundles:
         f, ok, errors = bundle_features(bundle, paths)
         if errors:
             print(f"{len(errors)} unreadable images, e.g. {errors[0]}", file=sys.stderr)
+        trained, _, unreadable = trained_on(bundle, paths)
+        if unreadable:  # the CSVs of another machine: the head's stored training images, by content or features
+            trained |= in_training_set(bundle, f, paths)
+        seen |= trained
         feats.append(f)
+    if seen.any():
+        print(f"left out {int(seen.sum())} images the model was trained on (held-out images only)")
+        items, feats = [it for it, s in zip(items, seen) if not s], [f[~seen] for f in feats]
+        paths = [it.path for it in items]
+    clean = [tuple(r for r in it.labels if r in regions) for it in items]
+    patients = [it.patient_id for it in items]
+    present = sorted({r for labels in clean for r in labels})
     _, out_of_domain = bundles_ood(bundles, feats)
     print(
         f"model {', '.join(f'{b.path} ({b.version})' for b in bundles)}; {len(items)} in-domain images of "
