@@ -1,5 +1,7 @@
 """ONNX Runtime against torch on real radiographs (`radregion.runtime`): for every image, whether the two paths give
-the same region and out-of-domain flag, and the largest feature, probability and OOD-score differences.
+the same region and out-of-domain flag, and the largest feature, probability and OOD-score differences. On a CPU
+that computes bf16 natively, also torch's bf16 autocast (what `radregion.device`'s rule picks there) against fp32:
+the model's head and score were fitted on the features of the machine that trained it.
 
     .venv/bin/python bench/runtime_agreement.py [--model BUNDLE] [--images FOLDER]
 """
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 
 from radregion.bundle import default_model_path, load_bundle
-from radregion.device import prepare_backbone
+from radregion.device import cpu_has_native_bf16, prepare_backbone
 from radregion.features import forward_features, images_to_tensor, load_clean_images
 from radregion.runtime import OnnxBackbone
 
@@ -27,29 +29,35 @@ def main():
     paths = sorted(p for p in Path(args.images).rglob("*.png"))
     tensor = images_to_tensor(load_clean_images(paths, bundle.settings))
     cpu = torch.device("cpu")
-    runners = {
-        "torch": prepare_backbone(bundle.backbone(), cpu, "fp32"),
-        "onnxruntime": OnnxBackbone(bundle.backbone(), bundle.settings.size),
+    runners = {  # name: (backbone, precision)
+        "torch": (prepare_backbone(bundle.backbone(), cpu, "fp32"), "fp32"),
+        "onnxruntime": (OnnxBackbone(bundle.backbone(), bundle.settings.size), "fp32"),
     }
+    if cpu_has_native_bf16():
+        runners["torch bf16"] = (prepare_backbone(bundle.backbone(), cpu, "bf16"), "bf16")
     features = {
         name: np.concatenate(
-            [forward_features(run, tensor[i : i + 64], cpu, "fp32") for i in range(0, len(tensor), 64)]
+            [forward_features(run, tensor[i : i + 64], cpu, precision) for i in range(0, len(tensor), 64)]
         )
-        for name, run in runners.items()
+        for name, (run, precision) in runners.items()
     }
     head, detector = bundle.head(), bundle.ood_detector()
     probs = {name: head.probabilities(f) for name, f in features.items()}
     scores = {name: detector.score(f) for name, f in features.items()}
-    a, b = "torch", "onnxruntime"
-    print(f"model {bundle.version}; {len(paths)} images from {args.images}")
-    print(f"regions that differ: {int((probs[a].argmax(1) != probs[b].argmax(1)).sum())}")
     flags = {name: s > detector.threshold for name, s in scores.items()}
-    print(f"out-of-domain flags that differ: {int((flags[a] != flags[b]).sum())}")
-    print(
-        f"largest difference: features {np.abs(features[a] - features[b]).max():.2g} "
-        f"(largest |feature| {np.abs(features[a]).max():.2f}), probabilities {np.abs(probs[a] - probs[b]).max():.2g}, "
-        f"OOD scores {np.abs(scores[a] - scores[b]).max():.2g}"
-    )
+    print(f"model {bundle.version}; {len(paths)} images from {args.images}")
+    a = "torch"
+    for b in [name for name in runners if name != a]:
+        print(f"== {b} against {a} fp32")
+        print(f"regions that differ: {int((probs[a].argmax(1) != probs[b].argmax(1)).sum())}")
+        print(f"out-of-domain flags that differ: {int((flags[a] != flags[b]).sum())}")
+        relative = np.linalg.norm(features[a] - features[b], axis=1) / np.linalg.norm(features[a], axis=1)
+        print(
+            f"largest difference: features {np.abs(features[a] - features[b]).max():.2g} "
+            f"(largest |feature| {np.abs(features[a]).max():.2f}; relative L2 median {np.median(relative):.2g}), "
+            f"probabilities {np.abs(probs[a] - probs[b]).max():.2g}, "
+            f"OOD scores {np.abs(scores[a] - scores[b]).max():.2g}"
+        )
 
 
 if __name__ == "__main__":

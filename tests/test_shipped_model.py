@@ -3,7 +3,8 @@ regions (test split of `make model`: `radregion split --seed 0 --test-fraction 0
 
 import pytest
 
-from radregion.bundle import load_bundle, shipped_model_path
+from radregion.bundle import image_ids, load_bundle, shipped_model_path, trained_on
+from radregion.datasets import read_labels_csv
 from radregion.inference import Predictor
 
 # held-out test-split images of regions with 4 to 25 training images, and what they show
@@ -65,3 +66,25 @@ def test_the_shipped_model_is_the_recipe_of_its_card():
     assert bundle.held_out() is not None and len(bundle.held_out()) == 258  # what a retrained head must not be worse on
     assert bundle.ood_detector().method == "classifier"
     assert (shipped_model_path() / "MODEL_CARD.md").read_text().count(bundle.version) >= 1
+
+
+def test_the_shipped_model_knows_its_training_and_held_out_images_by_content(unifesp):
+    """Which images trained the model must not depend on the machine: its split CSVs are not in a checkout, and
+    matching stored features fails where the CPU computes in other numerics (bf16 against fp32)."""
+    bundle = load_bundle(shipped_model_path())
+    items = read_labels_csv(unifesp / "labels.csv", taxonomy=bundle.taxonomy())
+    by_id = dict(zip(image_ids([it.path for it in items]).tolist(), items))
+    patients = {}
+    for name, stored in (("train", bundle.training_set()), ("held-out", bundle.held_out())):
+        assert stored.images is not None, f"the {name} set stores no image ids"
+        rows = [by_id.get(i) for i in stored.images.tolist()]
+        assert None not in rows, f"{rows.count(None)} {name} ids are no shared image"
+        assert [it.labels[0] for it in rows] == stored.truths(bundle.regions)  # every row is the image it says
+        patients[name] = {it.patient_id for it in rows}
+    assert not patients["train"] & patients["held-out"]  # split by patient
+    held_out = [it.path for it in items if it.patient_id in patients["held-out"]]
+    assert not trained_on(bundle, held_out, include_head=True)[0].any()
+    train_patients = [it for it in items if it.patient_id in patients["train"]]
+    in_head = trained_on(bundle, [it.path for it in train_patients], include_head=True)[0]
+    assert in_head.sum() == len(bundle.training_set())
+    assert all(it.labels[0] == "Others" for it, known in zip(train_patients, in_head) if not known)
