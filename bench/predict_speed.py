@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from radregion.bundle import default_model_path, load_bundle, save_bundle
-from radregion.device import autocast, autocast_dtype, prepare_backbone, resolve_device
+from radregion.device import (
+    autocast,
+    autocast_dtype,
+    head_precision,
+    precision_name,
+    prepare_backbone,
+    resolve_device,
+)
 from radregion.features import forward_features
 from radregion.runtime import InferenceBackbone
 
@@ -179,7 +186,8 @@ def main():
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     batch = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8).float().div(255)
-    net = InferenceBackbone(bundle.backbone(), device, size=size)
+    precision = head_precision(device, "auto", bundle.features_precision)  # what `radregion predict` runs
+    net = InferenceBackbone(bundle.backbone(), device, precision, size=size)
     net.expect(len(images))
     torch_net = prepare_backbone(bundle.backbone(), device)
     x = batch.to(device).contiguous(memory_format=torch.channels_last)
@@ -189,7 +197,7 @@ def main():
             torch.cuda.synchronize()
 
     def fast():
-        forward_features(net, x, device)
+        forward_features(net, x, device, precision)
         sync()
 
     def torch_path():
@@ -224,14 +232,15 @@ def main():
 
     reference_rate = rate(reference, 32)
     flops = flops_per_image(naive_net, size, device)
-    low = autocast_dtype(device) or torch.float32  # what the engine's rule runs (fp32 on a CPU without native bf16)
+    low = autocast_dtype(device, precision) or torch.float32  # what the engine's path runs
     gemm_low, gemm_fp32 = gemm_gflops(low, device), gemm_gflops(torch.float32, device)
     bound_low, bound_fp32 = gemm_low * 1e9 / flops, gemm_fp32 * 1e9 / flops
     low_name = str(low).replace("torch.", "")
-    print(f"model-only (the engine's path: {net.runtime}): {model_only:.1f} img/s")
-    print(f"model-only, torch {low_name} + channels_last: {torch_rate:.1f} img/s")
+    rule_name = precision_name(device)  # the torch paths below: the device rule without a head's record
+    print(f"model-only (the engine's path: {net.runtime}, {precision_name(device, precision)}): {model_only:.1f} img/s")
+    print(f"model-only, torch {rule_name} + channels_last: {torch_rate:.1f} img/s")
     for name, value in compiled_rates.items():
-        print(f"model-only, torch {low_name} + channels_last, {name}: {value:.1f} img/s (tried, not used)")
+        print(f"model-only, torch {rule_name} + channels_last, {name}: {value:.1f} img/s (tried, not used)")
     print(f"naive eager fp32 forward: {naive_rate:.1f} img/s")
     print(f"reference: naive eager fp32 MONAI ResNet-18, 224 px, batch 32: {reference_rate:.1f} img/s")
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP")

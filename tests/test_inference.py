@@ -81,6 +81,32 @@ def test_bf16_agrees_with_fp32(tiny_bundle, unifesp):
     assert fast["features"].dtype == np.float32 and fast["ood_score"].shape == (len(items),)
 
 
+def test_a_head_fitted_on_fp32_features_answers_as_in_fp32(tiny_bundle_copy, unifesp):
+    """The shipped head was fitted on fp32 features: bf16 features on a CPU that computes bf16 moved 5 of 743
+    regions (bench/runtime_agreement.py). Such a head gets fp32 features from `predict` and from the audit's and
+    evaluation's `bundle_features`, whatever the CPU; `fit-head` records what its features were computed in."""
+    import json
+
+    from radregion.device import precision_name, resolve_device
+    from radregion.features import bundle_features
+
+    meta_file = tiny_bundle_copy / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["features_precision"] == precision_name(resolve_device("cpu"), "auto")  # as fit-head computed them
+    meta["features_precision"] = "fp32"
+    meta_file.write_text(json.dumps(meta))
+    bundle = load_bundle(tiny_bundle_copy)
+    items = sample_per_class(read_labels_csv(unifesp / "labels.csv"), 2, seed=3)
+    images = load_clean_images([it.path for it in items], bundle.settings)
+    predictor = Predictor(bundle, device="cpu")
+    assert [m.precision for m in predictor.model.models] == ["fp32"]
+    exact = extract_features(bundle.backbone(), images, device="cpu", precision="fp32")
+    features, ok, _ = bundle_features(bundle, [it.path for it in items], progress=False)
+    assert ok.all()
+    for answer in (predictor.predict_images(images)["features"], features):  # ONNX Runtime or torch, both fp32
+        np.testing.assert_allclose(answer, exact, rtol=1e-4, atol=1e-4)  # bf16 differs by 1e-2 and more
+
+
 def test_predict_images_matches_predict(predictor, some_images):
     images = load_clean_images(some_images[:3], predictor.settings)
     out = predictor.predict_images(images)

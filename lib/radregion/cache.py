@@ -91,16 +91,17 @@ def load_clean(path, settings: CleaningSettings, cache: ImageCache | None = None
     return cache.load(path, settings)
 
 
-def feature_cache_dir(bundle, root=None) -> Path:
-    """Where the features of `bundle` (its version and cleaning settings) are cached."""
+def feature_cache_dir(bundle, precision: str, root=None) -> Path:
+    """Where the features of `bundle` (its version and cleaning settings) computed in `precision` ("fp32", "bf16",
+    "fp16": `radregion.device.precision_name`) are cached."""
     root = Path(root) if root is not None else default_root()
-    return root / "features" / f"{bundle.version}-{bundle.settings.key()}"
+    return root / "features" / f"{bundle.version}-{bundle.settings.key()}-{precision}"
 
 
-def feature_entry(bundle, path) -> Path:
-    """The cache file of `path`'s features with `bundle` (features.bundle_features fills it)."""
+def feature_entry(bundle, path, precision: str) -> Path:
+    """The cache file of `path`'s features with `bundle` in `precision` (features.bundle_features fills it)."""
     digest = file_sha256(path)
-    return feature_cache_dir(bundle) / digest[:2] / f"{digest}.npy"
+    return feature_cache_dir(bundle, precision) / digest[:2] / f"{digest}.npy"
 
 
 def onnx_entry(version: str, size: int, root=None) -> Path:

@@ -5,6 +5,7 @@ on a GPU without bf16, with a gradient scaler when training) where the processor
 elsewhere: a CPU without AVX512-BF16 or AMX emulates bf16 (measured on an AVX2-only CPU: EfficientNet-Lite0
 inference 0.27 img/s in bf16 against 2.8 in fp32, one thread); "fp32" turns autocast off. The layout is
 channels_last. Where inference computes fp32 on a CPU, ONNX Runtime runs the backbone (`radregion.runtime`).
+A head's features on the CPU are computed in fp32 where the head was fitted on fp32 features (`head_precision`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "auto" and not cpu_has_native_bf16():
         return None
     return torch.bfloat16
+
+
+def precision_name(device: torch.device, precision: str = "auto") -> str:
+    """What `precision` computes in on `device`: "fp32", "bf16" or "fp16" (what a bundle records of its head)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device, precision)]
+
+
+def head_precision(device: torch.device, precision: str = "auto", fitted: str | None = None) -> str:
+    """The precision to compute a head's input features in. "auto" on the CPU follows a head fitted on fp32 features
+    (`fitted`: the `precision_name` its bundle recorded): bf16 features move such a head's answers (the shipped model
+    on the 743 unlabelled images: 5 regions and 8 out-of-domain flags of 743, relative feature change 0.11,
+    bench/runtime_agreement.py), so the model gives the answers its figures were measured with on every CPU. A head
+    fitted on bf16 features gets bf16 where the CPU computes it, and fp32 elsewhere (emulated bf16 is ten times
+    slower). On a GPU "auto" stays bf16 or fp16; an asked precision is kept."""
+    if precision == "auto" and device.type == "cpu" and fitted == "fp32":
+        return "fp32"
+    return precision
 
 
 @functools.cache

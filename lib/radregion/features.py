@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radregion.device import autocast, memory_format, resolve_device
+from radregion.device import autocast, head_precision, memory_format, precision_name, resolve_device
 from radregion.runtime import InferenceBackbone, bundle_backbone
 
 
@@ -72,6 +72,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     from radregion.errors import RadiographError
 
     paths = [Path(p) for p in paths]
+    device = resolve_device()
+    precision = head_precision(device, "auto", bundle.features_precision)
     dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
     features: list = [None] * len(paths)
     entries: dict[int, Path] = {}
@@ -79,7 +81,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     todo = []
     for i, path in enumerate(paths):
         try:
-            entries[i] = feature_entry(bundle, path)
+            entries[i] = feature_entry(bundle, path, precision_name(device, precision))
         except OSError as error:
             errors[i] = RadiographError(path, f"cannot read ({error.strerror or error})")
             continue
@@ -96,9 +98,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
         except (OSError, ValueError) as error:
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
-    device = resolve_device()
     if todo:
-        backbone = bundle_backbone(bundle, device)
+        backbone = bundle_backbone(bundle, device, precision)
         backbone.expect(len(todo))
     bar = tqdm(
         total=len(todo),
@@ -113,7 +114,8 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             good = [(i, image) for i, image, error in batch if error is None]
             errors.update({i: error for i, _, error in batch if error is not None})
             if good:
-                feats = forward_features(backbone, images_to_tensor(np.stack([image for _, image in good])), device)
+                batch_tensor = images_to_tensor(np.stack([image for _, image in good]))
+                feats = forward_features(backbone, batch_tensor, device, precision)
                 for (i, _), feat in zip(good, feats):
                     features[i] = feat
                     with atomic_write(entries[i]) as handle:
