@@ -39,7 +39,9 @@ def register(subparsers):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--precision", choices=("auto", "fp32"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32"), default="auto", help="as `radregion predict --precision`"
+    )
     return parser
 
 

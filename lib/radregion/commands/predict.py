@@ -34,7 +34,8 @@ def register(subparsers):
         choices=("auto", "fp32"),
         default="auto",
         help="auto: bf16 where the processor computes it (a GPU, a CPU with AVX512-BF16 or AMX), else fp32 "
-        "(ONNX Runtime on a CPU); fp32: full precision",
+        "(ONNX Runtime on a CPU); on a CPU, fp32 for a head fitted on fp32 features (the shipped model); "
+        "fp32: full precision",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
