@@ -74,6 +74,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     paths = [Path(p) for p in paths]
     device = resolve_device()
     precision = head_precision(device, "auto", bundle.features_precision)
+    cached_as = precision_name(device, precision)
     dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
     features: list = [None] * len(paths)
     entries: dict[int, Path] = {}
@@ -81,7 +82,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
     todo = []
     for i, path in enumerate(paths):
         try:
-            entries[i] = feature_entry(bundle, path, precision_name(device, precision))
+            entries[i] = feature_entry(bundle, path, cached_as)
         except OSError as error:
             errors[i] = RadiographError(path, f"cannot read ({error.strerror or error})")
             continue
