@@ -33,7 +33,7 @@ from radregion.bundle import default_model_path, load_bundle, save_bundle
 from radregion.device import (
     autocast,
     autocast_dtype,
-    head_precision,
+    inference_precision,
     precision_name,
     prepare_backbone,
     resolve_device,
@@ -186,7 +186,7 @@ def main():
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     batch = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8).float().div(255)
-    precision = head_precision(device, "auto", bundle.features_precision)  # what `radregion predict` runs
+    precision = inference_precision(device)  # what `radregion predict` runs
     net = InferenceBackbone(bundle.backbone(), device, precision, size=size)
     net.expect(len(images))
     torch_net = prepare_backbone(bundle.backbone(), device)

@@ -1,7 +1,7 @@
 """ONNX Runtime against torch on real radiographs (`radregion.runtime`): for every image, whether the two paths give
 the same region and out-of-domain flag, and the largest feature, probability and OOD-score differences. On a CPU
-that computes bf16 natively, also torch's bf16 autocast (what `radregion.device`'s rule picks there) against fp32:
-the model's head and score were fitted on the features of the machine that trained it.
+that computes bf16 natively, also torch's bf16 autocast (what features were computed in there before session 18, and
+what training uses) against fp32: a model's head and score were fitted on the features of the machine that trained it.
 
     .venv/bin/python bench/runtime_agreement.py [--model BUNDLE] [--images FOLDER]
 """

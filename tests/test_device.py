@@ -8,7 +8,7 @@ from radregion.device import (
     autocast_dtype,
     cpu_has_native_bf16,
     grad_scaler,
-    head_precision,
+    inference_precision,
     memory_format,
     precision_name,
     resolve_device,
@@ -23,12 +23,10 @@ def test_auto_on_cpu_is_bf16_only_where_the_cpu_computes_it():
     assert autocast_dtype(CPU, "fp32") is None
 
 
-def test_a_head_fitted_on_fp32_features_gets_fp32_features_on_the_cpu():
-    assert head_precision(CPU, "auto", "fp32") == "fp32"
-    for fitted in ("bf16", None):  # a bf16 head, or a bundle that does not say: the rule
-        assert head_precision(CPU, "auto", fitted) == "auto"
-    assert head_precision(CPU, "bf16", "fp32") == "bf16"  # asked for: given
-    assert head_precision(torch.device("cuda"), "auto", "fp32") == "auto"  # a GPU keeps its bf16 or fp16
+def test_features_are_fp32_on_every_cpu():
+    assert inference_precision(CPU) == "fp32"  # training's "auto" is bf16 where the CPU computes it; features not
+    assert inference_precision(CPU, "bf16") == "bf16"  # asked for: given
+    assert inference_precision(torch.device("cuda")) == "auto"  # a GPU keeps its bf16 or fp16
     assert precision_name(CPU, "fp32") == "fp32" and precision_name(CPU, "bf16") == "bf16"
     assert precision_name(CPU, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
 

@@ -125,12 +125,6 @@ class Bundle:
         return CleaningSettings.from_dict(self.meta["cleaning"])
 
     @property
-    def features_precision(self) -> str | None:
-        """What the head's training features were computed in ("fp32", "bf16", "fp16"; None where not recorded):
-        inference follows it on the CPU (`radregion.device.head_precision`)."""
-        return self.meta.get("features_precision")
-
-    @property
     def has_head(self) -> bool:
         return "head.weight" in self._tensors
 

@@ -4,8 +4,8 @@
 on a GPU without bf16, with a gradient scaler when training) where the processor computes bf16 natively, fp32
 elsewhere: a CPU without AVX512-BF16 or AMX emulates bf16 (measured on an AVX2-only CPU: EfficientNet-Lite0
 inference 0.27 img/s in bf16 against 2.8 in fp32, one thread); "fp32" turns autocast off. The layout is
-channels_last. Where inference computes fp32 on a CPU, ONNX Runtime runs the backbone (`radregion.runtime`).
-A head's features on the CPU are computed in fp32 where the head was fitted on fp32 features (`head_precision`).
+channels_last. Features (inference, evaluation, the audit, and those a head is fitted on) follow
+`inference_precision`: fp32 on every CPU, where ONNX Runtime runs the backbone (`radregion.runtime`).
 """
 
 from __future__ import annotations
@@ -49,14 +49,13 @@ def precision_name(device: torch.device, precision: str = "auto") -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device, precision)]
 
 
-def head_precision(device: torch.device, precision: str = "auto", fitted: str | None = None) -> str:
-    """The precision to compute a head's input features in. "auto" on the CPU follows a head fitted on fp32 features
-    (`fitted`: the `precision_name` its bundle recorded): bf16 features move such a head's answers (the shipped model
-    on the 743 unlabelled images: 5 regions and 8 out-of-domain flags of 743, relative feature change 0.11,
-    bench/runtime_agreement.py), so the model gives the answers its figures were measured with on every CPU. A head
-    fitted on bf16 features gets bf16 where the CPU computes it, and fp32 elsewhere (emulated bf16 is ten times
-    slower). On a GPU "auto" stays bf16 or fp16; an asked precision is kept."""
-    if precision == "auto" and device.type == "cpu" and fitted == "fp32":
+def inference_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision features are computed in: "auto" is fp32 on every CPU, and the rule's bf16 (fp16) on a GPU; an
+    asked precision is kept. On a CPU that computes bf16, bf16 features of the shipped model (its head fitted on
+    fp32 ones) changed 5 regions and 8 out-of-domain flags of 743 images (relative feature change 0.11:
+    bench/runtime_agreement.py), and ONNX Runtime's fp32 ran EfficientNet-Lite0 three times as fast as torch's bf16
+    there (bench/predict_speed.py): fp32 gives every CPU the same answers, and faster. Training keeps bf16."""
+    if precision == "auto" and device.type == "cpu":
         return "fp32"
     return precision
 

@@ -14,7 +14,7 @@ import hashlib
 import numpy as np
 import torch
 
-from radregion.device import head_precision, resolve_device
+from radregion.device import resolve_device
 from radregion.features import forward_features, images_to_tensor
 from radregion.runtime import bundle_backbone
 
@@ -25,8 +25,8 @@ class LoadedModel:
     def __init__(self, bundle, device="auto", precision="auto"):
         self.bundle = bundle
         self.device = resolve_device(device)
-        self.precision = head_precision(self.device, precision, bundle.features_precision)
-        self.backbone = bundle_backbone(bundle, self.device, self.precision)
+        self.precision = precision
+        self.backbone = bundle_backbone(bundle, self.device, precision)
         self.head = bundle.head()
         self.ood = bundle.ood_detector()
 

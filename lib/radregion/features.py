@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radregion.device import autocast, head_precision, memory_format, precision_name, resolve_device
+from radregion.device import autocast, inference_precision, memory_format, precision_name, resolve_device
 from radregion.runtime import InferenceBackbone, bundle_backbone
 
 
@@ -25,7 +25,8 @@ def images_to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def forward_features(backbone, batch: torch.Tensor, device: torch.device, precision: str = "auto") -> np.ndarray:
-    """One batch (N, 1, S, S) through a prepared backbone -> (N, D) float32."""
+    """One batch (N, 1, S, S) through a prepared backbone -> (N, D) float32 (`inference_precision`)."""
+    precision = inference_precision(device, precision)
     batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format(device, precision))
     with autocast(device, precision):
         out = backbone(batch)
@@ -73,8 +74,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
 
     paths = [Path(p) for p in paths]
     device = resolve_device()
-    precision = head_precision(device, "auto", bundle.features_precision)
-    cached_as = precision_name(device, precision)
+    cached_as = precision_name(device, inference_precision(device))
     dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
     features: list = [None] * len(paths)
     entries: dict[int, Path] = {}
@@ -100,7 +100,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             return i, None, RadiographError(paths[i], f"cannot read ({error})")
 
     if todo:
-        backbone = bundle_backbone(bundle, device, precision)
+        backbone = bundle_backbone(bundle, device)
         backbone.expect(len(todo))
     bar = tqdm(
         total=len(todo),
@@ -116,7 +116,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             errors.update({i: error for i, _, error in batch if error is not None})
             if good:
                 batch_tensor = images_to_tensor(np.stack([image for _, image in good]))
-                feats = forward_features(backbone, batch_tensor, device, precision)
+                feats = forward_features(backbone, batch_tensor, device)
                 for (i, _), feat in zip(good, feats):
                     features[i] = feat
                     with atomic_write(entries[i]) as handle:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from radregion.atomic import atomic_write
-from radregion.device import autocast_dtype, prepare_backbone
+from radregion.device import autocast_dtype, inference_precision, prepare_backbone
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ PROBE_TOLERANCE = 1e-3  # max |ONNX - torch| feature difference accepted (measur
 
 
 def uses_onnxruntime(device: torch.device, precision: str = "auto") -> bool:
-    """The rule: ONNX Runtime runs inference exactly where the device rule computes in fp32 on the CPU."""
-    return device.type == "cpu" and autocast_dtype(device, precision) is None
+    """The rule: ONNX Runtime runs inference exactly where features are computed in fp32 on the CPU (every CPU, unless
+    another precision is asked for: `radregion.device.inference_precision`)."""
+    return device.type == "cpu" and autocast_dtype(device, inference_precision(device, precision)) is None
 
 
 class OnnxBackbone:
@@ -135,6 +136,7 @@ class InferenceBackbone:
     def __init__(
         self, backbone: torch.nn.Module, device: torch.device, precision: str = "auto", size: int = 0, graph_file=None
     ):
+        precision = inference_precision(device, precision)
         self.module = prepare_backbone(backbone, device, precision)
         self.size = size
         self.graph_file = graph_file  # where the export is kept (`OnnxBackbone`); None: in memory only

@@ -33,9 +33,8 @@ def register(subparsers):
         "--precision",
         choices=("auto", "fp32"),
         default="auto",
-        help="auto: bf16 where the processor computes it (a GPU, a CPU with AVX512-BF16 or AMX), else fp32 "
-        "(ONNX Runtime on a CPU); on a CPU, fp32 for a head fitted on fp32 features (the shipped model); "
-        "fp32: full precision",
+        help="auto: fp32 on a CPU (ONNX Runtime: the same answers on every CPU), bf16 on a GPU (fp16 without "
+        "bf16); fp32: full precision everywhere",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
