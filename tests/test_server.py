@@ -9,6 +9,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -219,8 +220,8 @@ def test_unknown_region_is_422_with_the_valid_names(radregion_server):
     assert save_label(radregion_server, "no-such-image", {"region": "Chest"}, expect=404)["detail"]
 
 
-def test_train_publishes_a_new_head_that_infer_uses(radregion_server, tiny_bundle):
-    from radregion.bundle import load_bundle
+def test_train_publishes_a_new_head_that_infer_uses(radregion_server, tiny_bundle, unifesp):
+    from radregion.bundle import image_ids, load_bundle
 
     regions = load_bundle(tiny_bundle).regions
     before = model_info(radregion_server)["model_version"]
@@ -239,6 +240,11 @@ def test_train_publishes_a_new_head_that_infer_uses(radregion_server, tiny_bundl
     assert result["published"] is True, result
     assert result["validation"]["new"] >= result["validation"]["current"]
     assert result["n_images"]["confirmed"] == len(radregion_server.truth)
+    # a confirmed image the model was trained on replaces its stored row (known by file content, on any device)
+    studies = [unifesp / "images" / f"{i}.png" for i in radregion_server.truth]
+    studies_in_head = np.isin(image_ids(studies), load_bundle(tiny_bundle).training_set().images)
+    assert studies_in_head.sum() > 0  # the fixture's studies share an image with the tiny head's training set
+    assert result["n_images"]["stored_replaced_by_confirmed"] == studies_in_head.sum()
     info = model_info(radregion_server)
     assert info["model_version"] == result["model_version"] != before
     assert info["labels"] == regions  # every region of the model, not only the confirmed ones

@@ -3,8 +3,9 @@
 Frozen backbone: training takes seconds on CPU and reads no image twice.
 - Training data: the features the current head was fitted on, stored in its bundle (`Bundle.training_set()`:
   the model's own training images, every region of the taxonomy), plus the confirmed labels (features from the
-  score cache). A confirmed image that is also in the stored set (same features) counts once, with its confirmed
-  label: confirmed labels win where they disagree.
+  score cache). A confirmed image that is also in the stored set (the same file content where the bundle stores
+  its images' ids, else the same features) counts once, with its confirmed label: confirmed labels win where they
+  disagree.
 - The new head is fitted on everything (stored + confirmed) for all regions.
 - Two checks, both must hold to publish:
   1. confirmed labels: a patient-grouped split (the engine's `patient_split`); a head fitted without the
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 HELDOUT_FOLDS = 5
 HELD_OUT_SET = "held_out_set"  # the check's method: the bundle's held-out set
 CROSS_VALIDATION = "cross_validation"  # without one: the stored training set's patient-grouped folds
-SAME_IMAGE_COSINE = 0.999  # stored and served features of one image differ by fp16/bf16 rounding only
+SAME_IMAGE_COSINE = 0.999  # stored and served fp32 features of one image differ by fp16 storage rounding only
 
 
 class RadRegionTrainer(TrainTask):
@@ -129,7 +130,7 @@ class RadRegionTrainer(TrainTask):
         x_conf = _features(table, ids)
         y_conf = np.array([regions.index(labels[i]) for i in ids], int)
         x_stored = np.asarray(stored.features, np.float32)
-        same = same_images(x_stored, x_conf)
+        same = same_images(stored, x_conf, [datastore.get_image_uri(i) for i in ids])
         x_base, y_base, g_base = x_stored[~same], np.asarray(stored.targets)[~same], np.asarray(stored.groups)[~same]
         counts = {
             "stored": int(len(x_stored)),
@@ -266,10 +267,18 @@ def confirmed_labels(datastore, regions) -> dict:
     return out
 
 
-def same_images(stored: np.ndarray, confirmed: np.ndarray) -> np.ndarray:
-    """Mask of the stored rows whose features are those of a confirmed image (cosine >= SAME_IMAGE_COSINE)."""
+def same_images(stored, confirmed: np.ndarray, confirmed_files) -> np.ndarray:
+    """Mask of the rows of the stored training set (a `radregion.bundle.TrainingSet`) that are a confirmed image: by
+    file content where the set stores its images' ids (exact on any device), else by features (cosine >=
+    SAME_IMAGE_COSINE: fails where the stored features were computed in another precision than the served ones,
+    e.g. bf16 on a GPU)."""
+    from radregion.bundle import image_ids
+
     if not len(stored) or not len(confirmed):
         return np.zeros(len(stored), bool)
+    if stored.images is not None:  # a series folder or a file gone since it was scored is no stored image
+        return np.isin(stored.images, image_ids([f for f in map(Path, confirmed_files) if f.is_file()]))
+    stored = np.asarray(stored.features, np.float32)
     a = stored / (np.linalg.norm(stored, axis=1, keepdims=True) + 1e-12)
     b = confirmed / (np.linalg.norm(confirmed, axis=1, keepdims=True) + 1e-12)
     return (a @ b.T).max(1) >= SAME_IMAGE_COSINE
