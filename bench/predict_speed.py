@@ -236,7 +236,7 @@ def main():
     gemm_low, gemm_fp32 = gemm_gflops(low, device), gemm_gflops(torch.float32, device)
     bound_low, bound_fp32 = gemm_low * 1e9 / flops, gemm_fp32 * 1e9 / flops
     low_name = str(low).replace("torch.", "")
-    rule_name = precision_name(device)  # the torch paths below: the device rule without a head's record
+    rule_name = precision_name(device)  # the torch paths below: the training rule (bf16 where the CPU computes it)
     print(f"model-only (the engine's path: {net.runtime}, {precision_name(device, precision)}): {model_only:.1f} img/s")
     print(f"model-only, torch {rule_name} + channels_last: {torch_rate:.1f} img/s")
     for name, value in compiled_rates.items():

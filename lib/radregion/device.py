@@ -60,6 +60,12 @@ def inference_precision(device: torch.device, precision: str = "auto") -> str:
     return precision
 
 
+def features_precision(device: torch.device) -> str:
+    """The `precision_name` of what "auto" features are computed in on `device` (fit-head records it in bundle.json;
+    the feature cache is keyed by it)."""
+    return precision_name(device, inference_precision(device))
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radregion.device import autocast, inference_precision, memory_format, precision_name, resolve_device
+from radregion.device import autocast, features_precision, inference_precision, memory_format, resolve_device
 from radregion.runtime import InferenceBackbone, bundle_backbone
 
 
@@ -74,7 +74,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
 
     paths = [Path(p) for p in paths]
     device = resolve_device()
-    cached_as = precision_name(device, inference_precision(device))
+    cached_as = features_precision(device)
     dim = int(bundle.meta["architecture"].get("feature_dim") or 0)
     features: list = [None] * len(paths)
     entries: dict[int, Path] = {}
@@ -115,8 +115,7 @@ def bundle_features(bundle, paths, *, workers: int = 2, batch_size: int = 32, pr
             good = [(i, image) for i, image, error in batch if error is None]
             errors.update({i: error for i, _, error in batch if error is not None})
             if good:
-                batch_tensor = images_to_tensor(np.stack([image for _, image in good]))
-                feats = forward_features(backbone, batch_tensor, device)
+                feats = forward_features(backbone, images_to_tensor(np.stack([image for _, image in good])), device)
                 for (i, _), feat in zip(good, feats):
                     features[i] = feat
                     with atomic_write(entries[i]) as handle:

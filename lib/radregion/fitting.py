@@ -368,11 +368,10 @@ def train_head(
             head_settings["outlier_exposure_hold_back"] = hold_back
     if all_labels:
         head_settings["all_labels"] = True
-    from radregion.device import inference_precision, precision_name, resolve_device
+    from radregion.device import features_precision, resolve_device
 
-    where = resolve_device(device)
     meta_updates = {
-        "features_precision": precision_name(where, inference_precision(where)),  # what `feats` were computed in
+        "features_precision": features_precision(resolve_device(device)),  # what `feats` were computed in
         "taxonomy": {
             **bundle.meta.get("taxonomy", {}),
             "name": taxonomy.name if taxonomy is not None else bundle.meta.get("taxonomy", {}).get("name"),

@@ -136,7 +136,6 @@ class InferenceBackbone:
     def __init__(
         self, backbone: torch.nn.Module, device: torch.device, precision: str = "auto", size: int = 0, graph_file=None
     ):
-        precision = inference_precision(device, precision)
         self.module = prepare_backbone(backbone, device, precision)
         self.size = size
         self.graph_file = graph_file  # where the export is kept (`OnnxBackbone`); None: in memory only

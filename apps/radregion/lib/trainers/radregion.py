@@ -130,7 +130,8 @@ class RadRegionTrainer(TrainTask):
         x_conf = _features(table, ids)
         y_conf = np.array([regions.index(labels[i]) for i in ids], int)
         x_stored = np.asarray(stored.features, np.float32)
-        same = same_images(stored, x_conf, [datastore.get_image_uri(i) for i in ids])
+        files = [datastore.get_image_uri(i) for i in ids] if stored.images is not None else []  # by content
+        same = same_images(stored, x_conf, files)
         x_base, y_base, g_base = x_stored[~same], np.asarray(stored.targets)[~same], np.asarray(stored.groups)[~same]
         counts = {
             "stored": int(len(x_stored)),
