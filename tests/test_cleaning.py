@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from radregion.cleaning import CleaningSettings, clean, find_field, resize_longest
+from radregion.cleaning import CleaningSettings, clean, find_field, line_percentiles, resize_longest
 from radregion.io import read_radiograph
 
 
@@ -112,6 +112,23 @@ def test_real_chest_keeps_most_of_the_image(real_dicoms):
     image = read_radiograph(chest, max_size=512).image
     top, bottom, left, right = find_field(image)
     assert (bottom - top) * (right - left) > 0.8 * image.size
+
+
+@pytest.mark.parametrize("shape", [(256, 200), (37, 256), (1, 9), (9, 1), (2, 2)])
+def test_line_percentiles_equal_numpys_bit_for_bit(shape, real_dicoms):
+    rng = np.random.default_rng(sum(shape))
+    q = (10, 50, 90)
+    smooth = rng.random(shape, dtype=np.float32)
+    tied = np.round(smooth * 4) / 4  # many equal values, as in shutters and padding
+    images = [smooth, tied.astype(np.float32)]
+    if shape == (256, 200):  # a real radiograph's pixels, as the field search sees them
+        images.append(read_radiograph(real_dicoms[0], max_size=256).image[: shape[0], : shape[1]])
+    for image in images:
+        for axis in (0, 1):
+            expected = np.percentile(image, q, axis=axis)
+            got = line_percentiles(image, q, axis=axis)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert np.array_equal(got, expected)
 
 
 @pytest.mark.parametrize("shape", [(320, 256), (257, 511), (90, 60), (160, 160), (100, 37)])
