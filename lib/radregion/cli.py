@@ -12,6 +12,7 @@ COMMANDS = (
     "split",
     "pretrain",
     "fit_head",
+    "soup",
     "evaluate",
     "predict",
     "pseudo_label",
