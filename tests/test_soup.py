@@ -40,16 +40,20 @@ def test_the_soup_is_the_mean_of_its_members_weights_and_has_no_head(members, tm
     assert [m["version"] for m in training["members"]] == [first.version, second.version]
     assert training["backbone"] == first.meta["training"]["backbone"]  # the start all members share
     assert training["batch_norm"] == "averaged" and "radregion soup --model" in training["command"]
+    assert soup.meta["licence"] == first.meta["licence"]  # the members' terms, once
     assert "fit-head --model" in capsys.readouterr().out
 
 
-def test_the_soup_refuses_members_of_other_starts_or_a_single_member(members, tmp_path, capsys):
+def test_the_soup_refuses_members_of_other_starts_or_a_single_member(members, tiny_bundle, tmp_path, capsys):
     (first, _), other, _ = members
     assert main(["soup", "--model", str(first.path), "--model", str(other.path), "--output", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert str(other.path) in err and "another start" in err
     assert main(["soup", "--model", str(first.path), "--output", str(tmp_path / "s")]) == 2
     assert "at least two" in capsys.readouterr().err
+    start = tiny_bundle.parent / "pretrained"  # not fine-tuned: no start to share
+    assert main(["soup", "--model", str(start), "--model", str(start), "--output", str(tmp_path / "s")]) == 2
+    assert "not a fine-tuned bundle" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

@@ -23,6 +23,12 @@ def check_members(bundles) -> None:
     if len(bundles) < 2:
         raise ValueError("a soup needs at least two fine-tuned bundles (--model, repeated)")
     first = bundles[0]
+    for bundle in bundles:
+        if not start_of(bundle):
+            raise ValueError(
+                f"{bundle.path}: not a fine-tuned bundle (bundle.json names no start in training.backbone); a soup "
+                "averages models fine-tuned from one start"
+            )
     for other in bundles[1:]:
         if other.meta["architecture"] != first.meta["architecture"]:
             raise ValueError(f"{other.path}: another architecture than {first.path}; cannot average their weights")
