@@ -47,18 +47,16 @@ def random_bundle(folder: Path, items, size=64, arch="resnet10") -> Path:
 
     from radregion.bundle import save_bundle
     from radregion.cleaning import CleaningSettings
-    from radregion.features import images_to_tensor, load_clean_images
+    from radregion.features import load_clean_images
     from radregion.networks import build_backbone, feature_dim
+    from radregion.soup import recalibrate_batch_norm
 
     torch.manual_seed(0)
     settings = CleaningSettings(size=size)
     backbone = build_backbone(arch)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative average over the one pass
     sample = [items[i].path for i in np.random.default_rng(0).choice(len(items), min(200, len(items)), replace=False)]
-    with torch.no_grad():
-        backbone.train()(images_to_tensor(load_clean_images(sample, settings)))
+    images = load_clean_images(sample, settings)
+    recalibrate_batch_norm(backbone, images, batch_size=len(images))  # BatchNorm statistics of one pass
     meta = {
         "architecture": {"name": arch, "feature_dim": feature_dim(arch), "in_channels": 1},
         "cleaning": settings.to_dict(),

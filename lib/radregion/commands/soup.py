@@ -43,7 +43,6 @@ def run(args) -> int:
         recalibrate_batch_norm(net, load_clean_images([item.path for item in items], first.settings))
         state = {key: value.detach().clone() for key, value in net.state_dict().items()}
     meta = {key: first.meta[key] for key in ("architecture", "cleaning", "taxonomy") if key in first.meta}
-    meta["taxonomy"] = {k: v for k, v in meta.get("taxonomy", {}).items() if k != "regions"}
     licences = list(dict.fromkeys(member.meta.get("licence", "unknown") for member in members))
     meta["licence"] = " ".join(licences)  # each member's terms, once
     meta["training"] = provenance(
