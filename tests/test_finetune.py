@@ -1,6 +1,7 @@
 """Fine-tuning: region weights, the outlier-exposure loss (against its definition), a real fine-tune on the device
 rule, the training set a bundle keeps, and which out-of-domain images outlier exposure saw or kept back."""
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -8,7 +9,12 @@ import pytest
 import torch
 
 from radregion.bundle import load_bundle
-from radregion.finetune import outlier_exposure_loss, region_weights
+from radregion.finetune import (
+    frozen_batch_norm_statistics,
+    outlier_exposure_loss,
+    region_weights,
+    sharpness_ascent,
+)
 
 
 def test_region_weights():
@@ -27,6 +33,48 @@ def test_outlier_exposure_is_cross_entropy_to_the_uniform_distribution():
     reference = torch.nn.functional.cross_entropy(logits, uniform)  # soft-target cross-entropy (torch's own)
     assert torch.allclose(outlier_exposure_loss(logits), reference, atol=1e-6)
     assert outlier_exposure_loss(torch.zeros(2, 7)) == pytest.approx(np.log(7), abs=1e-6)  # its minimum
+
+
+def test_sharpness_aware_step_against_its_definition():
+    """One SAM step (Foret et al. 2021, eq. 2-3) written out by hand: the gradient at w + rho g / ||g|| applied at
+    w, and the batch norm's running statistics those of the first pass alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(16, 4), torch.randint(3, (16,))
+    rho, lr = 0.3, 0.1
+    plain = copy.deepcopy(net)
+
+    def loss_of(model):
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    reference = copy.deepcopy(net)
+    grads = torch.autograd.grad(loss_of(reference), list(reference.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    statistics = [reference[1].running_mean.clone(), reference[1].running_var.clone()]
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads, strict=True):
+            p.add_(rho * g / norm)
+    saved = copy.deepcopy(reference[1].state_dict())
+    ascent = torch.autograd.grad(loss_of(reference), list(reference.parameters()))
+    reference[1].load_state_dict(saved)  # the second pass leaves the statistics be
+    with torch.no_grad():
+        for p, g, g0 in zip(reference.parameters(), ascent, grads, strict=True):
+            p.sub_(rho * g0 / norm + lr * g)
+
+    optimiser = torch.optim.SGD(net.parameters(), lr=lr)
+    loss_of(net).backward()
+    with sharpness_ascent(optimiser, rho), frozen_batch_norm_statistics(net):
+        optimiser.zero_grad()
+        loss_of(net).backward()
+    optimiser.step()
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert torch.equal(net[1].running_mean, statistics[0]) and torch.equal(net[1].running_var, statistics[1])
+    assert net[1].momentum == 0.1  # restored
+    plain_optimiser = torch.optim.SGD(plain.parameters(), lr=lr)
+    loss_of(plain).backward()
+    plain_optimiser.step()  # a plain step from the same start lands elsewhere: the ascent mattered
+    assert not all(torch.allclose(p, q, atol=1e-4) for p, q in zip(plain.parameters(), net.parameters(), strict=True))
 
 
 def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, unifesp, tmp_path):
@@ -67,6 +115,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         fine_tune_epochs=1,
         outlier_exposure=True,
         ema=0.9,
+        sam=0.05,
         probe_first=True,
         all_labels=True,
         augment_workers=2,
@@ -74,6 +123,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     )  # every out-of-domain image exposed, and the score's AUROC said to be optimistic
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
+    assert by_default.meta["training"]["head"]["sam"] == 0.05 and "sam" not in result.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
     for setting in ("probe_first", "all_labels"):
         assert by_default.meta["training"]["head"][setting] and setting not in result.meta["training"]["head"]
@@ -181,6 +231,8 @@ def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_th
         tuned_on(one_hot * 2)
     two = [i for i, t in enumerate(targets) if t < 2]
     too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
-    for bad in ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"augment_workers": -1}, {"start_head": too_few}):
-        with pytest.raises(ValueError, match="decay|alpha|workers|starting head"):
+    assert not torch.allclose(tuned(sam=0.05), last, atol=1e-6)  # sharpness-aware steps train differently
+    bad_options = ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"sam": 0.0}, {"augment_workers": -1})
+    for bad in (*bad_options, {"start_head": too_few}):
+        with pytest.raises(ValueError, match="decay|alpha|radius|workers|starting head"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

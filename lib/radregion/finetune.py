@@ -8,11 +8,15 @@ with outlier exposure", eq. 1): images of out-of-domain regions are pushed towar
 the regions, so the features set them apart. Optional mixup (Zhang et al., ICLR 2018, "mixup: Beyond empirical risk
 minimization", eq. 1; MONAI's `MixUp`) of the in-domain images and their targets, and an exponential moving average
 of the backbone's weights (Polyak & Juditsky 1992; the decay warmed up as min(d, (1 + t) / (10 + t)), as in
-TensorFlow's ExponentialMovingAverage with num_updates), returned in place of the last weights.
+TensorFlow's ExponentialMovingAverage with num_updates), returned in place of the last weights. Optional
+sharpness-aware minimisation (Foret et al., ICLR 2021, "Sharpness-Aware Minimization for Efficiently Improving
+Generalization", eqs. 2-3; robust to label noise, their section 4): each step takes the gradient at the weights
+moved by rho along the normalised gradient, w + rho g / ||g||, and applies it at w.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from radregion import device as device_rule
-from radregion.networks import momentum_copy, parameter_groups, update_momentum
+from radregion.networks import BATCH_NORMS, momentum_copy, parameter_groups, update_momentum
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
 OUTLIER_WEIGHT = 0.5  # lambda of the outlier-exposure term
@@ -59,6 +63,7 @@ def fine_tune(
     label_smoothing: float = 0.1,
     mixup: float | None = None,
     ema: float | None = None,
+    sam: float | None = None,
     start_head=None,
     seed: int = 0,
     device="auto",
@@ -69,7 +74,8 @@ def fine_tune(
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
     [0, n_regions), or (N, n_regions) target distributions (rows summing to 1: an image of several regions);
     `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of mixup (None: off);
-    `ema`: the decay of a moving average of the weights to return (None: the last weights);
+    `ema`: the decay of a moving average of the weights to return (None: the last weights); `sam`: the radius rho
+    of sharpness-aware minimisation (None: plain steps; each step then costs two forward and backward passes);
     `start_head`: a `LinearHead` fitted on the bundle's frozen features, its regions in the targets' order, that
     the fine-tuning's linear layer starts from (linear probing then fine-tuning, LP-FT: Kumar et al., ICLR 2022,
     "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"; None: random weights);
@@ -85,6 +91,8 @@ def fine_tune(
         raise ValueError(f"mixup's alpha must be above 0, not {mixup}")
     if ema is not None and not 0 < ema < 1:
         raise ValueError(f"the moving average's decay must be between 0 and 1, not {ema}")
+    if sam is not None and not sam > 0:
+        raise ValueError(f"sharpness-aware minimisation's radius must be above 0, not {sam}")
     if start_head is not None and len(start_head.regions) != n_regions:
         raise ValueError(f"the starting head has {len(start_head.regions)} regions, the targets {n_regions}")
     if augment_workers is not None and augment_workers < 0:
@@ -156,13 +164,23 @@ def fine_tune(
             target = target.flatten(1)
         x = inside if outside is None else torch.cat([inside, outside])
         x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-        with device_rule.autocast(device, precision):
-            logits = linear(backbone(x)).float()
-        loss = loss_fn(logits[:n_in], target.to(device))
-        if x_out is not None:
-            loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
+        target = target.to(device)
+
+        def step_loss() -> torch.Tensor:
+            with device_rule.autocast(device, precision):
+                logits = linear(backbone(x)).float()
+            loss = loss_fn(logits[:n_in], target)
+            if x_out is not None:
+                loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
+            return loss
+
+        loss = step_loss()
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if sam is not None:
+            with sharpness_ascent(optimiser, sam), frozen_batch_norm_statistics(backbone):
+                optimiser.zero_grad(set_to_none=True)
+                scaler.scale(step_loss()).backward()
         scaler.step(optimiser)
         scaler.update()
         schedule.step()
@@ -181,6 +199,43 @@ def fine_tune(
     for parameter in result.parameters():
         parameter.requires_grad_(True)
     return result.eval().cpu().to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def sharpness_ascent(optimiser: torch.optim.Optimizer, rho: float):
+    """SAM's ascent step (Foret et al. 2021, eq. 2): moves each parameter by rho g / ||g|| (the norm over all of
+    them; the scale of a gradient scaler cancels) from the gradients present, and moves it back on leaving, where the
+    gradients are those of the perturbed weights. Non-finite gradients move nothing (the scaler skips that step)."""
+    params = [p for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    shifts = []
+    if torch.isfinite(norm) and norm > 0:
+        with torch.no_grad():
+            for p in params:
+                shift = (p.grad.float() * (rho / norm)).to(p.dtype)
+                p.add_(shift)
+                shifts.append((p, shift))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, shift in shifts:
+                p.sub_(shift)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(module: torch.nn.Module):
+    """Batch norms normalise with their batch but leave their running statistics as they are (SAM's second pass
+    sees the same images: counting them twice would skew the statistics towards the perturbed weights)."""
+    norms = [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
 
 
 class _AugmentedBatches(torch.utils.data.Dataset):

@@ -199,6 +199,7 @@ def train_head(
     class_weights="sqrt",
     mixup=None,
     ema=None,
+    sam=None,
     probe_first=False,
     all_labels=False,
     teacher=None,
@@ -297,6 +298,7 @@ def train_head(
             class_weights=class_weights,
             mixup=mixup,
             ema=ema,
+            sam=sam,
             start_head=probe,
             augment_workers=augment_workers,
             seed=seed,
@@ -357,7 +359,7 @@ def train_head(
             class_weights=class_weights,
             outlier_exposure=bool(exposed_now.any()),
         )
-        head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema)) if v is not None})
+        head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema), ("sam", sam)) if v is not None})
         if probe_first:
             head_settings["probe_first"] = True
         if teacher is not None:

@@ -11,6 +11,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MEAN = sum(IMAGENET_MEAN) / 3
 GREY_STD = sum(IMAGENET_STD) / 3
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _resnet(name):

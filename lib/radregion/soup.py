@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+from radregion.networks import BATCH_NORMS
 
 
 def check_members(bundles) -> None:

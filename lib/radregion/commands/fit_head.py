@@ -81,6 +81,13 @@ def register(subparsers):
         "instead of the last weights (default off)",
     )
     parser.add_argument(
+        "--sam",
+        type=float,
+        metavar="RHO",
+        help="--fine-tune with sharpness-aware minimisation of radius RHO (e.g. 0.05): each step takes the gradient "
+        "at weights moved uphill by RHO, at twice the cost of a plain step (default off)",
+    )
+    parser.add_argument(
         "--all-labels",
         action="store_true",
         help="an image of several regions (e.g. Hand|Wrist) trains each of them: fine-tuning towards an equal share "
@@ -162,6 +169,8 @@ def run(args) -> int:
         raise ValueError(f"--mixup must be above 0, not {args.mixup}")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema must be between 0 and 1, not {args.ema}")
+    if args.sam is not None and not args.sam > 0:
+        raise ValueError(f"--sam must be above 0, not {args.sam}")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise ValueError(f"--augment-workers must be 0 or more, not {args.augment_workers}")
     if args.teacher and not args.fine_tune:
@@ -219,6 +228,7 @@ def run(args) -> int:
         class_weights=args.class_weights,
         mixup=args.mixup,
         ema=args.ema,
+        sam=args.sam,
         probe_first=args.probe_first,
         all_labels=args.all_labels,
         teacher=teacher,
@@ -312,7 +322,7 @@ def command_line(args) -> str:
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
-    for option in ("mixup", "ema", "augment_workers"):
+    for option in ("mixup", "ema", "sam", "augment_workers"):
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
