@@ -10,7 +10,7 @@ minimization", eq. 1; MONAI's `MixUp`) of the in-domain images and their targets
 of the backbone's weights (Polyak & Juditsky 1992; the decay warmed up as min(d, (1 + t) / (10 + t)), as in
 TensorFlow's ExponentialMovingAverage with num_updates), returned in place of the last weights. Optional
 sharpness-aware minimisation (Foret et al., ICLR 2021, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization", eqs. 2-3; robust to label noise, their section 4): each step takes the gradient at the weights
+Generalization", eqs. 2-3; robust to noisy labels in their experiments): each step takes the gradient at the weights
 moved by rho along the normalised gradient, w + rho g / ||g||, and applies it at w.
 """
 
