@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from radregion.augment import head_transform, pretrain_views
+from radregion.augment import fine_tune_view, head_transform, pretrain_views
 from radregion.gauge import GaugeAugment
 
 
@@ -44,6 +44,27 @@ def test_head_transform_is_mild(radiograph):
     )[0]
     strong = pretrain_views(64, gauge=False).set_random_state(0)(radiograph)[0]
     assert (view - plain).abs().mean() < (strong - plain).abs().mean()
+
+
+def test_strong_fine_tune_view_changes_more_and_cuts_out_rectangles(radiograph):
+    """`strong` (fit-head --augment strong) moves a view further from the plain image than `standard`, and blacks
+    out square holes (cutout) in a third or more of the views."""
+    from radregion.cleaning import CleaningSettings, clean
+
+    square = clean(radiograph, CleaningSettings(size=64))
+    plain = torch.as_tensor(square)[None]
+    change, holes = {}, 0
+    for strength in ("standard", "strong"):
+        view = fine_tune_view(64, gauge=False, strength=strength)
+        views = [view.set_random_state(seed)(square) for seed in range(30)]
+        assert all(v.shape == (1, 64, 64) and 0 <= v.min() and v.max() <= 1 for v in views)
+        change[strength] = np.mean([(v - plain).abs().mean().item() for v in views])
+        if strength == "strong":  # a hole: an 8 x 8 block of exact zeros, pooled
+            holes = sum(bool((torch.nn.functional.max_pool2d(v, 8, stride=1) == 0).any()) for v in views)
+    assert change["strong"] > 1.05 * change["standard"], change  # 1.13 measured; crops and turns dominate both
+    assert holes >= 10, holes
+    with pytest.raises(ValueError, match="standard, strong"):
+        fine_tune_view(64, strength="heavy")
 
 
 def test_rejects_colour_images():

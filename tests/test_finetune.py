@@ -116,6 +116,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         outlier_exposure=True,
         ema=0.9,
         sam=0.05,
+        augment="strong",
         probe_first=True,
         all_labels=True,
         augment_workers=2,
@@ -124,6 +125,8 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     assert "outlier_exposure_hold_back" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["ema"] == 0.9 and "mixup" not in by_default.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["sam"] == 0.05 and "sam" not in result.meta["training"]["head"]
+    assert by_default.meta["training"]["head"]["augment"] == "strong"
+    assert "augment" not in result.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
     for setting in ("probe_first", "all_labels"):
         assert by_default.meta["training"]["head"][setting] and setting not in result.meta["training"]["head"]
@@ -232,7 +235,8 @@ def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_th
     two = [i for i, t in enumerate(targets) if t < 2]
     too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
     assert not torch.allclose(tuned(sam=0.05), last, atol=1e-6)  # sharpness-aware steps train differently
+    assert not torch.allclose(tuned(augment="strong"), last, atol=1e-6)
     bad_options = ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"sam": 0.0}, {"augment_workers": -1})
-    for bad in (*bad_options, {"start_head": too_few}):
-        with pytest.raises(ValueError, match="decay|alpha|radius|workers|starting head"):
+    for bad in (*bad_options, {"augment": "heavy"}, {"start_head": too_few}):
+        with pytest.raises(ValueError, match="decay|alpha|radius|workers|augmentation must be|starting head"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

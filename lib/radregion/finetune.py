@@ -64,6 +64,7 @@ def fine_tune(
     mixup: float | None = None,
     ema: float | None = None,
     sam: float | None = None,
+    augment: str = "standard",
     start_head=None,
     seed: int = 0,
     device="auto",
@@ -76,6 +77,7 @@ def fine_tune(
     `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of mixup (None: off);
     `ema`: the decay of a moving average of the weights to return (None: the last weights); `sam`: the radius rho
     of sharpness-aware minimisation (None: plain steps; each step then costs two forward and backward passes);
+    `augment`: `standard` or `strong` (`radregion.augment.fine_tune_view`);
     `start_head`: a `LinearHead` fitted on the bundle's frozen features, its regions in the targets' order, that
     the fine-tuning's linear layer starts from (linear probing then fine-tuning, LP-FT: Kumar et al., ICLR 2022,
     "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"; None: random weights);
@@ -116,7 +118,7 @@ def fine_tune(
         raise ValueError(f"target distributions must be rows of {n_regions} values summing to 1")
     x_all = images_to_tensor(images)
     x_out = images_to_tensor(outliers) if outliers is not None and len(outliers) else None
-    augment = fine_tune_view(bundle.settings.size).set_random_state(seed)
+    view = fine_tune_view(bundle.settings.size, strength=augment).set_random_state(seed)
     weights = region_weights(y, n_regions, class_weights)
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=label_smoothing
@@ -140,7 +142,7 @@ def fine_tune(
         for batch in torch.randperm(len(y), generator=generator).split(batch_size):
             pick = torch.randint(len(x_out), (outlier_batch,), generator=generator) if x_out is not None else None
             plan.append((epoch, batch, pick))
-    batches = _AugmentedBatches(plan, x_all, x_out, augment, seed)
+    batches = _AugmentedBatches(plan, x_all, x_out, view, seed)
     loader = torch.utils.data.DataLoader(
         batches,
         batch_size=None,

@@ -200,6 +200,7 @@ def train_head(
     mixup=None,
     ema=None,
     sam=None,
+    augment="standard",
     probe_first=False,
     all_labels=False,
     teacher=None,
@@ -299,6 +300,7 @@ def train_head(
             mixup=mixup,
             ema=ema,
             sam=sam,
+            augment=augment,
             start_head=probe,
             augment_workers=augment_workers,
             seed=seed,
@@ -360,6 +362,8 @@ def train_head(
             outlier_exposure=bool(exposed_now.any()),
         )
         head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema), ("sam", sam)) if v is not None})
+        if augment != "standard":
+            head_settings["augment"] = augment
         if probe_first:
             head_settings["probe_first"] = True
         if teacher is not None:

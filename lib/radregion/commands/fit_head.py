@@ -88,6 +88,13 @@ def register(subparsers):
         "at weights moved uphill by RHO, at twice the cost of a plain step (default off)",
     )
     parser.add_argument(
+        "--augment",
+        choices=("standard", "strong"),
+        default="standard",
+        help="--fine-tune's augmentation: standard (default: crop, turns, mirror, mild intensity jitter) or strong "
+        "(a wider crop, stronger gamma, blur, noise and cutout rectangles)",
+    )
+    parser.add_argument(
         "--all-labels",
         action="store_true",
         help="an image of several regions (e.g. Hand|Wrist) trains each of them: fine-tuning towards an equal share "
@@ -229,6 +236,7 @@ def run(args) -> int:
         mixup=args.mixup,
         ema=args.ema,
         sam=args.sam,
+        augment=args.augment,
         probe_first=args.probe_first,
         all_labels=args.all_labels,
         teacher=teacher,
@@ -322,6 +330,7 @@ def command_line(args) -> str:
     parts += ["--lr", str(args.lr)] if args.fine_tune else []
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
+    parts += ["--augment", args.augment] if args.fine_tune and args.augment != "standard" else []
     for option in ("mixup", "ema", "sam", "augment_workers"):
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
