@@ -117,6 +117,7 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         ema=0.9,
         sam=0.05,
         augment="strong",
+        layer_decay=0.9,
         probe_first=True,
         all_labels=True,
         augment_workers=2,
@@ -127,6 +128,10 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
     assert by_default.meta["training"]["head"]["sam"] == 0.05 and "sam" not in result.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment"] == "strong"
     assert "augment" not in result.meta["training"]["head"]
+    assert (
+        by_default.meta["training"]["head"]["layer_decay"] == 0.9
+        and "layer_decay" not in result.meta["training"]["head"]
+    )
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
     for setting in ("probe_first", "all_labels"):
         assert by_default.meta["training"]["head"][setting] and setting not in result.meta["training"]["head"]
@@ -236,7 +241,18 @@ def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_th
     too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
     assert not torch.allclose(tuned(sam=0.05), last, atol=1e-6)  # sharpness-aware steps train differently
     assert not torch.allclose(tuned(augment="strong"), last, atol=1e-6)
+    # layer-wise learning-rate decay: a factor of 1 is the single rate; below 1 the stem moves less
+    assert torch.allclose(tuned(layer_decay=1.0), last, atol=1e-6)
+    n_stem = next(bundle.backbone().parameters()).numel()
+    decayed = tuned(layer_decay=0.5)
+    assert (decayed - start)[:n_stem].norm() < 0.5 * (last - start)[:n_stem].norm()
     bad_options = ({"ema": 1.0}, {"ema": 0.0}, {"mixup": 0.0}, {"sam": 0.0}, {"augment_workers": -1})
-    for bad in (*bad_options, {"augment": "heavy"}, {"start_head": too_few}):
+    for bad in (
+        *bad_options,
+        {"layer_decay": 0.0},
+        {"layer_decay": 1.5},
+        {"augment": "heavy"},
+        {"start_head": too_few},
+    ):
         with pytest.raises(ValueError, match="decay|alpha|radius|workers|augmentation must be|starting head"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 with the installed ImageNet weights: the grey stem, the weights, bundles and Grad-CAM."""
+"""EfficientNet-Lite0 with the installed ImageNet weights: the grey stem, the weights, bundles and Grad-CAM; the
+optimiser's parameter groups."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,14 @@ import torch
 from radregion.bundle import load_bundle, save_bundle
 from radregion.cleaning import CleaningSettings
 from radregion.features import extract_features, images_to_tensor, load_clean_images
-from radregion.networks import EfficientNetLite, build_backbone, feature_dim, imagenet_state
+from radregion.networks import (
+    EfficientNetLite,
+    build_backbone,
+    depth_stages,
+    feature_dim,
+    imagenet_state,
+    parameter_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +106,22 @@ def test_gradcam_on_efficientnet(imagenet_pair):
     images = (np.random.default_rng(1).random((2, 64, 64)) * 255).astype(np.uint8)
     maps = grad_cams(classifier, images, [0, 2])
     assert maps.shape == (2, 64, 64) and (maps.max(axis=(1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize("name, n_stages", [("efficientnet-lite0", 20), ("resnet10", 6)])
+def test_layer_decay_groups_hold_every_parameter_once_at_decaying_rates(name, n_stages):
+    """Stem, its norm, one stage per block, (the head convolution and its norm): the linear layer learns at the full
+    rate, each stage below at `layer_decay` times the one above; weight decay only on weights."""
+    backbone, linear = build_backbone(name), torch.nn.Linear(feature_dim(name), 3)
+    assert len(depth_stages(backbone)) == n_stages
+    everything = {id(p): p for p in [*backbone.parameters(), *linear.parameters()]}
+    for layer_decay in (None, 0.5):
+        groups = parameter_groups([backbone, linear], 0.01, layer_decay)
+        held = [id(p) for group in groups for p in group["params"]]
+        assert sorted(held) == sorted(everything)
+        assert all((group["weight_decay"] > 0) == (group["params"][0].ndim > 1) for group in groups)
+        scales = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+        assert all(scales[id(p)] == 1.0 for p in linear.parameters())
+        stem = next(backbone.parameters())
+        assert scales[id(stem)] == (1.0 if layer_decay is None else 0.5**n_stages)
+    assert len(parameter_groups([backbone, linear], 0.01)) == 2  # one rate: weights and the rest

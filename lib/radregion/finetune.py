@@ -65,6 +65,7 @@ def fine_tune(
     ema: float | None = None,
     sam: float | None = None,
     augment: str = "standard",
+    layer_decay: float | None = None,
     start_head=None,
     seed: int = 0,
     device="auto",
@@ -77,7 +78,9 @@ def fine_tune(
     `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of mixup (None: off);
     `ema`: the decay of a moving average of the weights to return (None: the last weights); `sam`: the radius rho
     of sharpness-aware minimisation (None: plain steps; each step then costs two forward and backward passes);
-    `augment`: `standard` or `strong` (`radregion.augment.fine_tune_view`);
+    `augment`: `standard` or `strong` (`radregion.augment.fine_tune_view`); `layer_decay`: each step of depth
+    below the linear layer learns at this factor of the one above (`radregion.networks.parameter_groups`; None: one
+    rate);
     `start_head`: a `LinearHead` fitted on the bundle's frozen features, its regions in the targets' order, that
     the fine-tuning's linear layer starts from (linear probing then fine-tuning, LP-FT: Kumar et al., ICLR 2022,
     "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"; None: random weights);
@@ -95,6 +98,8 @@ def fine_tune(
         raise ValueError(f"the moving average's decay must be between 0 and 1, not {ema}")
     if sam is not None and not sam > 0:
         raise ValueError(f"sharpness-aware minimisation's radius must be above 0, not {sam}")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"the layer-wise learning-rate decay must be above 0 and at most 1, not {layer_decay}")
     if start_head is not None and len(start_head.regions) != n_regions:
         raise ValueError(f"the starting head has {len(start_head.regions)} regions, the targets {n_regions}")
     if augment_workers is not None and augment_workers < 0:
@@ -123,10 +128,15 @@ def fine_tune(
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=label_smoothing
     )
-    optimiser = torch.optim.AdamW(parameter_groups([backbone, linear], weight_decay), lr=lr)
+    groups = parameter_groups([backbone, linear], weight_decay, layer_decay)
+    optimiser = torch.optim.AdamW(groups, lr=lr)
     steps_per_epoch = math.ceil(len(y) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1, anneal_strategy="cos"
+        optimiser,
+        max_lr=[lr * group["lr_scale"] for group in groups],
+        total_steps=epochs * steps_per_epoch,
+        pct_start=0.1,
+        anneal_strategy="cos",
     )
     scaler = device_rule.grad_scaler(device, precision)
     average = momentum_copy(backbone) if ema is not None else None

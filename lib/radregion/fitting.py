@@ -201,6 +201,7 @@ def train_head(
     ema=None,
     sam=None,
     augment="standard",
+    layer_decay=None,
     probe_first=False,
     all_labels=False,
     teacher=None,
@@ -301,6 +302,7 @@ def train_head(
             ema=ema,
             sam=sam,
             augment=augment,
+            layer_decay=layer_decay,
             start_head=probe,
             augment_workers=augment_workers,
             seed=seed,
@@ -361,7 +363,8 @@ def train_head(
             class_weights=class_weights,
             outlier_exposure=bool(exposed_now.any()),
         )
-        head_settings.update({k: v for k, v in (("mixup", mixup), ("ema", ema), ("sam", sam)) if v is not None})
+        options = {"mixup": mixup, "ema": ema, "sam": sam, "layer_decay": layer_decay}
+        head_settings.update({k: v for k, v in options.items() if v is not None})
         if augment != "standard":
             head_settings["augment"] = augment
         if probe_first:

@@ -127,14 +127,43 @@ def feature_dim(name: str) -> int:
     return ARCHITECTURES[name][1]
 
 
-def parameter_groups(modules, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups of `modules` (one or several): weight decay on weights, none on norms and biases."""
+def depth_stages(module: nn.Module) -> list[nn.Module]:
+    """`module`'s parts that hold parameters, one per step of depth, in the order they were registered (the forward
+    order of the MONAI ResNets and EfficientNet-Lite): a wrapper with one such child gives that child's stages, a
+    container of blocks (ModuleList, Sequential) one stage per block, any other child one stage."""
+    children = [child for child in module.children() if next(child.parameters(), None) is not None]
+    if not children or next(module.parameters(recurse=False), None) is not None:
+        return [module]
+    if len(children) == 1:
+        return depth_stages(children[0])
+    stages = []
+    for child in children:
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            stages += [block for block in child if next(block.parameters(), None) is not None]
+        else:
+            stages.append(child)
+    return stages
+
+
+def parameter_groups(modules, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW parameter groups of `modules` (one or several, input side first): weight decay on weights, none on
+    norms and biases. Each group's `lr_scale` multiplies the learning rate: 1, or with `layer_decay` d (layer-wise
+    learning-rate decay: Clark et al., ICLR 2020, "ELECTRA", appendix A; Bao et al., ICLR 2022, "BEiT") d ** k for
+    the stage k steps below the last of `depth_stages` over all modules, so that the layers nearest the input,
+    the most generic, move least."""
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
-    decay, no_decay = [], []
-    for module in modules:
-        for parameter in module.parameters():
+    stages = [[stage] for module in modules for stage in depth_stages(module)] if layer_decay else [modules]
+    groups = []
+    for k, stage in enumerate(stages):
+        scale = layer_decay ** (len(stages) - 1 - k) if layer_decay else 1.0
+        decay, no_decay = [], []
+        for parameter in (parameter for module in stage for parameter in module.parameters()):
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    return [group for group in groups if group["params"]]
 
 
 class ProjectionHead(nn.Sequential):

@@ -88,6 +88,13 @@ def register(subparsers):
         "at weights moved uphill by RHO, at twice the cost of a plain step (default off)",
     )
     parser.add_argument(
+        "--layer-decay",
+        type=float,
+        metavar="D",
+        help="--fine-tune with layer-wise learning-rate decay: each block learns at D times the rate of the block "
+        "above it, so the layers nearest the image move least (e.g. 0.9; default off: one rate)",
+    )
+    parser.add_argument(
         "--augment",
         choices=("standard", "strong"),
         default="standard",
@@ -178,6 +185,8 @@ def run(args) -> int:
         raise ValueError(f"--ema must be between 0 and 1, not {args.ema}")
     if args.sam is not None and not args.sam > 0:
         raise ValueError(f"--sam must be above 0, not {args.sam}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be above 0 and at most 1, not {args.layer_decay}")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise ValueError(f"--augment-workers must be 0 or more, not {args.augment_workers}")
     if args.teacher and not args.fine_tune:
@@ -237,6 +246,7 @@ def run(args) -> int:
         ema=args.ema,
         sam=args.sam,
         augment=args.augment,
+        layer_decay=args.layer_decay,
         probe_first=args.probe_first,
         all_labels=args.all_labels,
         teacher=teacher,
@@ -331,7 +341,7 @@ def command_line(args) -> str:
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
     parts += ["--augment", args.augment] if args.fine_tune and args.augment != "standard" else []
-    for option in ("mixup", "ema", "sam", "augment_workers"):
+    for option in ("mixup", "ema", "sam", "layer_decay", "augment_workers"):
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
