@@ -134,12 +134,12 @@ def fine_tune_view(size: int, gauge: bool = True, strength: str = "standard") ->
             Resize((size, size), mode="area"),
             RandFlip(prob=0.5, spatial_axis=1),
             RandRotate90(prob=0.5, max_k=3),
+            RandAdjustContrast(prob=0.8 if strong else 0.5, gamma=(0.7, 1.5) if strong else (0.8, 1.25)),
+            RandScaleIntensity(factors=0.1, prob=0.5),
+            RandShiftIntensity(offsets=0.05, prob=0.5),
         ]
         + (
             [
-                RandAdjustContrast(prob=0.8, gamma=(0.7, 1.5)),
-                RandScaleIntensity(factors=0.1, prob=0.5),
-                RandShiftIntensity(offsets=0.05, prob=0.5),
                 RandGaussianSmooth(sigma_x=(0.1, 1.0), sigma_y=(0.1, 1.0), prob=0.3),
                 RandGaussianNoise(prob=0.3, std=0.03),
                 RandCoarseDropout(
@@ -147,10 +147,6 @@ def fine_tune_view(size: int, gauge: bool = True, strength: str = "standard") ->
                 ),
             ]
             if strong
-            else [
-                RandAdjustContrast(prob=0.5, gamma=(0.8, 1.25)),
-                RandScaleIntensity(factors=0.1, prob=0.5),
-                RandShiftIntensity(offsets=0.05, prob=0.5),
-            ]
+            else []
         )
     )

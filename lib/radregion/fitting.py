@@ -364,9 +364,8 @@ def train_head(
             outlier_exposure=bool(exposed_now.any()),
         )
         options = {"mixup": mixup, "ema": ema, "sam": sam, "layer_decay": layer_decay}
+        options["augment"] = None if augment == "standard" else augment
         head_settings.update({k: v for k, v in options.items() if v is not None})
-        if augment != "standard":
-            head_settings["augment"] = augment
         if probe_first:
             head_settings["probe_first"] = True
         if teacher is not None:
