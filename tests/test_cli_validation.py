@@ -48,6 +48,8 @@ def test_outlier_hold_back_outside_0_to_1_is_refused_before_any_work(fraction, t
         (["--ema", "1"], "--ema must be between 0 and 1"),
         (["--sam", "-0.05"], "--sam must be above 0"),
         (["--layer-decay", "1.5"], "--layer-decay must be above 0 and at most 1"),
+        (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
+        (["--outlier-loss", "energy"], "add --fine-tune --outlier-exposure"),
         (["--augment-workers", "-1"], "--augment-workers must be 0 or more"),
     ],
 )

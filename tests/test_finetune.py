@@ -118,6 +118,8 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         sam=0.05,
         augment="strong",
         layer_decay=0.9,
+        label_smoothing=0.0,
+        outlier_loss="energy",
         probe_first=True,
         all_labels=True,
         augment_workers=2,
@@ -132,6 +134,12 @@ def test_fine_tune_with_outlier_exposure_keeps_the_training_set(tiny_bundle, uni
         by_default.meta["training"]["head"]["layer_decay"] == 0.9
         and "layer_decay" not in result.meta["training"]["head"]
     )
+    assert (
+        by_default.meta["training"]["head"]["label_smoothing"] == 0.0
+        and "label_smoothing" not in result.meta["training"]["head"]
+    )
+    assert by_default.meta["training"]["head"]["outlier_loss"] == "energy"
+    assert "outlier_loss" not in result.meta["training"]["head"]
     assert by_default.meta["training"]["head"]["augment_workers"] == 2
     for setting in ("probe_first", "all_labels"):
         assert by_default.meta["training"]["head"][setting] and setting not in result.meta["training"]["head"]
@@ -241,6 +249,10 @@ def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_th
     too_few = fit_head(frozen[two], [regions[targets[i]] for i in two])
     assert not torch.allclose(tuned(sam=0.05), last, atol=1e-6)  # sharpness-aware steps train differently
     assert not torch.allclose(tuned(augment="strong"), last, atol=1e-6)
+    assert not torch.allclose(tuned(label_smoothing=0.0), last, atol=1e-6)  # plain cross-entropy
+    exposed = tuned(outliers=images[:4])  # outlier exposure: its uniform term, or the energy bound instead
+    assert not torch.allclose(exposed, last, atol=1e-6)
+    assert not torch.allclose(tuned(outliers=images[:4], outlier_loss="energy"), exposed, atol=1e-6)
     # layer-wise learning-rate decay: a factor of 1 is the single rate; below 1 the stem moves less
     assert torch.allclose(tuned(layer_decay=1.0), last, atol=1e-6)
     n_stem = next(bundle.backbone().parameters()).numel()
@@ -251,8 +263,11 @@ def test_moving_average_mixup_probe_first_and_shared_targets_change_only_what_th
         *bad_options,
         {"layer_decay": 0.0},
         {"layer_decay": 1.5},
+        {"label_smoothing": 1.0},
+        {"label_smoothing": -0.1},
+        {"outlier_loss": "entropy"},
         {"augment": "heavy"},
         {"start_head": too_few},
     ):
-        with pytest.raises(ValueError, match="decay|alpha|radius|workers|augmentation must be|starting head"):
+        with pytest.raises(ValueError, match="decay|alpha|radius|workers|(smoothing|loss|augmentation) must|starting"):
             fine_tune(bundle, images, targets, len(regions), epochs=1, **bad)

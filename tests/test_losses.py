@@ -1,11 +1,12 @@
-"""The three losses against pytorch-metric-learning and against cases computed by hand."""
+"""The losses against reference code (pytorch-metric-learning; the energy paper's official training step) and
+against cases computed by hand."""
 
 import math
 
 import pytest
 import torch
 
-from radregion.losses import byol_loss, ntxent_loss, supcon_loss
+from radregion.losses import byol_loss, energy_margin_loss, ntxent_loss, supcon_loss
 
 
 def _unit(*angles):
@@ -93,8 +94,46 @@ def test_supcon_by_hand():
     assert supcon_loss(z, torch.tensor([5, 5, 9]), t).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def _energy_reference(x, n_in, m_in, m_out):
+    """The regulariser as the official code adds it (github.com/wetliu/energy_ood, CIFAR/train.py), without its
+    weight 0.1: x holds the in-domain logits first, then the outliers'."""
+    import torch.nn.functional as F
+
+    Ec_out = -torch.logsumexp(x[n_in:], dim=1)
+    Ec_in = -torch.logsumexp(x[:n_in], dim=1)
+    return torch.pow(F.relu(Ec_in - m_in), 2).mean() + torch.pow(F.relu(m_out - Ec_out), 2).mean()
+
+
+@pytest.mark.parametrize("scale, margins", [(1.0, (-25.0, -7.0)), (12.0, (-25.0, -7.0)), (4.0, (-10.0, -3.0))])
+def test_energy_margin_loss_matches_the_official_code(scale, margins):
+    g = torch.Generator().manual_seed(2)
+    x = scale * torch.randn(20, 21, generator=g)
+    x[:12] += scale * 3 * torch.nn.functional.one_hot(torch.arange(12) % 21, 21)  # confident in-domain rows
+    ours = energy_margin_loss(x[:12], x[12:], *margins)
+    assert ours.item() == pytest.approx(_energy_reference(x, 12, *margins).item(), rel=1e-6)
+
+
+def test_energy_margin_loss_by_hand_and_its_gradient():
+    # equal logits c over C regions: E = -(c + log C)
+    c_in, c_out, n = 20.0, 10.0, 21
+    inside, outside = torch.full((3, n), c_in, requires_grad=True), torch.full((2, n), c_out, requires_grad=True)
+    e_in, e_out = -(c_in + math.log(n)), -(c_out + math.log(n))
+    expected = max(0.0, e_in + 25) ** 2 + max(0.0, -7 - e_out) ** 2
+    loss = energy_margin_loss(inside, outside)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    # the in-domain energy is above its margin (raise the logits), the outliers' below theirs (lower them)
+    assert (inside.grad < 0).all() and (outside.grad > 0).all()
+    # energies already past both margins cost nothing
+    assert energy_margin_loss(torch.full((2, n), 40.0), torch.full((2, n), -20.0)).item() == 0.0
+
+
 def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="same shape"):
         ntxent_loss(torch.randn(3, 4), torch.randn(4, 4))
     with pytest.raises(ValueError, match="no anchor has a positive"):
         supcon_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="logits"):
+        energy_margin_loss(torch.randn(3, 4), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="margin must be below"):
+        energy_margin_loss(torch.randn(3, 4), torch.randn(2, 4), -5.0, -7.0)

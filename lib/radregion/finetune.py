@@ -11,7 +11,9 @@ of the backbone's weights (Polyak & Juditsky 1992; the decay warmed up as min(d,
 TensorFlow's ExponentialMovingAverage with num_updates), returned in place of the last weights. Optional
 sharpness-aware minimisation (Foret et al., ICLR 2021, "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", eqs. 2-3; robust to noisy labels in their experiments): each step takes the gradient at the weights
-moved by rho along the normalised gradient, w + rho g / ||g||, and applies it at w.
+moved by rho along the normalised gradient, w + rho g / ||g||, and applies it at w. Outlier exposure's term is
+either Hendrycks et al.'s cross-entropy to the uniform distribution or the energy bound of Liu et al. (NeurIPS 2020,
+`radregion.losses.energy`): in-domain energies pushed below one margin, out-of-domain ones above another.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import numpy as np
 import torch
 
 from radregion import device as device_rule
+from radregion.losses.energy import energy_margin_loss
 from radregion.networks import BATCH_NORMS, momentum_copy, parameter_groups, update_momentum
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
-OUTLIER_WEIGHT = 0.5  # lambda of the outlier-exposure term
+OUTLIER_LOSSES = ("uniform", "energy")
+OUTLIER_WEIGHT = {"uniform": 0.5, "energy": 0.1}  # lambda of each outlier-exposure term, as its paper
+DEFAULT_LABEL_SMOOTHING = 0.1
 
 
 def region_weights(targets: torch.Tensor, n_regions: int, how: str = "sqrt") -> torch.Tensor | None:
@@ -60,7 +65,8 @@ def fine_tune(
     batch_size: int = 32,
     weight_decay: float = 0.01,
     class_weights: str = "sqrt",
-    label_smoothing: float = 0.1,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+    outlier_loss: str = "uniform",
     mixup: float | None = None,
     ema: float | None = None,
     sam: float | None = None,
@@ -75,7 +81,8 @@ def fine_tune(
 ) -> torch.nn.Module:
     """Fine-tune `bundle`'s backbone on cleaned uint8 `images` (N, S, S) with integer `targets` in
     [0, n_regions), or (N, n_regions) target distributions (rows summing to 1: an image of several regions);
-    `outliers` (M, S, S): out-of-domain images for outlier exposure; `mixup`: the Beta(a, a) of mixup (None: off);
+    `outliers` (M, S, S): out-of-domain images for outlier exposure, its term `outlier_loss` (OUTLIER_LOSSES);
+    `label_smoothing`: the in-domain targets' smoothing; `mixup`: the Beta(a, a) of mixup (None: off);
     `ema`: the decay of a moving average of the weights to return (None: the last weights); `sam`: the radius rho
     of sharpness-aware minimisation (None: plain steps; each step then costs two forward and backward passes);
     `augment`: `standard` or `strong` (`radregion.augment.fine_tune_view`); `layer_decay`: each step of depth
@@ -100,6 +107,10 @@ def fine_tune(
         raise ValueError(f"sharpness-aware minimisation's radius must be above 0, not {sam}")
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"the layer-wise learning-rate decay must be above 0 and at most 1, not {layer_decay}")
+    if outlier_loss not in OUTLIER_LOSSES:
+        raise ValueError(f"the outlier loss must be one of {', '.join(OUTLIER_LOSSES)}, not {outlier_loss!r}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label smoothing must be at least 0 and below 1, not {label_smoothing}")
     if start_head is not None and len(start_head.regions) != n_regions:
         raise ValueError(f"the starting head has {len(start_head.regions)} regions, the targets {n_regions}")
     if augment_workers is not None and augment_workers < 0:
@@ -182,8 +193,10 @@ def fine_tune(
             with device_rule.autocast(device, precision):
                 logits = linear(backbone(x)).float()
             loss = loss_fn(logits[:n_in], target)
-            if x_out is not None:
-                loss = loss + OUTLIER_WEIGHT * outlier_exposure_loss(logits[n_in:])
+            if x_out is not None and outlier_loss == "energy":
+                loss = loss + OUTLIER_WEIGHT["energy"] * energy_margin_loss(logits[:n_in], logits[n_in:])
+            elif x_out is not None:
+                loss = loss + OUTLIER_WEIGHT["uniform"] * outlier_exposure_loss(logits[n_in:])
             return loss
 
         loss = step_loss()

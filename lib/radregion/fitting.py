@@ -202,11 +202,13 @@ def train_head(
     sam=None,
     augment="standard",
     layer_decay=None,
+    label_smoothing=None,
     probe_first=False,
     all_labels=False,
     teacher=None,
     augment_workers=None,
     outlier_exposure=False,
+    outlier_loss="uniform",
     outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK,
     data=None,
     command=None,
@@ -276,7 +278,7 @@ def train_head(
     if fine_tune_epochs:
         from radregion.device import augment_workers as device_augment_workers
         from radregion.device import resolve_device
-        from radregion.finetune import fine_tune
+        from radregion.finetune import DEFAULT_LABEL_SMOOTHING, fine_tune
 
         if augment_workers is None:
             augment_workers = device_augment_workers(resolve_device(device))
@@ -303,6 +305,8 @@ def train_head(
             sam=sam,
             augment=augment,
             layer_decay=layer_decay,
+            label_smoothing=DEFAULT_LABEL_SMOOTHING if label_smoothing is None else label_smoothing,
+            outlier_loss=outlier_loss,
             start_head=probe,
             augment_workers=augment_workers,
             seed=seed,
@@ -364,6 +368,8 @@ def train_head(
             outlier_exposure=bool(exposed_now.any()),
         )
         options = {"mixup": mixup, "ema": ema, "sam": sam, "layer_decay": layer_decay}
+        options["label_smoothing"] = label_smoothing
+        options["outlier_loss"] = None if outlier_loss == "uniform" or not exposed_now.any() else outlier_loss
         options["augment"] = None if augment == "standard" else augment
         head_settings.update({k: v for k, v in options.items() if v is not None})
         if probe_first:

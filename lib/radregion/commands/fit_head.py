@@ -95,6 +95,13 @@ def register(subparsers):
         "above it, so the layers nearest the image move least (e.g. 0.9; default off: one rate)",
     )
     parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        metavar="EPS",
+        help="--fine-tune's label smoothing of the region targets: each keeps 1 - EPS and shares EPS among all "
+        "regions (default 0.1; 0: plain cross-entropy)",
+    )
+    parser.add_argument(
         "--augment",
         choices=("standard", "strong"),
         default="standard",
@@ -133,6 +140,13 @@ def register(subparsers):
         "--outlier-exposure",
         action="store_true",
         help="--fine-tune also pushes out-of-domain images (Others) towards a uniform prediction",
+    )
+    parser.add_argument(
+        "--outlier-loss",
+        choices=("uniform", "energy"),
+        default="uniform",
+        help="with --outlier-exposure: uniform (default; Hendrycks et al. 2019: out-of-domain images towards a "
+        "uniform prediction) or energy (Liu et al. 2020: in-domain energies below -25, out-of-domain above -7)",
     )
     parser.add_argument(
         "--outlier-hold-back",
@@ -187,8 +201,12 @@ def run(args) -> int:
         raise ValueError(f"--sam must be above 0, not {args.sam}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer-decay must be above 0 and at most 1, not {args.layer_decay}")
+    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be at least 0 and below 1, not {args.label_smoothing}")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise ValueError(f"--augment-workers must be 0 or more, not {args.augment_workers}")
+    if args.outlier_loss != "uniform" and not (args.fine_tune and args.outlier_exposure):
+        raise ValueError("--outlier-loss is outlier exposure's loss in fine-tuning: add --fine-tune --outlier-exposure")
     if args.teacher and not args.fine_tune:
         raise ValueError("--teacher's answers are distilled by fine-tuning: add --fine-tune")
     teacher = Teacher.from_predictions(args.teacher, args.teacher_weight) if args.teacher else None
@@ -247,11 +265,13 @@ def run(args) -> int:
         sam=args.sam,
         augment=args.augment,
         layer_decay=args.layer_decay,
+        label_smoothing=args.label_smoothing,
         probe_first=args.probe_first,
         all_labels=args.all_labels,
         teacher=teacher,
         augment_workers=args.augment_workers,
         outlier_exposure=args.outlier_exposure,
+        outlier_loss=args.outlier_loss,
         outlier_hold_back=DEFAULT_OUTLIER_HOLD_BACK if args.outlier_hold_back is None else args.outlier_hold_back,
         device=args.device,
         data=data,
@@ -341,7 +361,7 @@ def command_line(args) -> str:
     parts += ["--exclude-regions", *args.exclude_regions] if args.exclude_regions else []
     parts += ["--fine-tune", "--class-weights", args.class_weights] if args.fine_tune else []
     parts += ["--augment", args.augment] if args.fine_tune and args.augment != "standard" else []
-    for option in ("mixup", "ema", "sam", "layer_decay", "augment_workers"):
+    for option in ("mixup", "ema", "sam", "layer_decay", "label_smoothing", "augment_workers"):
         value = getattr(args, option)
         parts += [f"--{option.replace('_', '-')}", str(value)] if args.fine_tune and value is not None else []
     parts += ["--probe-first"] if args.fine_tune and args.probe_first else []
@@ -349,6 +369,7 @@ def command_line(args) -> str:
     parts += ["--teacher", args.teacher, "--teacher-weight", str(args.teacher_weight)] if args.teacher else []
     if args.fine_tune and args.outlier_exposure:
         parts += ["--outlier-exposure"]
+        parts += ["--outlier-loss", args.outlier_loss] if args.outlier_loss != "uniform" else []
         parts += ["--outlier-hold-back", str(args.outlier_hold_back)] if args.outlier_hold_back is not None else []
     parts += ["--half"] if args.half else []
     parts += ["--licence", args.licence] if args.licence != "unknown" else []
