@@ -1,6 +1,6 @@
-"""Which out-of-domain score, per fine-tuned backbone: the engine's four methods and their pairwise combinations.
+"""Which out-of-domain score, per fine-tuned backbone: the methods of `radregion.ood` and their pairwise combinations.
 
-For each bundle, the four scores of `radregion.ood` (mahalanobis, knn, msp, classifier) are fitted on the train
+For each bundle, each score of `radregion.ood` (mahalanobis, knn, msp, energy, classifier) is fitted on the train
 split's features (in-domain images; the classifier also on its `Others`) and scored on the test split; a
 combination adds the two scores' ranks over the test images (label-free, so no test label chooses it). Prints,
 per bundle and as a mean over the bundles, the test AUROC of telling the `Others` from in-domain images and the

@@ -27,6 +27,16 @@ def test_msp_is_one_minus_the_heads_top_probability():
     assert np.allclose(detector.score(outliers), expected, atol=1e-5)
 
 
+def test_energy_is_minus_the_log_sum_exp_of_the_heads_logits():
+    from scipy.special import logsumexp
+
+    features, labels, outliers = _blobs(2)
+    detector = fit_ood(features, labels, "energy")
+    head = fit_head(features, [str(c) for c in labels], ["0", "1", "2"])
+    assert np.allclose(detector.score(outliers), -logsumexp(head.logits(outliers), axis=1), atol=1e-4)
+    assert np.allclose(detector.score(features), -logsumexp(head.logits(features), axis=1), atol=1e-4)
+
+
 def test_every_method_tells_outliers_apart_and_survives_the_bundle_format():
     features, labels, outliers = _blobs(1, n_outliers=60)
     outliers, known_outliers = outliers[:30], outliers[30:]  # the classifier learns from other images of the kind

@@ -1,6 +1,6 @@
 """Out-of-domain score from backbone features: higher = less like any region the head was trained on.
 
-Three methods, all on standardised features:
+The methods, all on standardised features:
 - "mahalanobis": min over regions of the Mahalanobis distance to the region mean, one shared covariance
   estimated with Ledoit-Wolf shrinkage (Lee et al., NeurIPS 2018, "A simple unified framework for detecting
   out-of-distribution samples").
@@ -8,6 +8,9 @@ Three methods, all on standardised features:
 - "msp": 1 - the maximum softmax probability of a logistic head over the regions (Hendrycks & Gimpel, ICLR 2017,
   "A baseline for detecting misclassified and out-of-distribution examples"); the score that outlier exposure
   (`radregion.finetune`) trains a backbone for, where it pulls out-of-domain features towards the region means.
+- "energy": the free energy -log sum_c exp f_c of the same logistic head's logits (Liu et al., NeurIPS 2020,
+  "Energy-based out-of-distribution detection"): high where no region's logit is large, unlike "msp" not
+  squashed by the softmax; the score an energy-bounded outlier exposure (`radregion.losses.energy`) trains for.
 - "classifier": the logit of a logistic regression of known out-of-domain images (the taxonomy's `Others`) against
   in-domain ones, class-balanced, L2 strength `CLASSIFIER_C`: outlier exposure (Hendrycks et al., ICLR 2019, "Deep
   anomaly detection with outlier exposure") applied to the frozen features. Needs out-of-domain images; it scores
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("mahalanobis", "knn", "msp", "classifier")
+METHODS = ("mahalanobis", "knn", "msp", "energy", "classifier")
+HEAD_METHODS = ("msp", "energy")  # scores of a logistic head over the regions
 NEEDS_OUTLIERS = ("classifier",)
 CLASSIFIER_C = 0.03  # held-out AUROC flat for C in 0.01-0.1 on the shipped recipe's features (docs/results.md)
 
@@ -41,6 +45,8 @@ class OODDetector:
             return _knn_distance(z, self.arrays["bank"], int(self.params.get("k", 5)))
         if self.method == "msp":
             return _max_softmax_distance(z, self.arrays["weight"], self.arrays["bias"])
+        if self.method == "energy":
+            return _free_energy(z, self.arrays["weight"], self.arrays["bias"])
         if self.method == "classifier":
             return (z @ self.arrays["weight"][0] + self.arrays["bias"][0]).astype(np.float32)
         raise ValueError(f"unknown OOD method {self.method!r} (known: {', '.join(METHODS)})")
@@ -83,7 +89,7 @@ def fit_ood(
     if method == "knn":
         arrays["bank"] = _normalise(z)
         return OODDetector(method, arrays, params={"k": int(k)})
-    if method == "msp":
+    if method in HEAD_METHODS:
         from radregion.head import fit_head
 
         labels = np.asarray(labels)
@@ -134,6 +140,12 @@ def _knn_distance(z, bank, k):
     k = max(1, min(k, bank.shape[0]))
     top = np.partition(sims, -k, axis=1)[:, -k:]
     return (1.0 - top.mean(1)).astype(np.float32)
+
+
+def _free_energy(z, weight, bias):
+    logits = z @ weight.T + bias
+    top = logits.max(1)
+    return -(top + np.log(np.exp(logits - top[:, None]).sum(1))).astype(np.float32)
 
 
 def _max_softmax_distance(z, weight, bias):
